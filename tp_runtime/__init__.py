@@ -1,0 +1,3 @@
+"""Distributed tensor-parallel inference runtime for Llama-family models."""
+
+__version__ = "0.1.0"

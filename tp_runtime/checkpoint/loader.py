@@ -1,0 +1,109 @@
+"""Fill a meta-built shard from a checkpoint, reading only this rank's slices.
+
+1. `validate` checks every expected tensor's presence, shape and dtype family against the
+   config, and that every tensor in the files is used or explicitly ignored; it raises one
+   CheckpointError listing everything wrong, before any weight is allocated.
+2. `load_shard` walks the table in names.py: for each tensor, sharding.spec says which rows or
+   columns this rank owns, safetensors' get_slice reads just those, and the layer that owns
+   the parameter puts them in place (its `load_weight(name, data, slot)`, or a plain copy).
+   Every parameter slot must be filled exactly once.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+from tp_runtime import sharding
+from tp_runtime.checkpoint.index import CheckpointIndex
+from tp_runtime.checkpoint.names import TensorEntry, expected_tensors, is_ignored
+from tp_runtime.config import ModelConfig
+from tp_runtime.errors import CheckpointError
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_MAX_LISTED = 20
+
+
+def _bullet_list(title: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n  ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return title + "".join(f"\n  - {s}" for s in shown) + more
+
+
+def validate(index: CheckpointIndex, cfg: ModelConfig) -> list[TensorEntry]:
+    entries = expected_tensors(cfg)
+    problems: list[str] = []
+    for e in entries:
+        meta = index.tensors.get(e.hf_name)
+        if meta is None:
+            problems.append(f"missing tensor {e.hf_name} (expected shape {list(e.shape)})")
+        elif meta.shape != e.shape:
+            problems.append(f"tensor {e.hf_name} in {meta.file.name} has shape {list(meta.shape)}, config implies {list(e.shape)}")
+        elif meta.dtype not in FLOAT_DTYPES:
+            problems.append(f"tensor {e.hf_name} in {meta.file.name} has dtype {meta.dtype}, expected a float type")
+    expected = {e.hf_name for e in entries}
+    unused = sorted(n for n in index.tensors if n not in expected and not is_ignored(n, cfg))
+    problems += [f"unexpected tensor {n} in {index.tensors[n].file.name} (not used by {cfg.architecture})" for n in unused]
+    if problems:
+        raise CheckpointError(_bullet_list(f"checkpoint {index.model_dir} does not match its config.json:", problems))
+    return entries
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"slice of shape {list(src.shape)} does not fit parameter of shape {list(dst.shape)}")
+    dst.copy_(src)
+
+
+def _read_slice(handle, name: str, spec: sharding.ShardSpec) -> torch.Tensor:
+    sl = handle.get_slice(name)
+    if spec.dim is None:
+        return sl[:]
+    if spec.dim == 0:
+        return sl[spec.start : spec.stop]
+    return sl[:, spec.start : spec.stop]
+
+
+def load_shard(
+    model: torch.nn.Module,
+    index: CheckpointIndex,
+    entries: Iterable[TensorEntry],
+    cfg: ModelConfig,
+    tp: int,
+    rank: int,
+    progress: Callable[[Iterable[TensorEntry]], Iterable[TensorEntry]] = lambda it: it,
+) -> int:
+    """Reads this rank's slices into `model` (already materialised); returns the bytes read."""
+    params = dict(model.named_parameters())
+    slots_wanted = {(e.target, e.slot) for e in expected_tensors(cfg)}
+    filled: set[tuple[str, str | None]] = set()
+    nbytes = 0
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in index.files}
+        with torch.no_grad():
+            for e in progress(list(entries)):
+                if e.target not in params:
+                    raise CheckpointError(f"{e.hf_name}: the model has no parameter {e.target} to load it into")
+                spec = sharding.spec(e.hf_name, cfg, tp, rank)
+                data = _read_slice(handles[index.tensors[e.hf_name].file], e.hf_name, spec)
+                nbytes += data.numel() * data.element_size()
+                module_name, _, param_name = e.target.rpartition(".")
+                module = model.get_submodule(module_name)
+                try:
+                    if hasattr(module, "load_weight"):
+                        module.load_weight(param_name, data, e.slot)
+                    else:
+                        copy_checked(getattr(module, param_name), data)
+                except ValueError as err:
+                    raise CheckpointError(f"{e.hf_name} -> {e.target} on rank {rank}: {err}") from None
+                if (e.target, e.slot) in filled:
+                    raise CheckpointError(f"{e.hf_name}: parameter {e.target} slot {e.slot} filled twice")
+                filled.add((e.target, e.slot))
+    unfilled = sorted(f"{t}[{s}]" if s else t for t, s in slots_wanted - filled)
+    untouched = sorted(n for n in params if n not in {t for t, _ in filled})
+    if unfilled or untouched:
+        raise CheckpointError(_bullet_list("parameters left unfilled after loading:", unfilled + untouched))
+    return nbytes

@@ -1,0 +1,35 @@
+"""World size 1: every collective is the identity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tp_runtime.communicator import CommStats
+
+
+class LocalCommunicator:
+    rank = 0
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str) -> torch.Tensor:
+        return t
+
+    def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
+        return t
+
+    def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
+        return obj
+
+    def barrier(self, *, site: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,248 @@
+"""Configuration objects, parsed once and frozen.
+
+ModelConfig holds every shape the model needs, read from a Hugging Face config.json
+(transformers 4.x `rope_theta`/`rope_scaling` and 5.x `rope_parameters` alike).
+ParallelConfig says who this process is; RuntimeConfig says how to run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tp_runtime.errors import ConfigError
+
+# architecture -> family; model/registry.py maps the families to classes
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    checkpoint_dtype: str | None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        per_layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_layers * per_layer + h + head
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
+        archs = raw.get("architectures") or []
+        if not archs:
+            raise ConfigError(f"{source}: no 'architectures' entry; cannot tell which model this is")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: architecture {arch!r} is not supported; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+
+        def need(key: str) -> Any:
+            if raw.get(key) is None:
+                raise ConfigError(f"{source}: required key {key!r} is missing")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        head_dim = raw.get("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim is given")
+            head_dim = hidden // heads
+        head_dim = int(head_dim)
+        if heads % kv_heads:
+            raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+
+        sliding = raw.get("sliding_window")
+        if family == "qwen2" and not raw.get("use_sliding_window", False):
+            sliding = None
+
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        return cls(
+            architecture=arch,
+            family=family,
+            hidden_size=hidden,
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=int(need("intermediate_size")),
+            vocab_size=int(need("vocab_size")),
+            max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_parse_rope(raw, source),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            o_bias=family != "qwen2" and bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            sliding_window=int(sliding) if sliding else None,
+            checkpoint_dtype=str(dtype) if dtype else None,
+            eos_token_ids=eos_ids,
+            bos_token_id=raw.get("bos_token_id"),
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | os.PathLike) -> ModelConfig:
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise ConfigError(f"model folder {str(path)!r} does not exist (expected a Hugging Face folder with config.json)")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{cfg_file}: not found; a model folder needs config.json")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+        cfg = cls.from_dict(raw, source=str(cfg_file))
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                gen = json.loads(gen_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{gen_file}: not valid JSON ({e})") from None
+            eos = gen.get("eos_token_id")
+            extra = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            merged = tuple(dict.fromkeys(cfg.eos_token_ids + extra))
+            cfg = replace(cfg, eos_token_ids=merged)
+        return cfg
+
+
+def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    # transformers 5 writes rope_parameters (theta inside); 4.x writes rope_theta + rope_scaling
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    kw: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        if "factor" not in params:
+            raise ConfigError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+        kw["factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in params:
+                raise ConfigError(f"{source}: rope type 'llama3' needs {key!r}")
+        kw["low_freq_factor"] = float(params["low_freq_factor"])
+        kw["high_freq_factor"] = float(params["high_freq_factor"])
+        kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+    return RopeConfig(**kw)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Who this process is. Shard by `rank`; pick the device by `local_rank`."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ConfigError(f"world size must be at least 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    dtype: str | None = None  # None: the checkpoint's, float32 on CPU if it is float16
+    max_seq_len: int | None = None  # None: min(max_position_embeddings, 4096)
+    max_batch_size: int = 8
+    device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is present, else cpu
+    num_threads: int | None = None
+    show_progress: bool = True
+    # test hook: raise on this rank at this decode step
+    fail_rank: int | None = None
+    fail_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
+
+    def resolve_max_seq_len(self, cfg: ModelConfig) -> int:
+        if self.max_seq_len is None:
+            n = min(cfg.max_position_embeddings, 4096)
+        else:
+            n = self.max_seq_len
+        if cfg.sliding_window is not None and cfg.sliding_window < n:
+            raise ConfigError(
+                f"{cfg.architecture} uses a sliding window of {cfg.sliding_window} tokens, which this runtime "
+                f"does not implement; run with --max-seq-len {cfg.sliding_window} or less (attention is then exact)"
+            )
+        return n
+
+    def resolve_dtype(self, cfg: ModelConfig, device_type: str) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        ckpt = cfg.checkpoint_dtype if cfg.checkpoint_dtype in DTYPE_NAMES else "float32"
+        if ckpt == "float16" and device_type == "cpu":
+            return "float32"
+        return ckpt

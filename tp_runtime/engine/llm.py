@@ -1,0 +1,101 @@
+"""Public API: load a sharded model on this rank and generate.
+
+    llm = LLM.load("path/to/model", ParallelConfig(...), RuntimeConfig(...))
+    for event in llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=16)): ...
+
+Every rank of the job calls the same methods in the same order (SPMD).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from tp_runtime import sharding
+from tp_runtime.checkpoint.index import open_index
+from tp_runtime.checkpoint.loader import load_shard, validate
+from tp_runtime.checkpoint.tokenizer import load_tokenizer
+from tp_runtime.comm import create as create_communicator
+from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
+from tp_runtime.engine.generate import Engine, TokenEvent
+from tp_runtime.engine.sampling import SamplingParams
+from tp_runtime.errors import ConfigError, GenerationError
+from tp_runtime.model.registry import model_class
+
+log = logging.getLogger("tp_runtime")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(runtime: RuntimeConfig, parallel: ParallelConfig) -> torch.device:
+    if runtime.device:
+        return torch.device(runtime.device)
+    if torch.cuda.is_available():
+        # shard by RANK, place by LOCAL_RANK
+        return torch.device("cuda", parallel.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class LLM:
+    def __init__(self, cfg: ModelConfig, engine: Engine, tokenizer, parallel: ParallelConfig, dtype: str, load_seconds: float) -> None:
+        self.cfg, self.engine, self.tokenizer, self.parallel = cfg, engine, tokenizer, parallel
+        self.dtype, self.load_seconds = dtype, load_seconds
+
+    @property
+    def comm(self):
+        return self.engine.comm
+
+    @classmethod
+    def load(cls, model_dir: str | Path, parallel: ParallelConfig, runtime: RuntimeConfig) -> LLM:
+        t0 = time.perf_counter()
+        cfg = ModelConfig.from_model_dir(model_dir)
+        sharding.check_tp(cfg, parallel.world_size)
+        max_seq_len = runtime.resolve_max_seq_len(cfg)
+        device = pick_device(runtime, parallel)
+        dtype_name = runtime.resolve_dtype(cfg, device.type)
+        if dtype_name == "float16" and device.type == "cpu":
+            log.warning("float16 on CPU is slow and inexact in places; bfloat16 or float32 is the usual choice")
+        dtype = DTYPES[dtype_name]
+        if runtime.num_threads and device.type == "cpu":
+            torch.set_num_threads(runtime.num_threads)
+        # everything checkable is checked before a byte is allocated or a peer is contacted
+        index = open_index(model_dir)
+        entries = validate(index, cfg)
+        tokenizer = load_tokenizer(model_dir)
+
+        comm = create_communicator(parallel, device)
+        with torch.device("meta"):
+            model = model_class(cfg)(cfg, comm, dtype, max_seq_len)
+        model.to_empty(device=device)
+        model.init_buffers()
+        progress = _progress_bar(f"rank {parallel.rank} loading") if runtime.show_progress and parallel.rank == 0 else (lambda it: it)
+        nbytes = load_shard(model, index, entries, cfg, parallel.world_size, parallel.rank, progress)
+        model.eval()
+        fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
+        engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault)
+        log.info("rank %d: %.1f MB of weights read, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, engine.cache.nbytes / 1e6, device)
+        return cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this model folder has no tokenizer.json: give token ids (--prompt-ids) instead of text")
+        ids = self.tokenizer.encode(text).ids
+        if not ids:
+            raise GenerationError(f"prompt {text!r} encodes to no tokens")
+        return ids
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+        return self.engine.generate(prompts, params)
+
+    def close(self) -> None:
+        self.engine.comm.close()
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="tensor", leave=False)

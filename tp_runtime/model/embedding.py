@@ -1,0 +1,76 @@
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous range of vocab rows.
+
+The range sizes may differ by one (tp need not divide the vocab); every shard is padded to
+the largest size with zero rows so that logits all-gather in equal pieces, and the padding is
+dropped after the gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_runtime.checkpoint.loader import copy_checked
+from tp_runtime.communicator import Communicator
+
+
+def load_vocab_rows(param: torch.Tensor, data: torch.Tensor, rows: int) -> None:
+    copy_checked(param[:rows], data)
+    param[rows:].zero_()  # padding rows give logits that are dropped after the gather
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_ranges: list[tuple[int, int]], rank: int, hidden: int, dtype: torch.dtype, comm: Communicator, site: str) -> None:
+        super().__init__()
+        self.comm, self.site = comm, site
+        self.vocab_start, self.vocab_stop = vocab_ranges[rank]
+        self.rows_padded = max(hi - lo for lo, hi in vocab_ranges)
+        self.weight = nn.Parameter(torch.empty(self.rows_padded, hidden, dtype=dtype), requires_grad=False)
+        self.split = comm.world_size > 1
+
+    def load_weight(self, name: str, data: torch.Tensor, slot: str | None) -> None:
+        load_vocab_rows(self.weight, data, self.vocab_stop - self.vocab_start)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [batch, seq] -> [batch, seq, hidden]
+        if not self.split:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.vocab_start) & (ids < self.vocab_stop)
+        local = torch.where(mine, ids - self.vocab_start, 0)
+        out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.comm.all_reduce(out, site=self.site)  # vocab-parallel: one rank holds each row
+
+
+class ParallelLMHead(nn.Module):
+    """logits = gather_vocab(h @ W_local^T). Shares the embedding's weight when tied."""
+
+    def __init__(self, embedding: VocabParallelEmbedding, vocab_ranges: list[tuple[int, int]], tied: bool, comm: Communicator, site: str) -> None:
+        super().__init__()
+        self.comm, self.site = comm, site
+        self.rows = embedding.vocab_stop - embedding.vocab_start
+        if tied:
+            self.weight = embedding.weight
+        else:
+            self.weight = nn.Parameter(torch.empty_like(embedding.weight), requires_grad=False)
+        pad = embedding.rows_padded
+        # columns of the gathered logits that are real vocab entries, in vocab order
+        self._keep = [r * pad + i for r, (lo, hi) in enumerate(vocab_ranges) for i in range(hi - lo)]
+        self.uneven = len(self._keep) != pad * len(vocab_ranges)
+        self.register_buffer("keep", torch.empty(len(self._keep) if self.uneven else 0, dtype=torch.long), persistent=False)
+
+    def load_weight(self, name: str, data: torch.Tensor, slot: str | None) -> None:
+        load_vocab_rows(self.weight, data, self.rows)
+
+    def init_buffers(self) -> None:
+        """Called once the model is materialised (it is built on the meta device)."""
+        if self.uneven:
+            self.keep.copy_(torch.tensor(self._keep, dtype=torch.long))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [n, hidden] -> logits [n, vocab] (float32, identical on every rank)
+        logits = F.linear(h, self.weight)
+        logits = self.comm.all_gather(logits, dim=-1, site=self.site)  # vocab-parallel: shards -> full vocab
+        if self.uneven:
+            logits = logits.index_select(-1, self.keep)
+        return logits.float()

@@ -1,0 +1,60 @@
+"""Tensor-parallel linear layers. Each owns its per-rank weight and fills it from checkpoint slices.
+
+Column-parallel layers may merge several checkpoint projections (q/k/v, gate/up) into one
+weight, so a decode step runs one GEMV instead of three; `slots` name the row ranges.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_runtime.checkpoint.loader import copy_checked
+from tp_runtime.communicator import Communicator
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W_local^T: W [out, in] split on out; no communication.
+
+    slots: ordered (name, local rows) of the checkpoint tensors merged into this weight.
+    """
+
+    def __init__(self, in_features: int, slots: list[tuple[str, int]], bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.slot_rows: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, rows in slots:
+            self.slot_rows[name] = (start, start + rows)
+            start += rows
+        self.out_features_local = start
+        self.weight = nn.Parameter(torch.empty(start, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(start, dtype=dtype), requires_grad=False) if bias else None
+
+    def load_weight(self, name: str, data: torch.Tensor, slot: str | None) -> None:
+        param = getattr(self, name)
+        lo, hi = self.slot_rows[slot] if slot is not None else (0, param.shape[0])
+        copy_checked(param[lo:hi], data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out_local]
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W_local^T) + b: W [out, in] split on in."""
+
+    def __init__(self, in_features_local: int, out_features: int, bias: bool, dtype: torch.dtype, comm: Communicator, site: str) -> None:
+        super().__init__()
+        self.comm = comm
+        self.site = site
+        self.weight = nn.Parameter(torch.empty(out_features, in_features_local, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_local] -> [..., out]
+        y = F.linear(x, self.weight)
+        y = self.comm.all_reduce(y, site=self.site)  # row-parallel: partial sums -> full output
+        if self.bias is not None:
+            y = y + self.bias
+        return y

@@ -1,0 +1,81 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2), one tensor-parallel shard of it.
+
+Per block: attention (column-parallel qkv, row-parallel o_proj -> 1 all-reduce) and MLP
+(column-parallel merged gate/up, row-parallel down_proj -> 1 all-reduce). The embedding is
+vocab-parallel (1 all-reduce per step) and the LM head ends in one all-gather of logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_runtime import sharding
+from tp_runtime.communicator import Communicator
+from tp_runtime.config import ModelConfig
+from tp_runtime.model.attention import ParallelAttention
+from tp_runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding
+from tp_runtime.model.kv_cache import KVCache
+from tp_runtime.model.linear import ColumnParallelLinear, RowParallelLinear
+from tp_runtime.model.norm import RMSNorm
+from tp_runtime.model.rope import RotaryTable
+from tp_runtime.model.step import StepInfo
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator) -> None:
+        super().__init__()
+        self.inter_local = inter_local
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter_local), ("up", inter_local)], cfg.mlp_bias, dtype)
+        self.down_proj = RowParallelLinear(inter_local, cfg.hidden_size, cfg.mlp_bias, dtype, comm, site=f"layer.{layer}.mlp_out")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter_local, dim=-1)  # [batch, seq, inter_local] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, heads: sharding.HeadLayout, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = ParallelAttention(cfg, heads, layer, dtype, comm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, step: StepInfo) -> torch.Tensor:
+        h = h + self.attn(self.input_layernorm(h), cos, sin, cache, step)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_seq_len: int) -> None:
+        super().__init__()
+        tp, rank = comm.world_size, comm.rank
+        self.cfg = cfg
+        self.heads = sharding.head_layout(cfg, tp, rank)
+        lo, hi = sharding.intermediate_range(cfg, tp, rank)
+        vocab_ranges = sharding.split_ranges(cfg.vocab_size, tp)
+        self.embed_tokens = VocabParallelEmbedding(vocab_ranges, rank, cfg.hidden_size, dtype, comm, site="embed")
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.heads, hi - lo, i, dtype, comm) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = ParallelLMHead(self.embed_tokens, vocab_ranges, cfg.tie_word_embeddings, comm, site="lm_head")
+        self.rotary = RotaryTable(cfg.rope, cfg.head_dim, max_seq_len)
+
+    def init_buffers(self) -> None:
+        """Fill the non-persistent buffers after the meta-built model is materialised."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_buffers"):
+                m.init_buffers()
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, step: StepInfo, cache: KVCache) -> torch.Tensor:
+        # ids: [batch, seq] -> logits [n, vocab] for the rows step.logit_rows of the flattened [batch*seq]
+        h = self.embed_tokens(ids)  # [batch, seq, hidden]
+        cos, sin = self.rotary(step.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, step)
+        h = h.flatten(0, 1)
+        if step.logit_rows is not None:
+            h = h.index_select(0, step.logit_rows)  # only the rows that need logits
+        return self.lm_head(self.norm(h))

@@ -1,0 +1,18 @@
+"""RMSNorm, replicated on every rank."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tp_runtime import kernels
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)

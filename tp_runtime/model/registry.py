@@ -1,0 +1,21 @@
+"""Architecture name (config.json `architectures[0]`) -> model class."""
+
+from __future__ import annotations
+
+from tp_runtime.config import ModelConfig
+from tp_runtime.errors import ConfigError
+from tp_runtime.model.llama import LlamaForCausalLM
+
+# Mistral and Qwen2 are Llama blocks with different flags (bias, window), read into ModelConfig.
+MODEL_CLASSES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(cfg: ModelConfig) -> type:
+    try:
+        return MODEL_CLASSES[cfg.architecture]
+    except KeyError:
+        raise ConfigError(f"architecture {cfg.architecture!r} has no model class; supported: {', '.join(sorted(MODEL_CLASSES))}") from None

@@ -1,0 +1,191 @@
+"""Which slice of which tensor each rank owns. Pure functions, no I/O, no torch.
+
+Vocabulary (defined here, used everywhere):
+- column-parallel: weight [out, in] split on `out` (dim 0); each rank produces a slice of
+  the output features and no communication is needed.
+- row-parallel: weight [out, in] split on `in` (dim 1); each rank produces a partial sum of
+  the full output, which an all-reduce completes.
+- vocab-parallel: the embedding / LM head split on the vocabulary (dim 0); the lookup is
+  masked and all-reduced, the logits are all-gathered.
+- replicated: every rank holds the whole tensor (norms, row-parallel biases).
+
+Any tp from 1 to the number of attention heads works. Heads, the MLP's intermediate size and
+the vocabulary are split into contiguous ranges by `split_sizes`, which gives sizes that
+differ by at most one unit when no weights are given (weights let a faster rank take a larger
+share). A rank holds exactly the kv heads its q heads read, so a kv head is replicated on
+every rank that needs it: this covers tp > num_kv_heads and head splits that cut a group.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Sequence
+
+from tp_runtime.config import ModelConfig
+from tp_runtime.errors import ShardingError
+
+
+def split_sizes(total: int, parts: int, weights: Sequence[float] | None = None) -> list[int]:
+    """Split `total` units into `parts` contiguous sizes, proportional to `weights`.
+
+    Largest-remainder rounding: with equal weights the sizes differ by at most one and the
+    larger ones come first.
+    """
+    if parts < 1:
+        raise ShardingError(f"cannot split into {parts} parts")
+    if weights is None:
+        weights = [1.0] * parts
+    if len(weights) != parts or any(w <= 0 for w in weights):
+        raise ShardingError(f"need {parts} positive split weights, got {list(weights)}")
+    scale = total / sum(weights)
+    exact = [w * scale for w in weights]
+    sizes = [int(x) for x in exact]
+    short = total - sum(sizes)
+    by_remainder = sorted(range(parts), key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in by_remainder[:short]:
+        sizes[i] += 1
+    return sizes
+
+
+def split_ranges(total: int, parts: int, weights: Sequence[float] | None = None) -> list[tuple[int, int]]:
+    ranges, start = [], 0
+    for size in split_sizes(total, parts, weights):
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    if tp < 1:
+        raise ShardingError(f"tp must be at least 1, got {tp}")
+    if tp > cfg.num_heads:
+        raise ShardingError(
+            f"tp={tp} is larger than the number of attention heads ({cfg.num_heads}) of this "
+            f"{cfg.architecture}; use tp between 1 and {cfg.num_heads}"
+        )
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """The attention heads one rank owns."""
+
+    q_start: int
+    q_stop: int
+    kv_start: int
+    kv_stop: int
+    kv_head_of_q: tuple[int, ...]  # local kv head index read by each local q head
+
+    @property
+    def num_q_local(self) -> int:
+        return self.q_stop - self.q_start
+
+    @property
+    def num_kv_local(self) -> int:
+        return self.kv_stop - self.kv_start
+
+    @property
+    def uniform_group(self) -> int | None:
+        """q heads per kv head when every local kv head serves the same consecutive number of q heads."""
+        if self.num_q_local % self.num_kv_local:
+            return None
+        g = self.num_q_local // self.num_kv_local
+        ok = all(kv == i // g for i, kv in enumerate(self.kv_head_of_q))
+        return g if ok else None
+
+
+def head_layout(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> HeadLayout:
+    check_tp(cfg, tp)
+    q_start, q_stop = split_ranges(cfg.num_heads, tp, weights)[rank]
+    group = cfg.num_heads // cfg.num_kv_heads
+    kv_start = q_start // group
+    kv_stop = (q_stop - 1) // group + 1
+    kv_of_q = tuple(h // group - kv_start for h in range(q_start, q_stop))
+    return HeadLayout(q_start, q_stop, kv_start, kv_stop, kv_of_q)
+
+
+def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
+    check_tp(cfg, tp)
+    return split_ranges(cfg.intermediate_size, tp, weights)[rank]
+
+
+def vocab_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
+    check_tp(cfg, tp)
+    return split_ranges(cfg.vocab_size, tp, weights)[rank]
+
+
+def vocab_shard_padded(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None) -> int:
+    """Rows every rank's LM head shard is padded to, so that logits all-gather in equal pieces."""
+    return max(split_sizes(cfg.vocab_size, tp, weights))
+
+
+class Parallel(enum.Enum):
+    COLUMN = "column"
+    ROW = "row"
+    VOCAB = "vocab"
+    REPLICATED = "replicated"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Rows (dim 0) or columns (dim 1) [start, stop) of a checkpoint tensor that a rank reads."""
+
+    style: Parallel
+    dim: int | None
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+# Megatron layout of a Llama block: the one table of what is split how.
+_STYLE_BY_ROLE = {
+    "q_proj": Parallel.COLUMN,
+    "k_proj": Parallel.COLUMN,
+    "v_proj": Parallel.COLUMN,
+    "gate_proj": Parallel.COLUMN,
+    "up_proj": Parallel.COLUMN,
+    "o_proj": Parallel.ROW,
+    "down_proj": Parallel.ROW,
+    "embed_tokens": Parallel.VOCAB,
+    "lm_head": Parallel.VOCAB,
+    "input_layernorm": Parallel.REPLICATED,
+    "post_attention_layernorm": Parallel.REPLICATED,
+    "norm": Parallel.REPLICATED,
+}
+
+
+def role_of(name: str) -> tuple[str, str]:
+    """'model.layers.3.self_attn.q_proj.weight' -> ('q_proj', 'weight')."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2] not in _STYLE_BY_ROLE:
+        raise ShardingError(f"no sharding rule for tensor {name!r}")
+    return parts[-2], parts[-1]
+
+
+def spec(name: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> ShardSpec:
+    """The slice of checkpoint tensor `name` that `rank` of `tp` reads."""
+    role, kind = role_of(name)
+    style = _STYLE_BY_ROLE[role]
+    hd = cfg.head_dim
+    heads = head_layout(cfg, tp, rank, weights)
+    if style is Parallel.REPLICATED:
+        return ShardSpec(style, None, 0, cfg.hidden_size)
+    if style is Parallel.VOCAB:
+        lo, hi = vocab_range(cfg, tp, rank, weights)
+        return ShardSpec(style, 0, lo, hi)
+    if role == "q_proj":
+        lo, hi = heads.q_start * hd, heads.q_stop * hd
+    elif role in ("k_proj", "v_proj"):
+        lo, hi = heads.kv_start * hd, heads.kv_stop * hd
+    elif role in ("gate_proj", "up_proj", "down_proj"):
+        lo, hi = intermediate_range(cfg, tp, rank, weights)
+    else:  # o_proj: its input is the concatenated q heads
+        lo, hi = heads.q_start * hd, heads.q_stop * hd
+    if style is Parallel.ROW:
+        if kind == "bias":  # a row-parallel bias is added once, after the all-reduce
+            return ShardSpec(Parallel.REPLICATED, None, 0, cfg.hidden_size)
+        return ShardSpec(style, 1, lo, hi)
+    return ShardSpec(style, 0, lo, hi)
