@@ -200,6 +200,11 @@ class ParallelConfig:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    init_method: str | None = None  # None: tcp://master_addr:master_port
+
+    @property
+    def rendezvous(self) -> str:
+        return self.init_method or f"tcp://{self.master_addr}:{self.master_port}"
 
     def __post_init__(self) -> None:
         if self.world_size < 1:

@@ -32,7 +32,7 @@ class TorchDistCommunicator:
     def init(cls, parallel: ParallelConfig, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> TorchDistCommunicator:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            url = f"tcp://{parallel.master_addr}:{parallel.master_port}"
+            url = parallel.rendezvous
             try:
                 dist.init_process_group(
                     backend,

@@ -59,6 +59,22 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _prefill_inputs(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids [batch, width] and positions [batch, width]."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        return ids, torch.arange(width, device=self.device).expand(len(prompts), width)
+
+    def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        self._check(prompts)
+        ids, positions = self._prefill_inputs(prompts)
+        logits = self.model(ids, StepInfo(positions, prefill=True, start=0), self.cache)
+        logits = logits.view(len(prompts), ids.shape[1], -1)
+        return [logits[i, : len(p)] for i, p in enumerate(prompts)]
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[TokenEvent]:
         self._check(prompts)
         dev = self.device
@@ -71,11 +87,7 @@ class Engine:
         self.last_stats = stats
         sampler = Sampler(params, dev)
 
-        ids = torch.zeros(b, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(dev)
-        positions = torch.arange(width, device=dev).expand(b, width)
+        ids, positions = self._prefill_inputs(prompts)
         logit_rows = torch.tensor([i * width + n - 1 for i, n in enumerate(lens)], device=dev)
 
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from tp_runtime.checkpoint.index import open_index
 from tp_runtime.checkpoint.loader import load_shard, validate
 from tp_runtime.checkpoint.tokenizer import load_tokenizer
 from tp_runtime.comm import create as create_communicator
+from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.engine.generate import Engine, TokenEvent
 from tp_runtime.engine.sampling import SamplingParams
@@ -44,13 +45,15 @@ class LLM:
     def __init__(self, cfg: ModelConfig, engine: Engine, tokenizer, parallel: ParallelConfig, dtype: str, load_seconds: float) -> None:
         self.cfg, self.engine, self.tokenizer, self.parallel = cfg, engine, tokenizer, parallel
         self.dtype, self.load_seconds = dtype, load_seconds
+        self.owns_comm = True
 
     @property
     def comm(self):
         return self.engine.comm
 
     @classmethod
-    def load(cls, model_dir: str | Path, parallel: ParallelConfig, runtime: RuntimeConfig) -> LLM:
+    def load(cls, model_dir: str | Path, parallel: ParallelConfig, runtime: RuntimeConfig, comm: Communicator | None = None) -> LLM:
+        """comm: an existing communicator to reuse (several models in one job); default: a new one."""
         t0 = time.perf_counter()
         cfg = ModelConfig.from_model_dir(model_dir)
         sharding.check_tp(cfg, parallel.world_size)
@@ -67,7 +70,9 @@ class LLM:
         entries = validate(index, cfg)
         tokenizer = load_tokenizer(model_dir)
 
-        comm = create_communicator(parallel, device)
+        self_made_comm = comm is None
+        if comm is None:
+            comm = create_communicator(parallel, device)
         with torch.device("meta"):
             model = model_class(cfg)(cfg, comm, dtype, max_seq_len)
         model.to_empty(device=device)
@@ -78,7 +83,9 @@ class LLM:
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
         engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault)
         log.info("rank %d: %.1f MB of weights read, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, engine.cache.nbytes / 1e6, device)
-        return cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0)
+        llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0)
+        llm.owns_comm = self_made_comm
+        return llm
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -91,8 +98,13 @@ class LLM:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[TokenEvent]:
         return self.engine.generate(prompts, params)
 
+    def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """float32 logits at every prompt position ([len_i, vocab] each), as a scoring API would return."""
+        return self.engine.prompt_logits(prompts)
+
     def close(self) -> None:
-        self.engine.comm.close()
+        if self.owns_comm:
+            self.engine.comm.close()
 
 
 def _progress_bar(desc: str):

@@ -1,0 +1,246 @@
+"""`tp-run`: flags -> config objects -> engine.
+
+    tp-run generate --model DIR --tp N (--prompt TEXT | --prompt-ids 1,2,3) [...]
+    tp-run demo
+
+With --tp N > 1 the command starts N local ranks of itself (like torchrun --standalone). Run
+under torchrun (RANK/WORLD_SIZE set) it is one rank of a job that torchrun manages:
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --master-addr HOST --master-port 29500 \\
+        -m tp_runtime generate --model DIR --prompt "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tp_runtime.config import DTYPE_NAMES, ParallelConfig, RuntimeConfig
+from tp_runtime.errors import ConfigError, TPRuntimeError
+
+DEMO_PROMPT = "Tensor parallelism splits"
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tp-run", description="Tensor-parallel inference for Llama-family models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a Hugging Face model folder")
+    gen.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
+    gen.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks to start on this host (default 1; under torchrun: WORLD_SIZE)")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-ids", type=_prompt_ids, action="append", help="comma-separated token ids (repeat for a batch)")
+    _add_run_flags(gen)
+    gen.add_argument("--json", action="store_true", help="end stdout with one JSON object of results")
+
+    demo = sub.add_parser("demo", help="build a small random Llama, run it at tp=1 and tp=2, compare")
+    demo.add_argument("--tp", type=int, default=2, help="the parallel run to compare with tp=1 (default 2)")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--cache-dir", default=None, help="where the demo checkpoint is kept (default: the user's cache folder)")
+    return parser
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the checkpoint's (float32 on CPU for float16)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
+    p.add_argument("--max-batch-size", type=int, default=None, help="sequences the KV cache holds (default: the number of prompts)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / local ranks)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no streamed text")
+    # test hook: make one rank raise mid-generation
+    p.add_argument("--debug-fail-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-fail-step", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
+    return RuntimeConfig(
+        dtype=args.dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=args.max_batch_size or batch,
+        device=args.device,
+        num_threads=args.threads,
+        show_progress=not args.quiet,
+        fail_rank=args.debug_fail_rank,
+        fail_step=args.debug_fail_step,
+    )
+
+
+def run_generate(args: argparse.Namespace, parallel: ParallelConfig) -> dict[str, Any]:
+    """One rank's whole job. Every rank runs this; rank 0 renders."""
+    from tp_runtime.checkpoint.tokenizer import StreamDecoder
+    from tp_runtime.engine.llm import LLM
+    from tp_runtime.engine.sampling import SamplingParams
+
+    batch = len(args.prompt or args.prompt_ids)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM.load(args.model, parallel, _runtime(args, batch))
+    try:
+        prompts = [llm.encode(t) for t in args.prompt] if args.prompt else args.prompt_ids
+        main = parallel.rank == 0
+        stream = main and not args.quiet and batch == 1
+        decoder = StreamDecoder(llm.tokenizer) if stream and llm.tokenizer else None
+        outputs: list[list[int]] = [[] for _ in prompts]
+        if stream and args.prompt:
+            print(args.prompt[0], end="", flush=True)
+        for ev in llm.generate(prompts, params):
+            outputs[ev.seq].append(ev.token_id)
+            if stream:
+                print(decoder.push(ev.token_id) if decoder else f" {ev.token_id}", end="", flush=True)
+        stats = llm.engine.last_stats
+        texts = [llm.tokenizer.decode(o, skip_special_tokens=True) if llm.tokenizer else "" for o in outputs]
+        if stream:
+            print(flush=True)
+        result = {
+            "output_ids": outputs[0],
+            "text": texts[0],
+            "outputs": [{"output_ids": o, "text": t, "finish_reason": r} for o, t, r in zip(outputs, texts, stats.finish_reasons)],
+            "prompt_tokens": stats.prompt_tokens,
+            "generated_tokens": sum(len(o) for o in outputs),
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "prefill_seconds": stats.prefill_seconds,
+            "decode_seconds": stats.decode_seconds,
+            "load_seconds": llm.load_seconds,
+            "tp": parallel.world_size,
+            "dtype": llm.dtype,
+            "device": str(llm.engine.device),
+        }
+        if main:
+            if not stream and not args.json:
+                for i, (o, t) in enumerate(zip(outputs, texts)):
+                    print(f"[{i}] {t!r}" if llm.tokenizer else f"[{i}] {o}")
+            print(
+                f"tp={parallel.world_size} {llm.dtype}: prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tokens/s, "
+                f"decode {stats.decode_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s",
+                file=sys.stderr if args.json else sys.stdout,
+                flush=True,
+            )
+            if args.json:
+                print(json.dumps(result), flush=True)
+        return result
+    finally:
+        llm.close()
+
+
+def _as_rank(args: argparse.Namespace) -> int:
+    """Entry of a process started by torchrun or by our own spawner."""
+    from tp_runtime.launch.env import parallel_from_env
+    from tp_runtime.launch.spawn import record_failure, write_result
+
+    parallel = parallel_from_env()
+    _setup_logging(parallel.rank)
+    try:
+        if args.tp is not None and args.tp != parallel.world_size:
+            raise ConfigError(f"--tp {args.tp} does not match WORLD_SIZE={parallel.world_size} set by the launcher")
+        result = run_generate(args, parallel)
+        if parallel.rank == 0:
+            write_result(result)
+        return 0
+    except BaseException as e:
+        record_failure(parallel.rank, e)
+        if isinstance(e, TPRuntimeError):
+            print(f"[rank {parallel.rank}] error: {e}", file=sys.stderr, flush=True)
+            return 1
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        raise
+
+
+def generate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run `generate` with args.tp ranks: in this process for 1, as spawned ranks otherwise."""
+    from tp_runtime.launch.spawn import spawn
+
+    tp = args.tp or 1
+    if tp < 1:
+        raise ConfigError(f"--tp must be at least 1, got {tp}")
+    if tp == 1:
+        return run_generate(args, ParallelConfig())
+    _check_before_spawn(args, tp)
+    return spawn(args.argv, tp, threads=args.threads)
+
+
+def _check_before_spawn(args: argparse.Namespace, tp: int) -> None:
+    """Fail in the launcher, once, for errors every rank would hit (bad folder, tp > heads)."""
+    from tp_runtime import sharding
+    from tp_runtime.config import ModelConfig
+
+    cfg = ModelConfig.from_model_dir(args.model)
+    sharding.check_tp(cfg, tp)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+
+    if args.cache_dir:
+        cache = Path(args.cache_dir)
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tp-runtime" / "demo-llama-v1"
+    if not (cache / "config.json").is_file():
+        print(f"building the demo checkpoint (random weights, Hugging Face layout) in {cache} ...", flush=True)
+        config = llama_config_dict(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=704, vocab_size=512)
+        write_checkpoint(cache, config, seed=1234, tokenizer_vocab=512)
+    results = {}
+    for tp in (1, args.tp):
+        print(f"\n=== tp={tp} ===", flush=True)
+        argv = ["generate", "--model", str(cache), "--tp", str(tp), "--prompt", args.prompt, "--max-new-tokens", str(args.max_new_tokens), "--ignore-eos"]
+        run_args = build_parser().parse_args(argv)
+        run_args.argv = argv
+        results[tp] = generate(run_args)
+    same = results[1]["output_ids"] == results[args.tp]["output_ids"]
+    print(f"\ntp=1 and tp={args.tp} produced {'identical' if same else 'DIFFERENT'} tokens ({len(results[1]['output_ids'])} generated).")
+    for tp, r in results.items():
+        print(f"  tp={tp}: prefill {r['prefill_tokens_per_s']:.0f} tokens/s, decode {r['decode_tokens_per_s']:.1f} tokens/s")
+    return 0 if same else 1
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    from tp_runtime.launch.env import is_rank_process
+
+    try:
+        if args.command == "generate" and is_rank_process():
+            return _as_rank(args)
+        _setup_logging(0)
+        if args.command == "demo":
+            return demo(args)
+        generate(args)
+        return 0
+    except TPRuntimeError as e:
+        print(f"tp-run: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tp-run: interrupted", file=sys.stderr)
+        return 130
