@@ -127,8 +127,18 @@ def _on_sigterm_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def spawn(argv: list[str], nprocs: int, threads: int | None = None, extra_env: dict[str, str] | None = None) -> dict[str, Any] | None:
-    """Run `python -m tp_runtime *argv` as ranks 0..nprocs-1; returns rank 0's result, if it wrote one."""
+def spawn(
+    argv: list[str],
+    nprocs: int,
+    threads: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    program: list[str] | None = None,
+) -> dict[str, Any] | None:
+    """Run `program *argv` as ranks 0..nprocs-1; returns rank 0's result, if it wrote one.
+
+    program defaults to `python -m tp_runtime`; tests pass their own rank scripts.
+    """
+    program = program or [sys.executable, "-m", "tp_runtime"]
     threads = threads or threads_per_rank(nprocs)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="tp-run-") as tmp:
@@ -152,7 +162,7 @@ def spawn(argv: list[str], nprocs: int, threads: int | None = None, extra_env: d
                 env.pop("TORCHELASTIC_RUN_ID", None)
                 if rank == 0:
                     env[RESULT_FILE_ENV] = str(workdir / "result.json")
-                procs.append(subprocess.Popen([sys.executable, "-m", "tp_runtime", *argv], env=env, preexec_fn=_die_with_parent))
+                procs.append(subprocess.Popen([*program, *argv], env=env, preexec_fn=_die_with_parent))
             while True:
                 codes = [p.poll() for p in procs]
                 failed = {r: c for r, c in enumerate(codes) if c not in (None, 0)}

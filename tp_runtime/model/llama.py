@@ -64,6 +64,8 @@ class LlamaForCausalLM(nn.Module):
 
     def init_buffers(self) -> None:
         """Fill the non-persistent buffers after the meta-built model is materialised."""
+        if self.cfg.tie_word_embeddings:  # materialising allocates shared parameters separately
+            self.lm_head.weight = self.embed_tokens.weight
         for m in self.modules():
             if m is not self and hasattr(m, "init_buffers"):
                 m.init_buffers()

@@ -1,0 +1,33 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """name -> (folder, transformers model), built once per session."""
+    root = tmp_path_factory.mktemp("hf")
+    return {name: hf_models.build(name, root) for name in hf_models.MODELS}
+
+
+def run_cli(args, timeout=120, env=None, **kw):
+    """`python -m tp_runtime ARGS` as a user would run it; returns CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tp_runtime", *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kw)
+
+
+def last_json(stdout: str) -> dict:
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])

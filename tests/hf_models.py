@@ -1,0 +1,85 @@
+"""Checkpoints built with transformers itself (random weights, saved with safetensors).
+
+Weights are redrawn with a scale that keeps logits O(1), so greedy decoding has clear winners
+and tp=N vs transformers comparisons are not decided by rounding-level ties.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+# name -> (architecture, config kwargs, save kwargs)
+MODELS = {
+    # GQA 8 q over 2 kv heads: tp=3 cuts a group (uneven q->kv map), tp=4 > kv heads
+    "llama_gqa": ("LlamaForCausalLM", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=200, vocab_size=256), {}),
+    # q/k/v bias, tied embeddings, vocab 1001 that tp=2,3,4 do not divide
+    "qwen2_tied": ("Qwen2ForCausalLM", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, intermediate_size=160, vocab_size=1001, tie_word_embeddings=True), {}),
+    # llama3 rope scaling (positions past original_max matter), explicit head_dim != hidden/heads
+    "llama3_rope": (
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=32, intermediate_size=128, vocab_size=300,
+            max_position_embeddings=256,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            rope_theta=500000.0,
+        ),
+        {},
+    ),
+    # several safetensors files with an index; MQA (1 kv head) replicated on every rank
+    "llama_sharded": ("LlamaForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, intermediate_size=96, vocab_size=260), {"max_shard_size": "60KB"}),
+    # Mistral with a window larger than the context we run (exact attention)
+    "mistral": ("MistralForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=270, sliding_window=4096), {}),
+}
+
+
+def _config(arch: str, kwargs: dict):
+    import transformers
+
+    cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    base = dict(num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    base.update(kwargs)
+    cfg = cls(**base)
+    cfg.architectures = [arch]
+    return cfg
+
+
+def build(name: str, root: Path, seed: int = 0):
+    """Builds checkpoint `name` under root/name; returns (path, transformers model in float32)."""
+    import transformers
+
+    arch, cfg_kwargs, save_kwargs = MODELS[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(_config(arch, cfg_kwargs)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 2 and "embed_tokens" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            else:  # biases
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    path = root / name
+    model.save_pretrained(path, **save_kwargs)
+    return path, model
+
+
+@torch.no_grad()
+def reference(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """transformers float32: logits at every prompt position, and greedy tokens by full recompute."""
+    logits, tokens = [], []
+    for p in prompts:
+        ids = torch.tensor([p])
+        logits.append(model(ids).logits[0].float())
+        out = []
+        for _ in range(new_tokens):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        tokens.append(out)
+    return logits, tokens

@@ -1,0 +1,46 @@
+"""One rank of a parity run: load each model with the shared communicator, score the prompts,
+generate greedily, and (rank 0) save everything for the test process to compare.
+
+argv: OUT_FILE JSON_SPEC  with spec {"models": [dirs], "prompts": [[ids]], "new_tokens": n, "dtype": str|None}
+"""
+
+import json
+import sys
+
+import torch
+
+from tp_runtime.comm import create
+from tp_runtime.config import RuntimeConfig
+from tp_runtime.engine.llm import LLM, pick_device
+from tp_runtime.engine.sampling import SamplingParams
+from tp_runtime.launch.env import parallel_from_env
+from tp_runtime.launch.spawn import record_failure
+
+
+def main() -> None:
+    out_file, spec = sys.argv[1], json.loads(sys.argv[2])
+    parallel = parallel_from_env()
+    try:
+        runtime = RuntimeConfig(dtype=spec.get("dtype"), max_seq_len=128, max_batch_size=len(spec["prompts"]), show_progress=False)
+        comm = create(parallel, pick_device(runtime, parallel))
+        results = {}
+        for model_dir in spec["models"]:
+            llm = LLM.load(model_dir, parallel, runtime, comm=comm)
+            logits = [t.float().cpu() for t in llm.prompt_logits(spec["prompts"])]
+            comm.stats.reset()
+            tokens = [[] for _ in spec["prompts"]]
+            params = SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True)
+            for ev in llm.generate(spec["prompts"], params):
+                tokens[ev.seq].append(ev.token_id)
+            counts = {op: comm.stats.count(op) for op in ("all_reduce", "all_gather", "broadcast", "barrier")}
+            results[model_dir] = {"logits": logits, "tokens": tokens, "counts": counts, "layers": llm.cfg.num_layers}
+        if parallel.rank == 0:
+            torch.save(results, out_file)
+        comm.close()
+    except BaseException as e:
+        record_failure(parallel.rank, e)
+        raise
+
+
+if __name__ == "__main__":
+    main()
