@@ -31,3 +31,12 @@ def last_json(stdout: str) -> dict:
     lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
     assert lines, "no output"
     return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """A random Llama with a byte-level tokenizer, written by the runtime's own writer."""
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+
+    cfg = llama_config_dict(hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=256, vocab_size=300)
+    return write_checkpoint(tmp_path_factory.mktemp("small") / "llama", cfg, seed=3, tokenizer_vocab=300)

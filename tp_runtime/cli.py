@@ -116,7 +116,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig) -> dict[str
         stats = llm.engine.last_stats
         texts = [llm.tokenizer.decode(o, skip_special_tokens=True) if llm.tokenizer else "" for o in outputs]
         if stream:
-            print(flush=True)
+            print(decoder.finish() if decoder else "", flush=True)
         result = {
             "output_ids": outputs[0],
             "text": texts[0],

@@ -36,3 +36,9 @@ class StreamDecoder:
             return ""
         new, self.emitted = text[self.emitted :], len(text)
         return new
+
+    def finish(self) -> str:
+        """Whatever was held back (bytes that never completed a character)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        rest, self.emitted = text[self.emitted :], len(text)
+        return rest
