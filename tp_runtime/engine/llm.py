@@ -42,10 +42,10 @@ def pick_device(runtime: RuntimeConfig, parallel: ParallelConfig) -> torch.devic
 
 
 class LLM:
-    def __init__(self, cfg: ModelConfig, engine: Engine, tokenizer, parallel: ParallelConfig, dtype: str, load_seconds: float) -> None:
+    def __init__(self, cfg: ModelConfig, engine: Engine, tokenizer, parallel: ParallelConfig, dtype: str, load_seconds: float, owns_comm: bool) -> None:
         self.cfg, self.engine, self.tokenizer, self.parallel = cfg, engine, tokenizer, parallel
         self.dtype, self.load_seconds = dtype, load_seconds
-        self.owns_comm = True
+        self.owns_comm = owns_comm  # a communicator handed in outlives this model
 
     @property
     def comm(self):
@@ -70,7 +70,7 @@ class LLM:
         entries = validate(index, cfg)
         tokenizer = load_tokenizer(model_dir)
 
-        self_made_comm = comm is None
+        owns_comm = comm is None
         if comm is None:
             comm = create_communicator(parallel, device)
         with torch.device("meta"):
@@ -83,9 +83,7 @@ class LLM:
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
         engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault)
         log.info("rank %d: %.1f MB of weights read, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, engine.cache.nbytes / 1e6, device)
-        llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0)
-        llm.owns_comm = self_made_comm
-        return llm
+        return cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
