@@ -19,6 +19,7 @@ every rank that needs it: this covers tp > num_kv_heads and head splits that cut
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,10 +35,12 @@ def split_sizes(total: int, parts: int, weights: Sequence[float] | None = None) 
     """
     if parts < 1:
         raise ShardingError(f"cannot split into {parts} parts")
+    if total < 0:
+        raise ShardingError(f"cannot split a negative size {total}")
     if weights is None:
         weights = [1.0] * parts
-    if len(weights) != parts or any(w <= 0 for w in weights):
-        raise ShardingError(f"need {parts} positive split weights, got {list(weights)}")
+    if len(weights) != parts or any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise ShardingError(f"need {parts} positive finite split weights, got {list(weights)}")
     scale = total / sum(weights)
     exact = [w * scale for w in weights]
     sizes = [int(x) for x in exact]
@@ -97,6 +100,8 @@ class HeadLayout:
 def head_layout(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> HeadLayout:
     check_tp(cfg, tp)
     q_start, q_stop = split_ranges(cfg.num_heads, tp, weights)[rank]
+    if q_stop == q_start:
+        raise ShardingError(f"split weights {list(weights or [])} leave rank {rank} without attention heads; every rank needs at least one")
     group = cfg.num_heads // cfg.num_kv_heads
     kv_start = q_start // group
     kv_stop = (q_stop - 1) // group + 1
