@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tp_runtime.config import DTYPE_NAMES, ParallelConfig, RuntimeConfig
+from tp_runtime.config import DTYPE_NAMES, CommConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.errors import ConfigError, TPRuntimeError
+from tp_runtime.units import parse_bandwidth, parse_duration
 
 DEMO_PROMPT = "Tensor parallelism splits"
 
@@ -31,6 +32,20 @@ def _prompt_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _bandwidth(text: str) -> float:
+    try:
+        return parse_bandwidth(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", type=_prompt_ids, action="append", help="comma-separated token ids (repeat for a batch)")
     _add_run_flags(gen)
     gen.add_argument("--json", action="store_true", help="end stdout with one JSON object of results")
+    gen.add_argument("--workers", default=None, metavar="HOST:PORT,...", help="run ranks 1..N on these tp-worker daemons (pyzmq); this process is rank 0")
+    gen.add_argument("--secret-file", default=None, help="shared secret of the workers (default $TP_RUNTIME_SECRET)")
+    gen.add_argument("--advertise-addr", default=None, help="this machine's address as the workers reach it (default: found by routing)")
 
     demo = sub.add_parser("demo", help="build a small random Llama, run it at tp=1 and tp=2, compare")
     demo.add_argument("--tp", type=int, default=2, help="the parallel run to compare with tp=1 (default 2)")
@@ -67,6 +85,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / local ranks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no streamed text")
+    p.add_argument("--comm-stats", action="store_true", help="print a table of every collective (count per token, bytes, p50/p90/p99, share of decode)")
+    p.add_argument("--comm-trace", default=None, metavar="FILE", help="write every collective and decode step as a Chrome trace (rank r > 0 writes FILE with .rank<r> before the suffix)")
+    p.add_argument("--inject-latency", type=_duration, default=0.0, metavar="T", help="add T (e.g. 200us, 1ms) to every collective, to emulate a slower link")
+    p.add_argument("--inject-bandwidth", type=_bandwidth, default=None, metavar="BW", help="add bytes/BW (e.g. 1Gbit, 10GB) to every collective")
     # test hook: make one rank raise mid-generation
     p.add_argument("--debug-fail-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-fail-step", type=int, default=0, help=argparse.SUPPRESS)
@@ -82,25 +104,24 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         show_progress=not args.quiet,
         fail_rank=args.debug_fail_rank,
         fail_step=args.debug_fail_step,
+        comm=CommConfig(inject_latency_s=args.inject_latency, inject_bandwidth_Bps=args.inject_bandwidth, trace=bool(args.comm_trace)),
     )
 
 
-def run_generate(args: argparse.Namespace, parallel: ParallelConfig) -> dict[str, Any]:
-    """One rank's whole job. Every rank runs this; rank 0 renders."""
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+
+
+def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any = None) -> dict[str, Any]:
+    """One rank's whole job. Every rank runs this; rank 0 renders. comm: a ready communicator (workers)."""
     from tp_runtime.checkpoint.tokenizer import StreamDecoder
+    from tp_runtime.comm.timing import format_table
     from tp_runtime.engine.llm import LLM
     from tp_runtime.engine.sampling import SamplingParams
 
     batch = len(args.prompt or args.prompt_ids)
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-    )
-    llm = LLM.load(args.model, parallel, _runtime(args, batch))
+    params = SamplingParams(**_sampling(args))
+    llm = LLM.load(args.model, parallel, _runtime(args, batch), comm=comm)
     try:
         prompts = [llm.encode(t) for t in args.prompt] if args.prompt else args.prompt_ids
         main = parallel.rank == 0
@@ -131,7 +152,10 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig) -> dict[str
             "tp": parallel.world_size,
             "dtype": llm.dtype,
             "device": str(llm.engine.device),
+            "comm": llm.comm.stats.summary(stats.decode_seconds, stats.decode_steps),
         }
+        if args.comm_trace:
+            llm.comm.stats.write_trace(_rank_path(args.comm_trace, parallel.rank), parallel.rank)
         if main:
             if not stream and not args.json:
                 for i, (o, t) in enumerate(zip(outputs, texts)):
@@ -142,11 +166,38 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig) -> dict[str
                 file=sys.stderr if args.json else sys.stdout,
                 flush=True,
             )
+            if args.comm_stats:
+                print(format_table(result["comm"]), file=sys.stderr if args.json else sys.stdout, flush=True)
             if args.json:
                 print(json.dumps(result), flush=True)
         return result
     finally:
         llm.close()
+
+
+def generate_on_workers(args: argparse.Namespace) -> dict[str, Any]:
+    from tp_runtime.checkpoint.tokenizer import load_tokenizer
+    from tp_runtime.launch.coordinator import parse_workers, run_with_workers
+    from tp_runtime.launch.worker import load_secret
+
+    workers = parse_workers(args.workers)
+    if args.tp is not None and args.tp != len(workers) + 1:
+        raise ConfigError(f"--tp {args.tp} does not match 1 + {len(workers)} workers")
+    if args.prompt:
+        tok = load_tokenizer(args.model)
+        if tok is None:
+            raise ConfigError("this model folder has no tokenizer.json: give token ids (--prompt-ids) instead of text")
+        args.prompt_ids, args.prompt = [tok.encode(t).ids for t in args.prompt], None
+    batch = len(args.prompt_ids)
+    return run_with_workers(
+        args.model, workers, load_secret(args.secret_file), _runtime(args, batch), args.prompt_ids, _sampling(args),
+        run_rank0=lambda parallel, comm: run_generate(args, parallel, comm), advertise=args.advertise_addr,
+    )
+
+
+def _rank_path(path: str, rank: int) -> Path:
+    p = Path(path)
+    return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
 
 
 def _as_rank(args: argparse.Namespace) -> int:
@@ -177,6 +228,8 @@ def generate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run `generate` with args.tp ranks: in this process for 1, as spawned ranks otherwise."""
     from tp_runtime.launch.spawn import spawn
 
+    if getattr(args, "workers", None):
+        return generate_on_workers(args)
     tp = args.tp or 1
     if tp < 1:
         raise ConfigError(f"--tp must be at least 1, got {tp}")

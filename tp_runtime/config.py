@@ -213,6 +213,26 @@ class ParallelConfig:
             raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
 
 
+TRANSPORTS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """How ranks talk: transport, collective timeout, latency injection, tracing."""
+
+    transport: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: float = 120.0  # a vanished peer must not hang the others for torch's default 10-30 min
+    inject_latency_s: float = 0.0
+    inject_bandwidth_Bps: float | None = None
+    trace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport {self.transport!r} is not available; choose one of {', '.join(TRANSPORTS)}")
+        if self.inject_latency_s < 0:
+            raise ConfigError(f"injected latency must be >= 0, got {self.inject_latency_s}")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     dtype: str | None = None  # None: the checkpoint's, float32 on CPU if it is float16
@@ -221,6 +241,7 @@ class RuntimeConfig:
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is present, else cpu
     num_threads: int | None = None
     show_progress: bool = True
+    comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None
     fail_step: int | None = None

@@ -5,7 +5,9 @@ Reads headers only: nothing here touches tensor data.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,10 @@ from tp_runtime.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# a worker's cache of one rank's slices: SLICES_FILE holds them under their checkpoint names,
+# SLICES_META says for which checkpoint (fingerprint), tp and rank
+SLICES_FILE = "slices.safetensors"
+SLICES_META = "slices.json"
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class CheckpointIndex:
     model_dir: Path
     files: tuple[Path, ...]
     tensors: dict[str, TensorMeta]
+    sliced_for: tuple[int, int] | None = None  # (tp, rank) when the files hold one rank's slices only
 
     @property
     def total_bytes(self) -> int:
@@ -36,6 +43,8 @@ class CheckpointIndex:
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
+    if (model_dir / SLICES_META).is_file():
+        return [model_dir / SLICES_FILE]
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
         try:
@@ -73,4 +82,25 @@ def open_index(model_dir: str | Path) -> CheckpointIndex:
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"{path}: cannot read the safetensors header ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
-    return CheckpointIndex(model_dir, tuple(files), tensors)
+    sliced_for = None
+    if (model_dir / SLICES_META).is_file():
+        meta = json.loads((model_dir / SLICES_META).read_text())
+        sliced_for = (int(meta["tp"]), int(meta["rank"]))
+    return CheckpointIndex(model_dir, tuple(files), tensors, sliced_for)
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """Identity of a checkpoint: config.json and every safetensors header (names, dtypes, shapes,
+    offsets), with file sizes. Reads headers only, so it is cheap for a 100 GB model; two folders
+    with the same fingerprint hold the same tensors laid out the same way."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    h.update((model_dir / "config.json").read_bytes())
+    for path in _checkpoint_files(model_dir):
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            h.update(path.name.encode() + head + f.read(min(n, 100 << 20)) + str(path.stat().st_size).encode())
+    return h.hexdigest()[:32]

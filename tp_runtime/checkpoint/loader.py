@@ -33,15 +33,25 @@ def _bullet_list(title: str, items: list[str]) -> str:
     return title + "".join(f"\n  - {s}" for s in shown) + more
 
 
-def validate(index: CheckpointIndex, cfg: ModelConfig) -> list[TensorEntry]:
+def sliced_shape(shape: tuple[int, ...], spec: sharding.ShardSpec) -> tuple[int, ...]:
+    if spec.dim is None:
+        return shape
+    return tuple(spec.size if d == spec.dim else n for d, n in enumerate(shape))
+
+
+def validate(index: CheckpointIndex, cfg: ModelConfig, tp: int = 1, rank: int = 0) -> list[TensorEntry]:
+    """Checks the files against the config; tp and rank matter only for a cache of pre-cut slices."""
     entries = expected_tensors(cfg)
     problems: list[str] = []
+    if index.sliced_for is not None and index.sliced_for != (tp, rank):
+        raise CheckpointError(f"{index.model_dir} holds the slices of rank {index.sliced_for[1]} of tp={index.sliced_for[0]}, not of rank {rank} of tp={tp}")
     for e in entries:
         meta = index.tensors.get(e.hf_name)
+        want = e.shape if index.sliced_for is None else sliced_shape(e.shape, sharding.spec(e.hf_name, cfg, tp, rank))
         if meta is None:
-            problems.append(f"missing tensor {e.hf_name} (expected shape {list(e.shape)})")
-        elif meta.shape != e.shape:
-            problems.append(f"tensor {e.hf_name} in {meta.file.name} has shape {list(meta.shape)}, config implies {list(e.shape)}")
+            problems.append(f"missing tensor {e.hf_name} (expected shape {list(want)})")
+        elif meta.shape != want:
+            problems.append(f"tensor {e.hf_name} in {meta.file.name} has shape {list(meta.shape)}, config implies {list(want)}")
         elif meta.dtype not in FLOAT_DTYPES:
             problems.append(f"tensor {e.hf_name} in {meta.file.name} has dtype {meta.dtype}, expected a float type")
     expected = {e.hf_name for e in entries}
@@ -58,7 +68,8 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def _read_slice(handle, name: str, spec: sharding.ShardSpec) -> torch.Tensor:
+def read_slice(handle, name: str, spec: sharding.ShardSpec) -> torch.Tensor:
+    """This rank's rows or columns of tensor `name`, read from an open safetensors file."""
     sl = handle.get_slice(name)
     if spec.dim is None:
         return sl[:]
@@ -88,7 +99,9 @@ def load_shard(
                 if e.target not in params:
                     raise CheckpointError(f"{e.hf_name}: the model has no parameter {e.target} to load it into")
                 spec = sharding.spec(e.hf_name, cfg, tp, rank)
-                data = _read_slice(handles[index.tensors[e.hf_name].file], e.hf_name, spec)
+                handle = handles[index.tensors[e.hf_name].file]
+                # a slice cache already holds exactly this rank's part
+                data = handle.get_tensor(e.hf_name) if index.sliced_for else read_slice(handle, e.hf_name, spec)
                 nbytes += data.numel() * data.element_size()
                 module_name, _, param_name = e.target.rpartition(".")
                 module = model.get_submodule(module_name)

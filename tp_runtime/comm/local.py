@@ -6,15 +6,15 @@ from typing import Any
 
 import torch
 
-from tp_runtime.communicator import CommStats
+from tp_runtime.comm.timing import CommStats
 
 
 class LocalCommunicator:
     rank = 0
     world_size = 1
 
-    def __init__(self) -> None:
-        self.stats = CommStats()
+    def __init__(self, trace: bool = False) -> None:
+        self.stats = CommStats(trace=trace)
 
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         return t

@@ -86,6 +86,9 @@ class Engine:
         stats = RunStats(prompt_tokens=sum(lens))
         self.last_stats = stats
         sampler = Sampler(params, dev)
+        comm_stats = self.comm.stats
+        comm_stats.reset()  # the stats describe the latest run
+        comm_stats.phase = "prefill"
 
         ids, positions = self._prefill_inputs(prompts)
         logit_rows = torch.tensor([i * width + n - 1 for i, n in enumerate(lens)], device=dev)
@@ -96,6 +99,8 @@ class Engine:
         tokens_host = tokens.tolist()
         self._sync()
         stats.prefill_seconds = time.perf_counter() - t0
+        comm_stats.span("prefill", t0, t0 + stats.prefill_seconds, tokens=stats.prompt_tokens)
+        comm_stats.phase = "decode"
 
         produced = [0] * b
         finished = [False] * b
@@ -131,6 +136,7 @@ class Engine:
             step_no += 1
             now = time.perf_counter()
             decode_time += now - t0
+            comm_stats.span("decode step", t0, now, step=step_no)
             stats.decode_tokens += sum(1 for f in finished if not f)
             events = list(emit(tokens_host))
             pos += 1

@@ -67,12 +67,12 @@ class LLM:
             torch.set_num_threads(runtime.num_threads)
         # everything checkable is checked before a byte is allocated or a peer is contacted
         index = open_index(model_dir)
-        entries = validate(index, cfg)
+        entries = validate(index, cfg, parallel.world_size, parallel.rank)
         tokenizer = load_tokenizer(model_dir)
 
         owns_comm = comm is None
         if comm is None:
-            comm = create_communicator(parallel, device)
+            comm = create_communicator(parallel, device, runtime.comm)
         with torch.device("meta"):
             model = model_class(cfg)(cfg, comm, dtype, max_seq_len)
         model.to_empty(device=device)

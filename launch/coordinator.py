@@ -1,0 +1,151 @@
+"""The coordinator side of a job on hand-started workers (`tp-run generate --workers h1:7340,h2:7340`).
+
+The coordinator is rank 0; worker i is rank i. It greets every worker (protocol version,
+shared secret), sends the job, streams each worker exactly its own slices when the worker has
+neither a local copy nor a cached one, collects the workers' data ports, tells everyone where
+everyone is, and then runs rank 0 itself: from there on the ranks exchange activations
+directly, peer to peer, through the pyzmq communicator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+from safetensors import safe_open
+
+from tp_runtime import sharding
+from tp_runtime.checkpoint.index import fingerprint, open_index
+from tp_runtime.checkpoint.loader import read_slice, validate
+from tp_runtime.comm.control import ControlClient, new_context
+from tp_runtime.comm.protocol import Kind
+from tp_runtime.comm.timing import wrap
+from tp_runtime.comm.zmq_transport import ZmqCommunicator, bind_inbox
+from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
+from tp_runtime.errors import ConfigError
+
+log = logging.getLogger("tp_runtime.coordinator")
+
+HELLO_TIMEOUT_S = 5.0
+READY_TIMEOUT_S = 120.0
+DEFAULT_PORT = 7340
+
+
+def parse_workers(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_PORT))
+        try:
+            out.append((host or "127.0.0.1", int(port)))
+        except ValueError:
+            raise ConfigError(f"--workers entry {item!r} is not host:port") from None
+    if not out:
+        raise ConfigError("--workers names no worker")
+    return out
+
+
+def _local_address_towards(host: str) -> str:
+    """The address of this machine that `host` can reach us on (no packet is sent)."""
+    if host in ("127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
+def _stream_slices(client: ControlClient, model_dir: str, cfg: ModelConfig, tp: int, rank: int) -> int:
+    """Send worker `rank` exactly its slices; returns the bytes sent."""
+    index = open_index(model_dir)
+    entries = validate(index, cfg)
+    names = [e.hf_name for e in entries]
+    client.send(Kind.WEIGHTS_BEGIN, {"names": names})
+    sent = 0
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in index.files}
+        for i, name in enumerate(names):
+            data = read_slice(handles[index.tensors[name].file], name, sharding.spec(name, cfg, tp, rank))
+            client.send(Kind.WEIGHTS, tensor=data, seq=i)
+            sent += data.numel() * data.element_size()
+    return sent
+
+
+def run_with_workers(
+    model_dir: str,
+    workers: list[tuple[str, int]],
+    secret: bytes | None,
+    runtime: RuntimeConfig,
+    prompts: list[list[int]],
+    sampling: dict[str, Any],
+    run_rank0: Callable[[ParallelConfig, Any], dict[str, Any]],
+    advertise: str | None = None,
+) -> dict[str, Any]:
+    """Drive the workers through a job and run rank 0 here with `run_rank0(parallel, comm)`."""
+    cfg = ModelConfig.from_model_dir(model_dir)
+    tp = len(workers) + 1
+    sharding.check_tp(cfg, tp)
+    fp = fingerprint(model_dir)
+    gen_cfg_path = Path(model_dir) / "generation_config.json"
+    names = ["coordinator"] + [f"worker {h}:{p}" for h, p in workers]
+    ctx = new_context()
+    clients = [ControlClient(ctx, f"tcp://{h}:{p}", secret, f"{h}:{p}") for h, p in workers]
+    comm = inbox = None
+    try:
+        for c in clients:
+            c.send(Kind.HELLO, {"role": "coordinator"})
+        for c in clients:
+            c.recv(HELLO_TIMEOUT_S, "handshake")
+        my_addr = advertise or _local_address_towards(workers[0][0])
+        inbox, my_port = bind_inbox(ctx, my_addr)
+        streamed = 0
+        for rank, c in enumerate(clients, start=1):
+            c.send(Kind.JOB, {
+                "fingerprint": fp, "config": json.loads((Path(model_dir) / "config.json").read_text()),
+                "generation_config": json.loads(gen_cfg_path.read_text()) if gen_cfg_path.is_file() else None,
+                "tp": tp, "rank": rank, "names": names,
+                "runtime": {"dtype": runtime.dtype, "max_seq_len": runtime.max_seq_len, "max_batch_size": runtime.max_batch_size},
+                "comm": {"inject_latency_s": runtime.comm.inject_latency_s, "inject_bandwidth_Bps": runtime.comm.inject_bandwidth_Bps},
+                "prompts": prompts, "sampling": sampling,
+            })
+        ports = {}
+        for rank, c in enumerate(clients, start=1):
+            msg = c.recv(READY_TIMEOUT_S, "job set-up")
+            if msg.kind is Kind.NEED_WEIGHTS:
+                streamed += _stream_slices(c, model_dir, cfg, tp, rank)
+                msg = c.recv(READY_TIMEOUT_S, "receiving weights")
+            if msg.kind is not Kind.READY:
+                raise ConfigError(f"worker {c.name} answered {msg.kind.name} instead of READY")
+            ports[rank] = msg.obj["data_port"]
+        peers = [f"tcp://{my_addr}:{my_port}"] + [f"tcp://{h}:{ports[r]}" for r, (h, _) in enumerate(workers, start=1)]
+        for c in clients:
+            c.send(Kind.START, {"peers": peers})
+
+        def watch() -> None:
+            for c in clients:
+                c.check()
+
+        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=names, watch=watch)
+        comm = wrap(raw, runtime.comm, device=_cpu())
+        result = run_rank0(ParallelConfig(world_size=tp, rank=0), comm)
+        result["weights_streamed_bytes"] = streamed
+        result["transport"] = "zmq"
+        for c in clients:
+            c.recv(READY_TIMEOUT_S, "end of job")  # DONE
+        return result
+    finally:
+        if comm is not None:
+            comm.close()  # closes the inbox too
+        elif inbox is not None:
+            inbox.close(0)
+        for c in clients:
+            c.close()
+        ctx.term()
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")

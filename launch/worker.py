@@ -1,0 +1,221 @@
+"""`tp-worker`: a long-lived daemon that serves one job at a time as a rank of a coordinator's job.
+
+    tp-worker --keygen ~/.tp-secret                       # once: a shared secret (copy it to every machine)
+    tp-worker --listen tcp://0.0.0.0:7340 --secret-file ~/.tp-secret [--model-dir /models/llama]
+
+A job: HELLO (version, authenticated by the shared secret) -> JOB (model fingerprint, rank,
+prompts) -> weights from a local copy with the same fingerprint, else from this worker's
+cache of its slices, else streamed by the coordinator and cached -> READY (data port) ->
+START (every rank's data endpoint) -> the same sharded model and generate loop as every other
+rank, over the pyzmq communicator -> DONE. Whatever goes wrong inside a job (the coordinator
+vanishing, a bad message, an exception) ends that job only; the daemon waits for the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from tp_runtime.checkpoint.index import SLICES_FILE, SLICES_META, fingerprint
+from tp_runtime.comm.control import ControlServer, new_context
+from tp_runtime.comm.protocol import PROTOCOL_VERSION, Kind
+from tp_runtime.comm.timing import wrap
+from tp_runtime.comm.zmq_transport import ZmqCommunicator
+from tp_runtime.config import CommConfig, ParallelConfig, RuntimeConfig
+from tp_runtime.engine.llm import LLM
+from tp_runtime.engine.sampling import SamplingParams
+from tp_runtime.errors import TPRuntimeError, WorkerError
+
+log = logging.getLogger("tp_runtime.worker")
+
+DEFAULT_LISTEN = "tcp://127.0.0.1:7340"
+SECRET_ENV = "TP_RUNTIME_SECRET"
+START_TIMEOUT_S = 60.0
+WEIGHTS_TIMEOUT_S = 120.0
+
+
+def load_secret(path: str | None) -> bytes | None:
+    """The shared secret from a file (hex, as --keygen writes it) or $TP_RUNTIME_SECRET."""
+    text = Path(path).read_text().strip() if path else os.environ.get(SECRET_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise WorkerError(f"secret {'in ' + path if path else 'in $' + SECRET_ENV} is not hex; make one with `tp-worker --keygen FILE`") from None
+
+
+def keygen(path: str) -> None:
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    print(f"wrote a new shared secret to {p} (mode 600); copy it to every worker and the coordinator")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tp-runtime" / "worker-cache"
+
+
+class Worker:
+    def __init__(self, listen: str, secret: bytes | None, model_dirs: list[str], cache_dir: Path, threads: int | None) -> None:
+        self.ctx = new_context()
+        self.server = ControlServer(self.ctx, listen, secret)
+        self.secret, self.cache_dir, self.threads = secret, cache_dir, threads
+        self.host = listen.split("://", 1)[-1].rsplit(":", 1)[0]
+        self.models = {fingerprint(d): str(Path(d).resolve()) for d in model_dirs}
+        self.jobs_done = 0
+
+    # -- the daemon loop --
+    def serve(self, max_jobs: int | None = None) -> None:
+        log.warning("tp-worker listening on %s (protocol %d, %s, %d local model(s))", self.server.endpoint, PROTOCOL_VERSION,
+                    "shared-secret auth" if self.secret else "NO auth", len(self.models))
+        while max_jobs is None or self.jobs_done < max_jobs:
+            got = self.server.recv(timeout_s=1.0)
+            if got is None:
+                continue
+            peer, msg = got
+            if msg.kind is Kind.HELLO:
+                self.server.send(peer, Kind.WELCOME, {"version": PROTOCOL_VERSION, "host": socket.gethostname(), "models": sorted(self.models)})
+            elif msg.kind is Kind.JOB:
+                self._run_job(peer, msg.obj or {})
+                self.jobs_done += 1
+            else:
+                log.warning("ignored %s outside a job", msg.kind.name)
+
+    def _run_job(self, peer: bytes, job: dict[str, Any]) -> None:
+        comm = None
+        try:
+            source = self._weights(peer, job)
+            inbox, port = self.server.bind_data(self.host)
+            self.server.send(peer, Kind.READY, {"data_port": port})
+            start = self._await(peer, Kind.START, START_TIMEOUT_S)
+            rank, peers = job["rank"], start.obj["peers"]
+            raw = ZmqCommunicator(self.ctx, rank, peers, inbox, secret=self.secret, names=job.get("names"))
+            comm_cfg = CommConfig(**job.get("comm", {}))
+            comm = wrap(raw, comm_cfg, device=_cpu())
+            parallel = ParallelConfig(world_size=len(peers), rank=rank, local_rank=0, local_world_size=1)
+            runtime = RuntimeConfig(**job["runtime"], num_threads=self.threads, show_progress=False, comm=comm_cfg)
+            llm = LLM.load(source, parallel, runtime, comm=comm)
+            for _ in llm.generate(job["prompts"], SamplingParams(**job["sampling"])):
+                pass
+            self.server.send(peer, Kind.DONE, {})
+            log.warning("job done: rank %d of %d, %d prompt(s)", rank, len(peers), len(job["prompts"]))
+        except Exception as e:  # a job's failure must never take the daemon down
+            log.warning("job failed: %s: %s", type(e).__name__, e)
+            try:
+                self.server.send(peer, Kind.ERROR, {"message": f"{type(e).__name__}: {e}"})
+            except Exception:
+                pass
+        finally:
+            if comm is not None:
+                comm.close()
+
+    def _await(self, peer: bytes, kind: Kind, timeout_s: float):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = self.server.recv(max(0.0, deadline - time.monotonic()))
+            if got is None:
+                raise WorkerError(f"the coordinator sent no {kind.name} within {timeout_s:.0f} s")
+            sender, msg = got
+            if sender != peer:  # another coordinator: one job at a time
+                self.server.send(sender, Kind.REJECT, {"reason": "busy with another job; try again when it ends"})
+                continue
+            if msg.kind is not kind:
+                raise WorkerError(f"expected {kind.name} from the coordinator, got {msg.kind.name}")
+            return msg
+
+    # -- weights: local copy, cache, or streamed --
+    def _weights(self, peer: bytes, job: dict[str, Any]) -> str:
+        fp = job["fingerprint"]
+        if fp in self.models:
+            return self.models[fp]
+        slot = self.cache_dir / fp / f"tp{job['tp']}-rank{job['rank']}"
+        if (slot / SLICES_META).is_file():
+            return str(slot)
+        self.server.send(peer, Kind.NEED_WEIGHTS, {})
+        begin = self._await(peer, Kind.WEIGHTS_BEGIN, WEIGHTS_TIMEOUT_S)
+        names = begin.obj["names"]
+        tensors = {}
+        for i, name in enumerate(names):
+            msg = self._await(peer, Kind.WEIGHTS, WEIGHTS_TIMEOUT_S)
+            if msg.seq != i or msg.tensor is None:
+                raise WorkerError(f"weights arrived out of order: got #{msg.seq}, expected #{i} ({name})")
+            tensors[name] = msg.tensor
+        slot.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=slot.parent, prefix=slot.name + "."))
+        try:
+            save_file(tensors, str(tmp / SLICES_FILE))
+            (tmp / "config.json").write_text(json.dumps(job["config"]))
+            if job.get("generation_config"):
+                (tmp / "generation_config.json").write_text(json.dumps(job["generation_config"]))
+            (tmp / SLICES_META).write_text(json.dumps({"fingerprint": fp, "tp": job["tp"], "rank": job["rank"]}))
+            os.replace(tmp, slot)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("cached %d slices (%.1f MB) for %s", len(names), sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6, slot)
+        return str(slot)
+
+    def close(self) -> None:
+        self.server.close()
+        self.ctx.term()
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tp-worker", description="Serve jobs of a tp-run coordinator as one tensor-parallel rank.")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"ZeroMQ endpoint to listen on (default {DEFAULT_LISTEN}: this machine only)")
+    p.add_argument("--secret-file", default=None, help=f"shared secret (hex) that coordinator and workers hold; default ${SECRET_ENV}")
+    p.add_argument("--keygen", metavar="FILE", default=None, help="write a new shared secret to FILE and exit")
+    p.add_argument("--model-dir", action="append", default=[], help="a local copy of a checkpoint (matched by content fingerprint); repeatable")
+    p.add_argument("--cache-dir", default=None, help="where streamed slices are kept (default: the user's cache folder)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-jobs", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="tp-worker %(levelname)s %(message)s")
+    try:
+        if args.keygen:
+            keygen(args.keygen)
+            return 0
+        secret = load_secret(args.secret_file)
+        if secret is None and not _is_loopback(args.listen):
+            print(f"tp-worker: WARNING: listening on {args.listen} without a secret: anyone who can reach this port can run jobs "
+                  "and read activations. Use --secret-file (make one with --keygen).", file=sys.stderr)
+        worker = Worker(args.listen, secret, args.model_dir, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), args.threads)
+        try:
+            worker.serve(args.max_jobs)
+        finally:
+            worker.close()
+        return 0
+    except TPRuntimeError as e:
+        print(f"tp-worker: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Parsing of the human units flags take: durations (200us, 1.5ms, 2s) and bandwidths (1Gbit, 10GB)."""
+
+from __future__ import annotations
+
+import re
+
+from tp_runtime.errors import ConfigError
+
+_DURATION = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+# per second; bit units are divided by 8 to give bytes/s
+_BANDWIDTH = {
+    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "tbit": 1e12 / 8,
+    "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'200us' -> 2e-4 seconds. A bare number is seconds; '0' is zero."""
+    m = _NUMBER_UNIT.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or (unit and unit not in _DURATION):
+        raise ConfigError(f"cannot read duration {text!r}: use a number with ns, us, ms or s (e.g. 200us)")
+    return float(m.group(1)) * _DURATION.get(unit or "s")
+
+
+def parse_bandwidth(text: str) -> float:
+    """'1Gbit' -> 1.25e8 bytes/s; 'GB' units are bytes. Returns bytes per second."""
+    norm = str(text).strip().lower().removesuffix("/s")
+    if norm.endswith("bps"):  # Mbps, Gbps: bits per second
+        norm = norm[: -len("bps")] + "bit"
+    m = _NUMBER_UNIT.match(norm)
+    unit = m.group(2) if m else None
+    if not m or unit not in _BANDWIDTH:
+        raise ConfigError(f"cannot read bandwidth {text!r}: use e.g. 1Gbit, 100Mbit (bits/s) or 10GB, 500MB (bytes/s)")
+    value = float(m.group(1)) * _BANDWIDTH[unit]
+    if value <= 0:
+        raise ConfigError(f"bandwidth {text!r} must be positive")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3g}s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g}ms"
+    return f"{seconds * 1e6:.3g}us"
