@@ -80,10 +80,11 @@ def run_with_workers(
     runtime: RuntimeConfig,
     prompts: list[list[int]],
     sampling: dict[str, Any],
-    run_rank0: Callable[[ParallelConfig, Any], dict[str, Any]],
+    run_rank0: Callable[[ParallelConfig, Any, dict[str, Any]], dict[str, Any]],
     advertise: str | None = None,
 ) -> dict[str, Any]:
-    """Drive the workers through a job and run rank 0 here with `run_rank0(parallel, comm)`."""
+    """Drive the workers through a job and run rank 0 here with `run_rank0(parallel, comm, extra)`;
+    extra holds what the coordinator learnt (bytes of weights streamed) for the result."""
     cfg = ModelConfig.from_model_dir(model_dir)
     tp = len(workers) + 1
     sharding.check_tp(cfg, tp)
@@ -129,9 +130,7 @@ def run_with_workers(
 
         raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=names, watch=watch)
         comm = wrap(raw, runtime.comm, device=_cpu())
-        result = run_rank0(ParallelConfig(world_size=tp, rank=0), comm)
-        result["weights_streamed_bytes"] = streamed
-        result["transport"] = "zmq"
+        result = run_rank0(ParallelConfig(world_size=tp, rank=0), comm, {"weights_streamed_bytes": streamed})
         for c in clients:
             c.recv(READY_TIMEOUT_S, "end of job")  # DONE
         return result

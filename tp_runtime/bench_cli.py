@@ -23,6 +23,7 @@ import re
 import statistics
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ from tp_runtime.errors import ConfigError, TPRuntimeError
 # ---------------------------------------------------------------------------------------------
 # flag parsing
 
-_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "µs": 1e6, "ns": 1e9}  # divide: 10us -> 1e-05 exactly
+_UNITS = {"s": "1", "ms": "1e-3", "us": "1e-6", "µs": "1e-6", "ns": "1e-9"}  # decimal: 0.1us -> 1e-07 exactly
 
 
 def parse_duration(text: str) -> float:
@@ -40,7 +41,7 @@ def parse_duration(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|ms|us|µs|ns)?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"cannot read duration {text!r}; write e.g. 10us, 0.5ms, 100ns")
-    return float(m.group(1)) / _PER_SECOND[m.group(2) or "s"]
+    return float(Decimal(m.group(1)) * Decimal(_UNITS[m.group(2) or "s"]))
 
 
 def parse_durations(text: str) -> list[float]:

@@ -112,8 +112,9 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
 
 
-def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any = None) -> dict[str, Any]:
-    """One rank's whole job. Every rank runs this; rank 0 renders. comm: a ready communicator (workers)."""
+def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One rank's whole job. Every rank runs this; rank 0 renders.
+    comm: a ready communicator (workers); extra: fields for the result (the coordinator's)."""
     from tp_runtime.checkpoint.tokenizer import StreamDecoder
     from tp_runtime.comm.timing import format_table
     from tp_runtime.engine.llm import LLM
@@ -152,7 +153,9 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             "tp": parallel.world_size,
             "dtype": llm.dtype,
             "device": str(llm.engine.device),
+            "transport": llm.comm.transport,
             "comm": llm.comm.stats.summary(stats.decode_seconds, stats.decode_steps),
+            **(extra or {}),
         }
         if args.comm_trace:
             llm.comm.stats.write_trace(_rank_path(args.comm_trace, parallel.rank), parallel.rank)
@@ -191,7 +194,7 @@ def generate_on_workers(args: argparse.Namespace) -> dict[str, Any]:
     batch = len(args.prompt_ids)
     return run_with_workers(
         args.model, workers, load_secret(args.secret_file), _runtime(args, batch), args.prompt_ids, _sampling(args),
-        run_rank0=lambda parallel, comm: run_generate(args, parallel, comm), advertise=args.advertise_addr,
+        run_rank0=lambda parallel, comm, extra: run_generate(args, parallel, comm, extra), advertise=args.advertise_addr,
     )
 
 

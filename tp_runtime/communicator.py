@@ -17,6 +17,7 @@ import torch
 class Communicator(Protocol):
     rank: int
     world_size: int
+    transport: str  # "local", "gloo", "nccl", "zmq"
     stats: Any  # comm.timing.CommStats: the engine sets .phase and reads summaries
 
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:

@@ -40,13 +40,13 @@ Weights and memory traffic
   * parallel="tp": every expert is split over all p chips (expert-internal TP); the busiest
     chip reads (distinct experts)/p of the routed bytes, like a dense model.
   * parallel="ep": whole experts are spread over the chips (E/p each; when p > E each expert
-    is itself split over p/E chips). A chip reads only the active experts it holds, and the
-    active experts are placed as evenly as possible (best case, not typical routing): the
-    busiest chip reads max(a/p, min(1, E/p)) experts' bytes per MoE layer, where a is the
-    number of distinct active experts. So between k and E chips the routed read stops
-    shrinking at one whole expert per layer. Shared experts, dense layers and attention stay
-    TP-split over all p chips. Routed FLOPs on the busiest chip: 2 x expert_params x b x k x
-    max(1/p, min(1, E/p)/a).
+    is itself split over p/E chips, whose partial sums ride in the combine). A chip reads
+    only the active experts it holds, and the active experts are placed as evenly as
+    possible (best case, not typical routing): the busiest chip reads max(a/p, min(1, E/p))
+    experts' bytes per MoE layer, where a is the number of distinct active experts. So
+    between k and E chips the routed read stops shrinking at one whole expert per layer.
+    Shared experts, dense layers and attention stay TP-split over all p chips. Routed FLOPs
+    on the busiest chip: 2 x expert_params x b x k x max(1/p, min(1, E/p)/a).
   * Routed experts may be stored at their own precision (`expert_bytes_per_param`, e.g. the
     INT4 experts Kimi K2.5 ships); group-quantisation scales are not counted.
 
@@ -95,7 +95,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -311,6 +311,8 @@ class ModelShape:
         if not self.is_moe:
             return 0.0
         e, k = self.experts, self.active_experts
+        if batch == 1:
+            return float(k)  # exactly, not through the rounding of the formula
         return e * (1.0 - (1.0 - k / e) ** batch)
 
     def nonrouted_read_bytes(self, batch: int = 1) -> float:

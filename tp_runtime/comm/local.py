@@ -12,6 +12,7 @@ from tp_runtime.comm.timing import CommStats
 class LocalCommunicator:
     rank = 0
     world_size = 1
+    transport = "local"
 
     def __init__(self, trace: bool = False) -> None:
         self.stats = CommStats(trace=trace)

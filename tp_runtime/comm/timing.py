@@ -210,7 +210,7 @@ class TimedCommunicator:
 
     def __init__(self, inner: Any, stats: CommStats, injector: LatencyInjector | None = None, cuda: bool = False) -> None:
         self.inner, self.stats, self.injector, self.cuda = inner, stats, injector, cuda
-        self.rank, self.world_size = inner.rank, inner.world_size
+        self.rank, self.world_size, self.transport = inner.rank, inner.world_size, inner.transport
 
     def _timed(self, op: str, site: str, nbytes: int, fn, /, *args, **kwargs):
         if self.cuda:

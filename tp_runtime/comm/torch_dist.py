@@ -16,7 +16,7 @@ class TorchDistCommunicator:
         self.group = group
         self.rank = rank
         self.world_size = world_size
-        self.backend = backend
+        self.backend = self.transport = backend
 
     @classmethod
     def init(cls, parallel: ParallelConfig, device: torch.device, comm_cfg: CommConfig) -> TorchDistCommunicator:

@@ -73,6 +73,8 @@ class _Heartbeat(threading.Thread):
 
 
 class ZmqCommunicator:
+    transport = "zmq"
+
     def __init__(
         self,
         ctx: zmq.Context,

@@ -1,0 +1,146 @@
+"""tp-worker daemons on loopback driven by a coordinator (pyzmq transport), end to end."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from conftest import REPO, last_json, run_cli
+from tp_runtime.comm.protocol import Kind, encode
+from tp_runtime.launch.spawn import free_port
+
+SECRET = "5e" * 32
+ENV = {"TP_RUNTIME_SECRET": SECRET}
+
+
+class WorkerProc:
+    def __init__(self, tmp_path, name, extra=()):
+        self.port = free_port()
+        self.log = tmp_path / f"{name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tp_runtime.launch.worker", "--listen", f"tcp://127.0.0.1:{self.port}", "--cache-dir", str(tmp_path / f"{name}-cache"), "--threads", "1", *extra],
+            cwd=REPO, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
+        )
+        deadline = time.monotonic() + 60
+        while "listening on" not in self.log.read_text():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.1)
+
+    @property
+    def addr(self):
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path):
+    started = []
+
+    def start(n, extra=()):
+        new = [WorkerProc(tmp_path, f"w{len(started) + i}", extra) for i in range(n)]
+        started.extend(new)
+        return new
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def _generate(model, *extra, timeout=120):
+    args = ["generate", "--model", str(model), "--prompt-ids", "1,5,9,13,2,7", "--max-new-tokens", "12", "--ignore-eos", "--json", "--quiet", "--threads", "1", *extra]
+    return run_cli(args, timeout=timeout, env=ENV)
+
+
+def test_workers_match_gloo_and_stream_then_cache_weights(small_model, workers):
+    w1, w2 = workers(2)
+    gloo2, gloo3 = (last_json(_generate(small_model, "--tp", str(tp)).stdout) for tp in (2, 3))
+    first = _generate(small_model, "--workers", w1.addr)
+    assert first.returncode == 0, first.stderr
+    first = last_json(first.stdout)
+    assert first["output_ids"] == gloo2["output_ids"] and first["tp"] == 2 and first["transport"] == "zmq"
+    assert first["weights_streamed_bytes"] > 0  # w1 has no checkpoint: its slices were streamed
+    again = last_json(_generate(small_model, "--workers", w1.addr).stdout)
+    assert again["output_ids"] == gloo2["output_ids"] and again["weights_streamed_bytes"] == 0  # from its cache
+    three = last_json(_generate(small_model, "--workers", f"{w1.addr},{w2.addr}").stdout)
+    assert three["output_ids"] == gloo3["output_ids"] and three["tp"] == 3
+    assert "cached" in w1.log.read_text()
+
+
+def test_worker_with_its_own_checkpoint_needs_no_weights(small_model, workers):
+    (w,) = workers(1, ["--model-dir", str(small_model)])
+    out = last_json(_generate(small_model, "--workers", w.addr).stdout)
+    assert out["weights_streamed_bytes"] == 0 and "cached" not in w.log.read_text()
+
+
+def test_worker_survives_garbage_and_serves_a_real_job(small_model, workers):
+    (w,) = workers(1)
+    with socket.create_connection(("127.0.0.1", w.port)) as s:  # not even ZeroMQ
+        s.sendall(os.urandom(4096))
+    ctx = zmq.Context()
+    try:
+        for frames in (
+            [os.urandom(64)],  # one random frame
+            encode(Kind.HELLO, secret=bytes.fromhex(SECRET), obj={})[:2],  # truncated message
+            encode(Kind.HELLO, secret=bytes.fromhex(SECRET), obj={}, version=99),  # wrong protocol version
+            encode(Kind.HELLO, secret=b"wrong key", obj={}),  # wrong key
+            encode(Kind.JOB, secret=None, obj={"rank": 1}),  # no key at all
+        ):
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(f"tcp://127.0.0.1:{w.port}")
+            d.send_multipart(frames)
+            assert not d.poll(300), "the worker must not answer a bad message"
+            d.close()
+    finally:
+        ctx.term()
+    time.sleep(0.3)
+    assert w.proc.poll() is None
+    log = w.log.read_text()
+    assert log.count("dropped a message") >= 4 and "protocol version 99" in log and "not authenticated" in log
+    r = _generate(small_model, "--workers", w.addr)
+    assert r.returncode == 0, r.stderr
+    assert len(last_json(r.stdout)["output_ids"]) == 12
+
+
+def test_wrong_secret_and_absent_worker_fail_fast_with_names(small_model, workers):
+    (w,) = workers(1)
+    t0 = time.monotonic()
+    r = run_cli(["generate", "--model", str(small_model), "--prompt-ids", "1,2", "--workers", w.addr], timeout=60, env={"TP_RUNTIME_SECRET": "ab" * 32})
+    assert r.returncode == 1 and f"worker {w.addr} did not answer within 5 s" in r.stderr
+    dead = f"127.0.0.1:{free_port()}"
+    r = run_cli(["generate", "--model", str(small_model), "--prompt-ids", "1,2", "--workers", dead], timeout=60, env=ENV)
+    assert r.returncode == 1 and f"worker {dead} did not answer" in r.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_killed_worker_ends_job_naming_it_and_others_serve_again(small_model, workers):
+    w1, w2 = workers(2)
+    args = ["generate", "--model", str(small_model), "--prompt-ids", "1,2,3", "--max-new-tokens", "4000", "--max-seq-len", "4096",
+            "--ignore-eos", "--quiet", "--threads", "1", "--workers", f"{w1.addr},{w2.addr}"]
+    coord = subprocess.Popen([sys.executable, "-m", "tp_runtime", *args], cwd=REPO, env=dict(os.environ, **ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "cached" not in w2.log.read_text():  # the job has reached w2
+        assert time.monotonic() < deadline and coord.poll() is None
+        time.sleep(0.1)
+    time.sleep(3)  # generating
+    w2.proc.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = coord.communicate(timeout=30)
+    assert time.monotonic() - t0 < 10, "the job must end within 10 s of the worker's death"
+    assert coord.returncode == 1 and f"worker {w2.addr} (rank 2) stopped responding" in err
+    deadline = time.monotonic() + 15
+    while "job failed" not in w1.log.read_text():
+        assert time.monotonic() < deadline, w1.log.read_text()
+        time.sleep(0.1)
+    r = _generate(small_model, "--workers", w1.addr)
+    assert r.returncode == 0, r.stderr
