@@ -26,17 +26,29 @@ def prefill_attention(
     v: torch.Tensor,
     kv_head_of_q: torch.Tensor | None = None,
     q_offset: int = 0,
+    seq_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q (positions q_offset..q_offset+seq-1) over keys 0..q_offset+seq-1."""
+    """Causal attention of q (positions q_offset..q_offset+seq-1) over keys 0..q_offset+seq-1.
+
+    seq_lens (optional, int [batch]): sequence b has seq_lens[b] real queries (right-padded);
+    its padded query rows come back as zeros. The real rows never see a padded key anyway
+    (causality), so seq_lens changes nothing else.
+    """
     seq, keys = q.shape[2], k.shape[2]
     if keys != q_offset + seq:
         raise ValueError(f"prefill_attention: {keys} keys for {seq} queries at offset {q_offset}")
     k, v, gqa = _expand_kv(q, k, v, kv_head_of_q)
     if q_offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    # query i sees keys j <= q_offset + i
-    mask = torch.ones(seq, keys, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        # query i sees keys j <= q_offset + i
+        mask = torch.ones(seq, keys, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if seq_lens is not None:
+        # [batch, 1, seq, 1]: rows past a sequence's own length
+        live = (torch.arange(seq, device=q.device) < seq_lens.to(q.device)[:, None])[:, None, :, None]
+        out = torch.where(live, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def decode_attention(
@@ -77,3 +89,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the pre-norm block's add and the next norm in one call."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def apply_rope_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rope on q [batch, q_heads, seq, hd] and k [batch, kv_heads, seq, hd], written back in place; returns (q, k)."""
+    q.copy_(apply_rope(q, cos, sin))
+    k.copy_(apply_rope(k, cos, sin))
+    return q, k

@@ -23,25 +23,21 @@ import re
 import statistics
 import sys
 import time
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from tp_runtime import sol
+from tp_runtime import sol, units
 from tp_runtime.errors import ConfigError, TPRuntimeError
 
 # ---------------------------------------------------------------------------------------------
 # flag parsing
 
-_UNITS = {"s": "1", "ms": "1e-3", "us": "1e-6", "µs": "1e-6", "ns": "1e-9"}  # decimal: 0.1us -> 1e-07 exactly
-
-
 def parse_duration(text: str) -> float:
-    """'10us' -> 1e-05. Units s, ms, us (or µs), ns; a bare number is seconds."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|ms|us|µs|ns)?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"cannot read duration {text!r}; write e.g. 10us, 0.5ms, 100ns")
-    return float(Decimal(m.group(1)) * Decimal(_UNITS[m.group(2) or "s"]))
+    """'10us' -> 1e-05 (units.parse_duration, as an argparse type)."""
+    try:
+        return units.parse_duration(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_durations(text: str) -> list[float]:
@@ -70,14 +66,6 @@ def parse_chips(text: str) -> list[int]:
     return out
 
 
-def fmt_duration(seconds: float) -> str:
-    if seconds == 0:
-        return "0"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
-        if seconds >= scale * 0.9999 or unit == "ns":
-            v = seconds / scale
-            return f"{v:.3g}{unit}"
-    return f"{seconds:g}s"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -120,7 +108,7 @@ def run_sol(args: argparse.Namespace) -> int:
 
     print(model.summary())
     print(f"{hw.name}: {hw.mem_bandwidth_Bps / 1e12:.3g} TB/s, {hw.peak_flops / 1e12:.3g} TFLOP/s, {hw.memory_bytes / 1e9:.3g} GB  [{hw.source}]")
-    print(f"{link.name}: {link.bandwidth_Bps / 1e9:.3g} GB/s, alpha {fmt_duration(link.alpha_s)}  [{link.source}]")
+    print(f"{link.name}: {link.bandwidth_Bps / 1e9:.3g} GB/s, alpha {units.format_duration(link.alpha_s)}  [{link.source}]")
     print(f"{mode.upper()}, {args.algorithm} collectives, context {args.context}, batch {args.batch}\n")
 
     rows = []
@@ -129,10 +117,10 @@ def run_sol(args: argparse.Namespace) -> int:
         fit = [q.p for q in preds if q.fits]
         last = preds[-1]
         if b is None:
-            rows.append([fmt_duration(alpha), "-", "-", "-", "-", "-", "-", "no chip count fits", ""])
+            rows.append([units.format_duration(alpha), "-", "-", "-", "-", "-", "-", "no chip count fits", ""])
             continue
         rows.append([
-            fmt_duration(alpha), f"{b.tokens_per_s:,.0f}", str(b.p), b.bound,
+            units.format_duration(alpha), f"{b.tokens_per_s:,.0f}", str(b.p), b.bound,
             f"{b.memory_s * 1e6:,.1f}", f"{b.comm_s * 1e6:,.1f}", str(b.collectives_per_token),
             f"{fit[0]}" if fit else "-", f"{last.tokens_per_s:,.0f} @ {last.p}",
         ])
@@ -145,7 +133,7 @@ def run_sol(args: argparse.Namespace) -> int:
         srows = []
         for s in scaling:
             srows.append([
-                f"{fmt_duration(s.alpha_hi)} -> {fmt_duration(s.alpha_lo)}", f"{s.alpha_ratio:.3g}x",
+                f"{units.format_duration(s.alpha_hi)} -> {units.format_duration(s.alpha_lo)}", f"{s.alpha_ratio:.3g}x",
                 f"{s.ratio_fixed:.2f}x @ {s.p_fixed}", f"{s.comm_share_fixed:.0%} -> {s.comm_share_fixed_lo:.0%}", "yes" if s.holds(s.ratio_fixed) else "no",
                 f"{s.ratio_at_best_hi:.2f}x @ {s.p_best_hi}",
                 f"{s.ratio_reoptimised:.2f}x ({s.p_best_hi} -> {s.p_best_lo})", "yes" if s.holds(s.ratio_reoptimised) else "no",

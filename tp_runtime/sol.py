@@ -421,7 +421,8 @@ LINKS: dict[str, Link] = {
 
 MODELS: dict[str, ModelShape] = {
     # meta-llama/Meta-Llama-3-8B config.json: hidden 4096, 32 layers, 32 heads, 8 kv heads,
-    # intermediate 14336, vocab 128256, untied; bf16.
+    # intermediate 14336, vocab 128256, untied; bf16. (Llama numbers checked against public
+    # copies of the configs.)
     "llama-3-8b": ModelShape.dense(
         "Llama-3-8B", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
         source="meta-llama/Meta-Llama-3-8B config.json",
@@ -445,11 +446,13 @@ MODELS: dict[str, ModelShape] = {
     # first_k_dense_replace 1, num_attention_heads 64, q_lora_rank 1536, kv_lora_rank 512,
     # qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128, n_routed_experts 384,
     # n_shared_experts 1, num_experts_per_tok 8, vocab_size 163840, tie_word_embeddings false.
-    # Counted here: 1.027e12 params, 32.9e9 active (Moonshot states ~1T / 32B).
+    # Counted here: 1.026e12 params, 32.9e9 active (Moonshot states ~1T total / 32B active;
+    # a public parameter counter's fixture for this config expects 1026B / 33B).
     # Precision: its quantization_config is compressed-tensors INT4 weights for every Linear
     # except lm_head, self_attn.* and shared_experts.* -> routed experts 0.5 byte/param, the
-    # rest bf16 (layer 0's dense MLP is INT4 too but counted as bf16 here: +0.6 GB of ~560 GB).
-    # The INT4 group size was not confirmed, so the scales are not counted.
+    # rest bf16 (layer 0's dense MLP is INT4 too but counted as bf16 here: +0.6 GB of 531 GB).
+    # The INT4 group size was not confirmed, so the scales are not counted. (Kimi K2 itself
+    # ships FP8 weights: not this preset.) kv_heads/head_dim are unused under MLA.
     "kimi-k2.5": ModelShape(
         name="Kimi K2.5", layers=61, hidden=7168, heads=64, kv_heads=64, head_dim=192,
         intermediate=18432, vocab=163840, bytes_per_param=2.0, attention="mla",
@@ -464,7 +467,7 @@ _ALIASES = {
     "h100-sxm": "h100", "h200-sxm": "h200", "a100-80gb": "a100", "4090": "rtx4090", "rtx-4090": "rtx4090",
     "nvlink": "nvlink4", "ib": "ib-ndr", "infiniband": "ib-ndr", "pcie": "pcie4",
     "llama3-8b": "llama-3-8b", "llama3-70b": "llama-3-70b", "llama-3.1-8b": "llama-3-8b", "llama-3.1-70b": "llama-3-70b",
-    "llama3.1-405b": "llama-3.1-405b", "llama-405b": "llama-3.1-405b", "kimi-k2": "kimi-k2.5", "kimi": "kimi-k2.5",
+    "llama3.1-405b": "llama-3.1-405b", "llama-405b": "llama-3.1-405b", "kimi": "kimi-k2.5",
 }
 
 

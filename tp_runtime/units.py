@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from tp_runtime.errors import ConfigError
 
-_DURATION = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+# decimal scales, so that "0.1us" is exactly 1e-07 (sweeps use durations as keys)
+_DURATION = {"ns": Decimal("1e-9"), "us": Decimal("1e-6"), "µs": Decimal("1e-6"), "ms": Decimal("1e-3"), "s": Decimal(1)}
 # per second; bit units are divided by 8 to give bytes/s
 _BANDWIDTH = {
     "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "tbit": 1e12 / 8,
@@ -21,7 +23,7 @@ def parse_duration(text: str) -> float:
     unit = m.group(2).lower() if m else None
     if not m or (unit and unit not in _DURATION):
         raise ConfigError(f"cannot read duration {text!r}: use a number with ns, us, ms or s (e.g. 200us)")
-    return float(m.group(1)) * _DURATION.get(unit or "s")
+    return float(Decimal(m.group(1)) * _DURATION[unit or "s"])
 
 
 def parse_bandwidth(text: str) -> float:
@@ -40,8 +42,10 @@ def parse_bandwidth(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.3g}s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g}ms"
-    return f"{seconds * 1e6:.3g}us"
+    """1e-05 -> '10us', 0 -> '0'."""
+    if seconds == 0:
+        return "0"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+        if seconds >= scale * 0.9999 or unit == "ns":
+            return f"{seconds / scale:.3g}{unit}"
+    return f"{seconds:g}s"

@@ -46,8 +46,7 @@ class ParallelAttention(nn.Module):
         q = q.view(b, s, self.q_heads_local, hd).transpose(1, 2)  # [batch, q_local, seq, hd]
         k = k.view(b, s, self.kv_heads_local, hd).transpose(1, 2)  # [batch, kv_local, seq, hd]
         v = v.view(b, s, self.kv_heads_local, hd).transpose(1, 2)
-        q = kernels.apply_rope(q, cos, sin)
-        k = kernels.apply_rope(k, cos, sin)
+        q, k = kernels.apply_rope_qk_(q, k, cos, sin)  # in place, in the qkv output
         kv_map = self.kv_head_of_q if self._kv_of_q else None
         if step.prefill:
             cache.write_prefill(self.layer, k, v, step.start)

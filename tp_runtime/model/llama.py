@@ -43,9 +43,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, step: StepInfo) -> torch.Tensor:
-        h = h + self.attn(self.input_layernorm(h), cos, sin, cache, step)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, step: StepInfo):
+        """(block output, residual stream); the residual add is fused into the next norm."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.attn(x, cos, sin, cache, step), residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -75,9 +80,11 @@ class LlamaForCausalLM(nn.Module):
         # ids: [batch, seq] -> logits [n, vocab] for the rows step.logit_rows of the flattened [batch*seq]
         h = self.embed_tokens(ids)  # [batch, seq, hidden]
         cos, sin = self.rotary(step.positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, step)
-        h = h.flatten(0, 1)
-        if step.logit_rows is not None:
-            h = h.index_select(0, step.logit_rows)  # only the rows that need logits
-        return self.lm_head(self.norm(h))
+            h, residual = layer(h, residual, cos, sin, cache, step)
+        h, residual = h.flatten(0, 1), residual.flatten(0, 1)
+        if step.logit_rows is not None:  # only the rows that need logits
+            h, residual = h.index_select(0, step.logit_rows), residual.index_select(0, step.logit_rows)
+        h, _ = self.norm(h, residual)
+        return self.lm_head(h)

@@ -1,0 +1,307 @@
+"""The speed-of-light model (tp_runtime.sol) and `tp-bench sol` / `tp-bench calibrate`.
+
+The model is closed-form arithmetic, so most checks are exact (rel 1e-12: float rounding of
+the same sums in a different order); the limits are checked against their closed forms with
+the tolerance stated at each assertion.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from tp_runtime import sol
+from tp_runtime.bench_cli import main, parse_chips, parse_duration
+from tp_runtime.config import ModelConfig
+from tp_runtime.errors import ConfigError
+
+H100 = sol.HARDWARE["h100"]
+NVLINK = sol.LINKS["nvlink4"]
+L8B = sol.MODELS["llama-3-8b"]
+L70B = sol.MODELS["llama-3-70b"]
+L405B = sol.MODELS["llama-3.1-405b"]
+KIMI = sol.MODELS["kimi-k2.5"]
+EXACT = 1e-12
+IDEAL = sol.Link("ideal", 0.0, math.inf)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Presets are read from and written to a temporary cache, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------------------------------------
+# algebra
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])  # p <= kv_heads: every term splits evenly
+@pytest.mark.parametrize("context", [0, 8192])
+def test_alpha_zero_is_the_roofline(p, context):
+    q = sol.predict(L8B, H100, IDEAL, p, algorithm="ring", context_len=context)
+    mem = L8B.decode_bytes(context) / (p * H100.mem_bandwidth_Bps)
+    flops = L8B.decode_flops(context) / (p * H100.peak_flops)
+    assert q.comm_s == 0.0
+    assert q.seconds_per_token == pytest.approx(max(mem, flops), rel=EXACT)
+    assert q.tokens_per_s == pytest.approx(1.0 / max(mem, flops), rel=EXACT)
+    assert q.bound == "memory"
+    # the same with a chip so slow at arithmetic that compute bounds it
+    slow = sol.Hardware("slow", H100.mem_bandwidth_Bps, 1e9, H100.memory_bytes)
+    q = sol.predict(L8B, slow, IDEAL, p, context_len=context)
+    assert q.bound == "compute"
+    assert q.seconds_per_token == pytest.approx(L8B.decode_flops(context) / (p * 1e9), rel=EXACT)
+
+
+def test_alpha_zero_finite_link_adds_only_the_bytes_term():
+    p, link = 4, sol.Link("bw only", 0.0, 10e9)
+    q = sol.predict(L8B, H100, link, p)
+    vec = L8B.hidden * 2
+    expected = ((2 * L8B.layers + 1) * vec + L8B.vocab * 4) / 10e9  # all-reduces + float32 logits
+    assert q.comm_s == pytest.approx(expected, rel=EXACT)
+    assert q.comm_bytes_per_token == (2 * L8B.layers + 1) * vec + L8B.vocab * 4
+    assert q.seconds_per_token == pytest.approx(q.memory_s + expected, rel=EXACT)
+
+
+def test_moe_tensor_parallel_reads_active_weights_over_p():
+    # parallel="tp": every expert split over all chips; MLA's latent cache cannot split, so no KV
+    for p in (1, 8, 64):
+        q = sol.predict(KIMI, H100, IDEAL, p, parallel="tp", context_len=0)
+        assert q.memory_s == pytest.approx(KIMI.decode_bytes(0) / (p * H100.mem_bandwidth_Bps), rel=EXACT)
+    # the latent cache is read whole on every chip
+    q0, q1 = (sol.predict(KIMI, H100, IDEAL, 64, parallel="tp", context_len=c) for c in (0, 4096))
+    kv = KIMI.layers * (512 + 64) * 2 * 4096
+    assert KIMI.kv_bytes_total(4096) == kv
+    assert q1.bytes_per_chip - q0.bytes_per_chip == pytest.approx(kv, rel=EXACT)
+
+
+def test_expert_parallel_reads_the_experts_a_chip_holds():
+    e, k = KIMI.experts, KIMI.active_experts
+    one = KIMI.moe_layers * KIMI.expert_params * KIMI.expert_bpp  # one expert in every MoE layer
+    nonrouted = KIMI.nonrouted_read_bytes(1)
+    for p, experts_read in [(2, k / 2), (8, 1), (64, 1), (384, 1), (768, e / 768), (2048, e / 2048)]:
+        q = sol.predict(KIMI, H100, IDEAL, p, parallel="ep", context_len=0)
+        assert q.bytes_per_chip == pytest.approx(nonrouted / p + experts_read * one, rel=EXACT), p
+    # and never less than the even split of tp
+    for p in (2, 64, 2048):
+        ep = sol.predict(KIMI, H100, IDEAL, p, parallel="ep").bytes_per_chip
+        tp = sol.predict(KIMI, H100, IDEAL, p, parallel="tp").bytes_per_chip
+        assert ep >= tp * (1 - EXACT)
+
+
+@pytest.mark.parametrize(
+    "kind, algorithm, p, expected",
+    [
+        ("all_reduce", "ring", 1, 0), ("all_reduce", "ring", 2, 2), ("all_reduce", "ring", 8, 14),
+        ("all_reduce", "tree", 8, 6), ("all_reduce", "tree", 6, 6), ("all_reduce", "tree", 1024, 20),
+        ("all_reduce", "oneshot", 2048, 1), ("all_reduce", "oneshot", 1, 0),
+        ("all_gather", "ring", 8, 7), ("all_gather", "tree", 8, 3), ("all_gather", "oneshot", 8, 1),
+        ("all_to_all", "ring", 8, 7), ("all_to_all", "tree", 8, 3), ("all_to_all", "oneshot", 8, 1),
+    ],
+)
+def test_step_counts(kind, algorithm, p, expected):
+    assert sol.steps(kind, algorithm, p) == expected
+
+
+def test_collectives_per_step_match_the_runtime():
+    q = sol.predict(L8B, H100, NVLINK, 4, algorithm="ring")
+    got = {c.site: (c.kind, c.count) for c in q.collectives}
+    assert got == {
+        "embed": ("all_reduce", 1), "attn_out": ("all_reduce", 32), "mlp_out": ("all_reduce", 32), "lm_head": ("all_gather", 1),
+    }
+    assert q.collectives_per_token == 2 * 32 + 2
+    assert q.steps_per_token == (2 * 32 + 1) * 6 + 3  # ring at p=4: all-reduce 6 steps, all-gather 3
+    ep = sol.predict(KIMI, H100, NVLINK, 16, algorithm="oneshot")
+    assert ep.parallel == "ep"
+    got = {c.site: (c.kind, c.count) for c in ep.collectives}
+    assert got == {
+        "embed": ("all_reduce", 1), "attn_out": ("all_reduce", 61), "mlp_out": ("all_reduce", 1),
+        "moe_dispatch": ("all_to_all", 60), "moe_combine": ("all_to_all", 60), "lm_head": ("all_gather", 1),
+    }
+    assert sol.predict(L8B, H100, NVLINK, 1).collectives == ()
+
+
+@pytest.mark.parametrize("algorithm", sol.ALGORITHMS)
+def test_large_p_approaches_one_over_steps_times_alpha(algorithm):
+    alpha = 10e-6
+    link = sol.Link("latency only", alpha, math.inf)
+    shares = []
+    for p in (2**k for k in range(1, 17)):
+        q = sol.predict(L70B, H100, link, p, algorithm=algorithm)
+        assert q.comm_s == pytest.approx(q.steps_per_token * alpha, rel=EXACT)
+        shares.append(q.tokens_per_s * q.steps_per_token * alpha)  # -> 1 as comm dominates
+    assert all(a <= b + EXACT for a, b in zip(shares, shares[1:])), shares
+    assert shares[-1] == pytest.approx(1.0, abs=1e-3)  # p = 65536: memory is < 0.1% of the step
+    if algorithm == "oneshot":
+        # the issue's form: 1 / (layers x collectives per layer x alpha), + the 2 per-token ones
+        q = sol.predict(L70B, H100, link, 2**16, algorithm="oneshot")
+        assert q.steps_per_token == 2 * L70B.layers + 2
+        assert q.tokens_per_s == pytest.approx(1 / (L70B.layers * 2 * alpha), rel=0.03)  # 2/(2L+2) = 2.5%
+
+
+@pytest.mark.parametrize("algorithm", sol.ALGORITHMS)
+@pytest.mark.parametrize("model", [L8B, KIMI], ids=["dense", "moe"])
+def test_more_alpha_fewer_tokens(model, algorithm):
+    for p in (1, 2, 16, 512):
+        tps = [sol.predict(model, H100, NVLINK, p, algorithm=algorithm, alpha_s=a).tokens_per_s for a in (0, 1e-7, 1e-6, 1e-5, 1e-4)]
+        if p == 1:
+            assert len(set(tps)) == 1  # nothing to communicate
+        else:
+            assert all(a > b for a, b in zip(tps, tps[1:])), (p, tps)
+
+
+def test_capacity_405b():
+    assert L405B.weight_bytes == pytest.approx(811.7e9, rel=1e-3)  # 405.9B params x 2 bytes
+    one = sol.predict(L405B, H100, NVLINK, 1, context_len=4096)
+    assert not one.fits and one.shard_bytes > H100.memory_bytes
+    fits = [p for p in (1, 2, 4, 8, 16, 32) if sol.predict(L405B, H100, NVLINK, p, context_len=4096).fits]
+    assert fits[0] == 16 and fits == [16, 32]  # 811.7/8 = 101 GB > 80; /16 = 51 GB
+    q = sol.predict(L405B, H100, NVLINK, 16, context_len=4096)
+    assert q.shard_bytes == pytest.approx(L405B.weight_bytes / 16 + L405B.kv_bytes_total(4096) / 8, rel=EXACT)
+    assert sol.best([one]) is None and sol.best([one, q]) is q
+
+
+def test_tenfold_lower_latency_gives_tenfold_tokens_when_comm_dominates():
+    # one-shot collectives, large p, comm-dominated at both alphas: ratio within 10% of 10
+    cases = [(KIMI, 100e-6, 10e-6, dict(context_len=4096)), (L8B, 10e-6, 1e-6, dict(context_len=0))]
+    for model, hi, lo, kw in cases:
+        curves = sol.sweep(model, H100, NVLINK, [256, 2048], [hi, lo], algorithm="oneshot", **kw)
+        (row,) = sol.latency_scaling(curves)
+        assert row.p_fixed == 2048 and row.alpha_ratio == pytest.approx(10)
+        assert row.comm_share_fixed_lo > 0.85, row
+        assert row.ratio_fixed == pytest.approx(10, rel=0.10), row
+        assert row.holds(row.ratio_fixed)
+    # where memory is a large part of the step at the lower alpha, the claim fails, and the
+    # ratio is never above the latency ratio (the fixed terms do not shrink)
+    curves = sol.sweep(KIMI, H100, NVLINK, parse_chips("8..2048"), [10e-6, 1e-6, 1e-7], algorithm="tree", context_len=4096)
+    rows = sol.latency_scaling(curves)
+    assert [(r.alpha_hi, r.alpha_lo) for r in rows] == [(10e-6, 1e-6), (1e-6, 1e-7)]
+    for r in rows:
+        assert 1 < r.ratio_fixed <= r.alpha_ratio and 1 < r.ratio_reoptimised
+        assert r.p_best_lo >= r.p_best_hi  # lower latency pays for more chips
+    assert not rows[-1].holds(rows[-1].ratio_fixed)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and presets
+
+
+def test_from_config_counts_what_modelconfig_counts():
+    from tp_runtime.checkpoint.synthetic import llama_config_dict
+
+    for tied, dtype in ((False, "float32"), (True, "bfloat16")):
+        raw = llama_config_dict(hidden_size=128, num_layers=3, num_heads=8, num_kv_heads=2, intermediate_size=352,
+                                vocab_size=300, tie_word_embeddings=tied, dtype=dtype)
+        cfg = ModelConfig.from_dict(raw)
+        shape = sol.ModelShape.from_config(cfg)
+        assert shape.params_total == cfg.num_params == shape.params_active
+        assert shape.bytes_per_param == (4.0 if dtype == "float32" else 2.0)
+        assert shape.weight_bytes == cfg.num_params * shape.bytes_per_param
+
+
+def test_load_model_from_a_model_folder(tmp_path):
+    from tp_runtime.checkpoint.synthetic import llama_config_dict
+
+    raw = llama_config_dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=100)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(raw))
+    shape = sol.load_model(str(tmp_path / "tiny"))
+    assert shape.name == "tiny" and shape.params_total == ModelConfig.from_dict(raw).num_params
+
+
+def test_preset_numbers():
+    # the counts the presets are checked against (model cards: 8B, 70B, 405B; Kimi ~1T / 32B active)
+    assert L8B.params_total == pytest.approx(8.03e9, rel=0.005)
+    assert L70B.params_total == pytest.approx(70.6e9, rel=0.005)
+    assert L405B.params_total == pytest.approx(405.9e9, rel=0.005)
+    assert 1.0e12 < KIMI.params_total < 1.05e12 and 32e9 < KIMI.params_active < 34e9
+    assert KIMI.moe_layers == 60 and KIMI.kv_values_per_token == 576 and KIMI.distinct_experts(1) == 8
+    for table in (sol.HARDWARE, sol.LINKS, sol.MODELS):
+        for name, obj in table.items():
+            assert obj.source, f"preset {name} has no source"
+
+
+def test_presets_by_name_and_errors(tmp_path):
+    assert sol.load_hardware("H100") is H100 and sol.load_link("nvlink") is NVLINK and sol.load_model("kimi") is KIMI
+    with pytest.raises(ConfigError, match="unknown hardware 'tpu-v9'.*h100"):
+        sol.load_hardware("tpu-v9")
+    hw = sol.Hardware("box", 10e9, 1e11, 8e9, "test")
+    path = sol.save_preset("box", hardware=hw)
+    assert path == tmp_path / "cache" / "tp-runtime" / "presets" / "box.json"
+    assert sol.load_hardware("box") == hw
+    with pytest.raises(ConfigError, match="no 'link' section.*--alpha-us"):
+        sol.load_link("box")
+    # a saved preset wins over the built-in of the same name
+    sol.save_preset("h100", hardware=hw)
+    assert sol.load_hardware("h100") == hw
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="box.json: cannot read preset"):
+        sol.load_hardware("box")
+
+
+@pytest.mark.parametrize("bad", [dict(p=0), dict(algorithm="butterfly"), dict(parallel="pp"), dict(batch=0)])
+def test_bad_arguments(bad):
+    args = dict(p=2) | bad
+    p = args.pop("p")
+    with pytest.raises(ConfigError):
+        sol.predict(L8B, H100, NVLINK, p, **args)
+    with pytest.raises(ConfigError, match="no experts"):
+        sol.predict(L8B, H100, NVLINK, 2, parallel="ep")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_parse_flags():
+    assert parse_duration("10us") == 1e-5 and parse_duration("0.1us") == 1e-7 and parse_duration("0.1µs") == 1e-7
+    assert parse_duration("5ms") == 5e-3 and parse_duration("100ns") == 1e-7 and parse_duration("2") == 2.0
+    assert parse_chips("1..2048") == [2**i for i in range(12)]
+    assert parse_chips("3..20") == [4, 8, 16]
+    assert parse_chips("8,1,2") == [1, 2, 8]
+    for bad in ("3..3", "0,1", "a,b"):
+        with pytest.raises(Exception):
+            parse_chips(bad)
+    with pytest.raises(Exception):
+        parse_duration("10 parsecs")
+
+
+def test_cli_sol_writes_csv_and_png(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["sol", "--model", "kimi-k2.5", "--hardware", "h100", "--chips", "1,8,64,2048", "--alpha", "10us,1us,0.1us", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    with (out / "sol.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == sol.CSV_COLUMNS
+    for col in ("p", "alpha_s", "tokens_per_s", "seconds_per_token", "memory_s", "compute_s", "comm_s", "fits", "bound", "shard_bytes"):
+        assert col in reader.fieldnames
+    assert len(rows) == 4 * 3
+    assert {float(r["alpha_s"]) for r in rows} == {1e-5, 1e-6, 1e-7}
+    assert [r["fits"] for r in rows if r["p"] == "1"] == ["False"] * 3  # 531 GB on one 80 GB chip
+    png = (out / "sol.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert "Best point of each curve" in text and "re-optimised" in text and "10us -> 1us" in text
+
+
+def test_cli_calibrate_saves_a_preset_sol_loads(tmp_path, capsys):
+    rc = main(["calibrate", "--name", "testbox", "--size-mib", "32", "--matmul-n", "256", "--repeats", "2", "--alpha-us", "50", "--beta-gbps", "1.5"])
+    assert rc == 0, capsys.readouterr().err
+    hw, link = sol.load_hardware("testbox"), sol.load_link("testbox")
+    assert hw.mem_bandwidth_Bps > 1e8 and hw.peak_flops > 1e8 and hw.memory_bytes > 2**30
+    assert link.alpha_s == pytest.approx(50e-6) and link.bandwidth_Bps == pytest.approx(1.5e9)
+    saved = json.loads((tmp_path / "cache" / "tp-runtime" / "presets" / "testbox.json").read_text())
+    assert saved["measured"]["matmul_n"] == 256
+    rc = main(["sol", "--model", "llama-3-8b", "--hardware", "testbox", "--link", "testbox", "--chips", "1,2", "--algorithm", "ring"])
+    assert rc == 0 and "Best point" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["sol", "--hardware", "tpu-v9", "--chips", "1,2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tp-bench: error: unknown hardware 'tpu-v9'") and "Traceback" not in err
+    assert main(["calibrate", "--alpha-us", "5"]) == 1
+    assert "both --alpha-us and --beta-gbps" in capsys.readouterr().err
