@@ -144,3 +144,15 @@ def test_killed_worker_ends_job_naming_it_and_others_serve_again(small_model, wo
         time.sleep(0.1)
     r = _generate(small_model, "--workers", w1.addr)
     assert r.returncode == 0, r.stderr
+
+
+def test_open_listen_without_secret_warns_and_keygen_writes_private_file(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TP_RUNTIME_SECRET"}
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "tp_runtime.launch.worker", "--listen", f"tcp://0.0.0.0:{port}", "--max-jobs", "0"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "without a secret" in r.stderr
+    key = tmp_path / "secret"
+    r = subprocess.run([sys.executable, "-m", "tp_runtime.launch.worker", "--keygen", str(key)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and len(bytes.fromhex(key.read_text().strip())) == 32
+    assert key.stat().st_mode & 0o777 == 0o600
