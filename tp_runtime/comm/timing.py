@@ -197,10 +197,11 @@ class LatencyInjector:
     @staticmethod
     def wait(seconds: float) -> None:
         end = time.perf_counter() + seconds
-        if seconds > 3e-4:
-            # asleep for the bulk (leaving the core to a co-located rank), the last 150 us spun:
-            # sleep overshoots by ~60 us on Linux
-            time.sleep(seconds - 1.5e-4)
+        if seconds > 2e-3:
+            # asleep for the bulk (leaving the core to a co-located rank), the last millisecond
+            # spun: a wake-up can come late by ~0.1-1 ms on a busy machine, and a late rank
+            # delays every peer at the next collective
+            time.sleep(seconds - 1e-3)
         while time.perf_counter() < end:
             pass
 
