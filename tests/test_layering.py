@@ -46,6 +46,7 @@ LAYER_OF_COMPONENT = {
     "cli": "cli",
     "server": "cli",
     "bench_cli": "cli",
+    "bench_sweep": "cli",
     "errors": "errors",
     "units": "errors",  # a leaf like errors: flag-value parsing, imports only errors
     "kernels": "kernels",

@@ -231,6 +231,8 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--alpha-us", type=float, default=None, help="link latency per collective step, microseconds (until the transport is measured)")
     p.add_argument("--beta-gbps", type=float, default=None, help="link bandwidth, GB/s (until the transport is measured)")
+    p.add_argument("--ranks", default=None, help="also measure p local ranks (e.g. 1,2,3,4): per-rank bandwidth, the transport's alpha/beta, host overhead; saved as this-cpu-TRANSPORT for the sweep")
+    p.add_argument("--transport", choices=("gloo", "zmq"), default="gloo", help="transport measured with --ranks")
 
 
 def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
@@ -278,6 +280,13 @@ def _memory_capacity(device: str) -> float:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    if args.ranks:
+        from tp_runtime.bench_sweep import calibrate_local
+
+        ranks = sorted({int(r) for r in args.ranks.split(",") if r.strip()})
+        path = calibrate_local(args.transport, ranks, repeats=args.repeats)  # generic width; the sweep calibrates its model's
+        print(f"saved local-ranks calibration to {path}")
+        return 0
     if (args.alpha_us is None) != (args.beta_gbps is None):
         raise ConfigError("give both --alpha-us and --beta-gbps for the link, or neither")
     if args.size_mib < 1 or args.matmul_n < 1 or args.repeats < 1:
@@ -317,13 +326,25 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_lazy(p: argparse.ArgumentParser) -> None:
+    from tp_runtime.bench_sweep import _add_sweep
+
+    _add_sweep(p)
+
+
+def _run_sweep_lazy(args: argparse.Namespace) -> int:
+    from tp_runtime.bench_sweep import run_sweep
+
+    return run_sweep(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # entry point
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "sol": ("speed-of-light tokens/s vs chips and link latency (CSV + PNG + tables)", _add_sol, run_sol),
     "calibrate": ("measure this machine's memory bandwidth and matmul rate; save as a preset", _add_calibrate, run_calibrate),
-    # "sweep": measured tokens/s vs tp and injected latency, with sol's prediction lines (to come)
+    "sweep": ("measured decode tokens/s vs tp and injected latency, beside the model's prediction", _add_sweep_lazy, _run_sweep_lazy),
 }
 
 

@@ -34,11 +34,14 @@ log = logging.getLogger("tp_runtime.zmq")
 DEFAULT_RING_THRESHOLD = 256 << 10
 
 
-def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1") -> tuple[zmq.Socket, int]:
-    """A PULL socket on a free port of `host` (0.0.0.0 for every interface); returns (socket, port)."""
+def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = None) -> tuple[zmq.Socket, int]:
+    """A PULL socket on `port` (default: a free one) of `host` (0.0.0.0: every interface); returns (socket, port)."""
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port(f"tcp://{host}")
+    if port is None:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    else:
+        sock.bind(f"tcp://{host}:{port}")
     return sock, port
 
 
