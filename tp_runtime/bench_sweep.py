@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,10 +54,22 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The checkout's HEAD commit, read from .git (no git process), or "unknown"."""
+    for root in Path(__file__).resolve().parents:
+        git = root / ".git"
+        if (git / "HEAD").is_file():
+            head = (git / "HEAD").read_text().strip()
+            if not head.startswith("ref: "):
+                return head[:10]
+            ref = head[5:]
+            if (git / ref).is_file():
+                return (git / ref).read_text().strip()[:10]
+            packed = git / "packed-refs"
+            for line in packed.read_text().splitlines() if packed.is_file() else []:
+                if line.endswith(" " + ref):
+                    return line[:10]
+            return "unknown"
+    return "unknown"
 
 
 def cache_root() -> Path:
@@ -88,14 +99,9 @@ def _communicator(spec: dict[str, Any], parallel):
 
     if spec["transport"] != "zmq" or parallel.world_size == 1:
         return create(parallel, torch.device("cpu"), CommConfig())
-    import zmq
+    from tp_runtime.comm.zmq_transport import ZmqCommunicator
 
-    from tp_runtime.comm.zmq_transport import ZmqCommunicator, bind_inbox
-
-    ctx = zmq.Context()
-    inbox, _ = bind_inbox(ctx, "127.0.0.1", port=spec["ports"][parallel.rank])
-    peers = [f"tcp://127.0.0.1:{p}" for p in spec["ports"]]
-    return wrap(ZmqCommunicator(ctx, parallel.rank, peers, inbox), CommConfig(), torch.device("cpu"))
+    return wrap(ZmqCommunicator.on_loopback(parallel.rank, spec["ports"]), CommConfig(), torch.device("cpu"))
 
 
 def _set_latency(comm, seconds: float) -> None:

@@ -114,6 +114,15 @@ class ZmqCommunicator:
         self.poller = zmq.Poller()
         self.poller.register(inbox, zmq.POLLIN)
 
+    @classmethod
+    def on_loopback(cls, rank: int, ports: list[int], **kw: Any) -> ZmqCommunicator:
+        """Rank `rank` of local ranks whose inboxes are 127.0.0.1:ports[r] (benchmarks, tests)."""
+        ctx = zmq.Context()
+        inbox, _ = bind_inbox(ctx, "127.0.0.1", port=ports[rank])
+        comm = cls(ctx, rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox, **kw)
+        comm.owned_context = ctx
+        return comm
+
     # -- point to point --
     def _send(self, dst: int, seq: int, step: int = 0, tensor: torch.Tensor | None = None, obj: Any = None) -> None:
         kind = Kind.TENSOR if tensor is not None else Kind.OBJECT
@@ -233,3 +242,5 @@ class ZmqCommunicator:
         for s in self.outbox.values():
             s.close(0)
         self.inbox.close(0)
+        if getattr(self, "owned_context", None) is not None:
+            self.owned_context.term()
