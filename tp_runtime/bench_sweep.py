@@ -300,7 +300,9 @@ def predict_local(shape: sol.ModelShape, calib: dict[str, Any], p: int, latency_
 def _add_sweep(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face model folder")
-    src.add_argument("--dummy", choices=sorted(DUMMY_SHAPES), help="a random model of a named shape")
+    src.add_argument("--dummy", choices=sorted(DUMMY_SHAPES) + ["custom"], help="a random model of a named shape, or 'custom' with the shape flags below")
+    for flag, default in (("hidden", 512), ("layers", 8), ("heads", 8), ("kv-heads", 4), ("intermediate", 1408), ("vocab", 32000)):
+        p.add_argument(f"--{flag}", type=int, default=default, help=f"--dummy custom: {flag.replace('-', ' ')} (default {default})")
     p.add_argument("--tp", default="1,2", help="comma list (default 1,2)")
     p.add_argument("--latency", default="0,50us,200us,1ms,5ms", help="injected latencies, comma list")
     p.add_argument("--transport", choices=("gloo", "zmq"), default="gloo")
@@ -317,7 +319,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     lats = [units.parse_duration(t) for t in args.latency.split(",") if t.strip()]
     if not tps or not lats or min(tps) < 1:
         raise ConfigError("--tp and --latency need at least one value each (tp >= 1)")
-    model_dir = Path(args.model) if args.model else dummy_checkpoint(DUMMY_SHAPES[args.dummy], args.dummy)
+    if args.dummy == "custom":
+        shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab)
+        args.dummy = "h{hidden_size}-l{num_layers}-a{num_heads}x{num_kv_heads}-i{intermediate_size}-v{vocab_size}".format(**shape)
+        model_dir = dummy_checkpoint(shape, args.dummy)
+    else:
+        model_dir = Path(args.model) if args.model else dummy_checkpoint(DUMMY_SHAPES[args.dummy], args.dummy)
     cfg = ModelConfig.from_model_dir(model_dir)
     shape = sol.ModelShape.from_config(cfg, bytes_per_param=DTYPE_BYTES[args.dtype], name=args.dummy or model_dir.name)
     width = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
