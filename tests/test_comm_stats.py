@@ -78,3 +78,13 @@ def test_comm_stats_table_printed(small_model):
     assert r.returncode == 0, r.stderr
     for needle in ("all_reduce", "layer.*.attn_out", "layer.*.mlp_out", "embed", "all_gather", "lm_head", "p99 us", "of decode", "per token: 6.0 collectives"):
         assert needle in r.stdout, needle
+
+
+def test_shared_memory_transport_is_the_local_default_and_matches_gloo(small_model):
+    base = ["generate", "--model", str(small_model), "--prompt-ids", "1,9,4,2", "--max-new-tokens", "16", "--ignore-eos", "--json", "--quiet", "--threads", "1"]
+    for tp in (2, 3):
+        auto = last_json(run_cli([*base, "--tp", str(tp)]).stdout)
+        gloo = last_json(run_cli([*base, "--tp", str(tp), "--transport", "gloo"]).stdout)
+        assert auto["transport"] == "shm" and gloo["transport"] == "gloo"
+        assert auto["output_ids"] == gloo["output_ids"]
+        assert auto["comm"]["collectives_per_token"] == gloo["comm"]["collectives_per_token"]

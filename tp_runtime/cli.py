@@ -85,6 +85,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / local ranks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no streamed text")
+    p.add_argument("--transport", choices=("auto", "shm", "gloo", "nccl"), default="auto", help="how local ranks talk (auto: nccl on GPU, shm when all ranks share this host, else gloo)")
     p.add_argument("--comm-stats", action="store_true", help="print a table of every collective (count per token, bytes, p50/p90/p99, share of decode)")
     p.add_argument("--comm-trace", default=None, metavar="FILE", help="write every collective and decode step as a Chrome trace (rank r > 0 writes FILE with .rank<r> before the suffix)")
     p.add_argument("--inject-latency", type=_duration, default=0.0, metavar="T", help="add T (e.g. 200us, 1ms) to every collective, to emulate a slower link")
@@ -104,7 +105,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         show_progress=not args.quiet,
         fail_rank=args.debug_fail_rank,
         fail_step=args.debug_fail_step,
-        comm=CommConfig(inject_latency_s=args.inject_latency, inject_bandwidth_Bps=args.inject_bandwidth, trace=bool(args.comm_trace)),
+        comm=CommConfig(transport=args.transport, inject_latency_s=args.inject_latency, inject_bandwidth_Bps=args.inject_bandwidth, trace=bool(args.comm_trace)),
     )
 
 

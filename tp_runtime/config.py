@@ -213,14 +213,14 @@ class ParallelConfig:
             raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
 
 
-TRANSPORTS = ("auto", "gloo", "nccl")
+TRANSPORTS = ("auto", "shm", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
 class CommConfig:
     """How ranks talk: transport, collective timeout, latency injection, tracing."""
 
-    transport: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    transport: str = "auto"  # auto: nccl on CUDA; on CPU shm when every rank is on this host, else gloo
     timeout_s: float = 120.0  # a vanished peer must not hang the others for torch's default 10-30 min
     inject_latency_s: float = 0.0
     inject_bandwidth_Bps: float | None = None

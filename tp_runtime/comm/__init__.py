@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import replace
+
 from tp_runtime.comm.local import LocalCommunicator
+from tp_runtime.comm.shm import ShmCommunicator
 from tp_runtime.comm.timing import TimedCommunicator, wrap
 from tp_runtime.comm.torch_dist import TorchDistCommunicator
 from tp_runtime.config import CommConfig, ParallelConfig
+from tp_runtime.errors import ConfigError
 
-__all__ = ["LocalCommunicator", "TimedCommunicator", "TorchDistCommunicator", "create"]
+__all__ = ["LocalCommunicator", "ShmCommunicator", "TimedCommunicator", "TorchDistCommunicator", "create", "pick_transport"]
+
+
+def pick_transport(parallel: ParallelConfig, device: torch.device, comm_cfg: CommConfig) -> str:
+    if comm_cfg.transport != "auto":
+        return comm_cfg.transport
+    if device.type == "cuda":
+        return "nccl"
+    return "shm" if parallel.local_world_size == parallel.world_size else "gloo"
 
 
 def create(parallel: ParallelConfig, device: torch.device, comm_cfg: CommConfig = CommConfig()):
     """The communicator for this process, timed; world 1 needs no transport at all."""
     if parallel.world_size == 1:
         return LocalCommunicator(trace=comm_cfg.trace)
-    return wrap(TorchDistCommunicator.init(parallel, device, comm_cfg), comm_cfg, device)
+    transport = pick_transport(parallel, device, comm_cfg)
+    if transport == "shm":
+        if device.type != "cpu":
+            raise ConfigError(f"--transport shm moves CPU tensors; this rank runs on {device}")
+        if parallel.local_world_size != parallel.world_size:
+            raise ConfigError(f"--transport shm needs every rank on this host ({parallel.local_world_size} of {parallel.world_size} are local)")
+        inner = ShmCommunicator(TorchDistCommunicator.init(parallel, device, replace(comm_cfg, transport="gloo")))
+    else:
+        inner = TorchDistCommunicator.init(parallel, device, comm_cfg)
+    return wrap(inner, comm_cfg, device)
