@@ -131,3 +131,8 @@ def apply_rope_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     if _use_triton(q):
         return _triton_mods["norm_rope"].apply_rope_qk_(q, k, cos, sin)
     return reference.apply_rope_qk_(q, k, cos, sin)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8 linear (per-output-channel scales); see reference.int8_linear."""
+    return reference.int8_linear(x, qweight, scales)

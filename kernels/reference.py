@@ -102,3 +102,19 @@ def apply_rope_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     q.copy_(apply_rope(q, cos, sin))
     k.copy_(apply_rope(k, cos, sin))
     return q, k
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x @ (qweight * scales[:, None])^T: weight-only int8 with one scale per output channel.
+
+    x [..., in] (float32/bfloat16/float16); qweight int8 [out, in]; scales [out] in x's dtype.
+    On CPU this is aten's int8 weight-pack GEMM (it reads the int8 weight as is); elsewhere the
+    weight is dequantised first (correct, not fast: the reference).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), qweight, scales)
+    else:
+        y = F.linear(x2, qweight.to(x.dtype)) * scales
+    return y.reshape(*lead, qweight.shape[0])

@@ -241,6 +241,7 @@ class RuntimeConfig:
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is present, else cpu
     num_threads: int | None = None
     show_progress: bool = True
+    quantize: str | None = None  # "int8": weight-only int8 linears, quantised per shard at load
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None
@@ -249,6 +250,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"quantize {self.quantize!r} is not supported; the choice is int8 (weight-only)")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
 
