@@ -50,6 +50,26 @@ def _die_with_parent() -> None:
         pass  # not Linux: the launcher's own cleanup still applies
 
 
+def core_sets(nprocs: int, threads: int) -> list[set[int]] | None:
+    """Disjoint cores for each rank when they fit (a rank's threads stay on its own cores and
+    its memory traffic is not interleaved with a peer's); None when ranks must share cores."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if nprocs * threads > len(cores):
+        return None
+    return [set(cores[r * threads : (r + 1) * threads]) for r in range(nprocs)]
+
+
+def _child_setup(cpus: set[int] | None):
+    def setup() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 def record_failure(rank: int, exc: BaseException) -> None:
     """Called by a rank on its way out: leave the cause where the launcher will look."""
     path = os.environ.get(ERROR_FILE_ENV)
@@ -140,6 +160,7 @@ def spawn(
     """
     program = program or [sys.executable, "-m", "tp_runtime"]
     threads = threads or threads_per_rank(nprocs)
+    pinned = core_sets(nprocs, threads)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="tp-run-") as tmp:
         workdir = Path(tmp)
@@ -162,7 +183,7 @@ def spawn(
                 env.pop("TORCHELASTIC_RUN_ID", None)
                 if rank == 0:
                     env[RESULT_FILE_ENV] = str(workdir / "result.json")
-                procs.append(subprocess.Popen([*program, *argv], env=env, preexec_fn=_die_with_parent))
+                procs.append(subprocess.Popen([*program, *argv], env=env, preexec_fn=_child_setup(pinned[rank] if pinned else None)))
             while True:
                 codes = [p.poll() for p in procs]
                 failed = {r: c for r, c in enumerate(codes) if c not in (None, 0)}

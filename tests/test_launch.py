@@ -122,3 +122,30 @@ def test_two_torchrun_nodes_on_loopback_match_single_rank(small_model):
     assert two["tp"] == 2
     one = last_json(run_cli(["generate", "--model", str(small_model), "--prompt", "Tensor parallel", "--max-new-tokens", "12", "--ignore-eos", "--json", "--quiet"]).stdout)
     assert two["output_ids"] == one["output_ids"] and len(one["output_ids"]) == 12
+
+
+def test_ranks_get_disjoint_cores_when_they_fit(monkeypatch):
+    from tp_runtime.launch import spawn as sp
+
+    monkeypatch.setattr(sp.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert sp.core_sets(2, 2) == [{0, 1}, {2, 3}]
+    assert sp.core_sets(4, 1) == [{0}, {1}, {2}, {3}]
+    assert sp.core_sets(3, 2) is None  # 6 threads on 4 cores: let the OS share them
+
+
+def test_spawned_ranks_are_pinned(small_model):
+    """Two ranks with one thread each on a machine with >= 2 cores run on different cores."""
+    marker = uuid.uuid4().hex
+    p = _start(["generate", "--model", str(small_model), "--tp", "2", "--threads", "1", *LONG_RUN], marker)
+    try:
+        allowed = []
+        for rank in (0, 1):
+            pid = _rank_pid(marker, rank)
+            status = Path(f"/proc/{pid}/status").read_text()
+            allowed.append(next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list")))
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert allowed[0] != allowed[1] and "," not in allowed[0] and "-" not in allowed[0], allowed
+    finally:
+        p.kill()
+        p.communicate(timeout=30)
+        assert _wait_gone(marker) == []
