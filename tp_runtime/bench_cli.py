@@ -232,7 +232,7 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-us", type=float, default=None, help="link latency per collective step, microseconds (until the transport is measured)")
     p.add_argument("--beta-gbps", type=float, default=None, help="link bandwidth, GB/s (until the transport is measured)")
     p.add_argument("--ranks", default=None, help="also measure p local ranks (e.g. 1,2,3,4): per-rank bandwidth, the transport's alpha/beta, host overhead; saved as this-cpu-TRANSPORT for the sweep")
-    p.add_argument("--transport", choices=("gloo", "zmq"), default="gloo", help="transport measured with --ranks")
+    p.add_argument("--transport", choices=("shm", "gloo", "zmq"), default="shm", help="transport measured with --ranks")
 
 
 def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:

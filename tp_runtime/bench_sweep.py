@@ -45,11 +45,12 @@ DUMMY_SHAPES = {
     # TinyLlama-1.1B's shape
     "tinyllama": dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632, vocab_size=32000),
 }
-# host cost: two models of the swept model's width that differ only in depth (1 and 3 layers,
-# a tiny vocabulary); their decode steps, less their collectives and less the speed-of-light
-# time of reading their weights, give the host cost per layer and per step
+# host cost: two models of the swept model's width and vocabulary that differ only in depth
+# (1 and 3 layers); their decode steps, less what the speed-of-light model charges for them
+# (weight reads, collectives at the calibrated alpha/beta), give the host cost per layer and
+# per step. Only the depth is extrapolated; the latency dependence is pure prediction.
 CALIBRATION_DEPTHS = (1, 3)
-GENERIC_WIDTH = dict(hidden_size=256, num_heads=8, num_kv_heads=4, intermediate_size=704)
+GENERIC_WIDTH = dict(hidden_size=256, num_heads=8, num_kv_heads=4, intermediate_size=704, vocab_size=8000)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -98,17 +99,17 @@ def _communicator(spec: dict[str, Any], parallel):
     from tp_runtime.comm.timing import wrap
 
     if spec["transport"] != "zmq" or parallel.world_size == 1:
-        return create(parallel, torch.device("cpu"), CommConfig())
+        return create(parallel, torch.device("cpu"), CommConfig(transport=spec["transport"]))
     from tp_runtime.comm.zmq_transport import ZmqCommunicator
 
     return wrap(ZmqCommunicator.on_loopback(parallel.rank, spec["ports"]), CommConfig(), torch.device("cpu"))
 
 
-def _set_latency(comm, seconds: float) -> None:
+def _set_latency(comm, seconds: float, world_size: int) -> None:
     from tp_runtime.comm.timing import LatencyInjector
 
     if hasattr(comm, "injector"):
-        comm.injector = LatencyInjector(seconds, None) if seconds > 0 else None
+        comm.injector = LatencyInjector(seconds, None, spin=world_size <= (os.cpu_count() or 1)) if seconds > 0 else None
 
 
 def _sweep_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def _sweep_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
     points = []
     bar = _bar(len(spec["latencies"]) * spec["repeats"], f"tp={parallel.world_size}") if parallel.rank == 0 else None
     for lat in spec["latencies"]:
-        _set_latency(comm, lat)
+        _set_latency(comm, lat, parallel.world_size)
         runs = []
         for _ in range(spec["repeats"]):
             list(llm.generate([prompt], params))
@@ -185,7 +186,8 @@ def _calibrate_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
         big = latency(1 << 18, 30)  # 1 MiB
         out["alpha_s"] = small
         out["beta_Bps"] = (1 << 20) / max(big - small, 1e-9)
-    # host cost: decode steps of the two calibration models, less their collectives
+    # host cost: whole decode steps of the two calibration models (collectives included: with
+    # more ranks than cores, waiting in a collective is where time-sharing shows up)
     runtime = RuntimeConfig(dtype=spec["dtype"], max_seq_len=64, max_batch_size=1, show_progress=False)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     host = {}
@@ -195,12 +197,11 @@ def _calibrate_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
         for _ in range(5):
             list(llm.generate([[1, 2, 3, 4]], params))
             st = llm.engine.last_stats
-            c = comm.stats.summary(st.decode_seconds, st.decode_steps)
-            samples.append(st.decode_seconds / st.decode_steps - c["comm_s_per_token"])
+            samples.append(st.decode_seconds / st.decode_steps)
         host[int(layers)] = statistics.median(samples)
         llm.close()
     (l0, t0), (l1, t1) = sorted(host.items())
-    out["step_s_per_layer"] = (t1 - t0) / (l1 - l0)  # host + weight reads of one layer
+    out["step_s_per_layer"] = (t1 - t0) / (l1 - l0)  # host + weight reads + collectives of one layer
     out["step_s_fixed"] = t0 - l0 * out["step_s_per_layer"]
     comm.close()
     return out
@@ -238,13 +239,17 @@ def _spawn(spec: dict[str, Any], tp: int) -> dict[str, Any]:
     return spawn([json.dumps(spec)], tp, threads=threads_per_rank(tp), program=[sys.executable, "-m", "tp_runtime.bench_sweep"])
 
 
+def _width_tag(width: dict[str, int]) -> str:
+    return f"h{width['hidden_size']}-i{width['intermediate_size']}-a{width['num_heads']}x{width['num_kv_heads']}-v{width['vocab_size']}"
+
+
 def calibration_name(transport: str, width: dict[str, int], dtype: str) -> str:
-    return f"this-cpu-{transport}-h{width['hidden_size']}-i{width['intermediate_size']}-a{width['num_heads']}x{width['num_kv_heads']}-{dtype}"
+    return f"this-cpu-{transport}-{_width_tag(width)}-{dtype}"
 
 
 def _calibration_shape(width: dict[str, int], layers: int, dtype: str) -> sol.ModelShape:
     return sol.ModelShape.dense("calibration", layers=layers, hidden=width["hidden_size"], heads=width["num_heads"], kv_heads=width["num_kv_heads"],
-                                intermediate=width["intermediate_size"], vocab=256, bytes_per_param=DTYPE_BYTES[dtype])
+                                intermediate=width["intermediate_size"], vocab=width["vocab_size"], bytes_per_param=DTYPE_BYTES[dtype])
 
 
 def calibrate_local(transport: str, ranks: list[int], width: dict[str, int] = GENERIC_WIDTH, dtype: str = "float32", repeats: int = 7) -> Path:
@@ -252,20 +257,19 @@ def calibrate_local(transport: str, ranks: list[int], width: dict[str, int] = GE
     name = calibration_name(transport, width, dtype)
     models = {}
     for layers in CALIBRATION_DEPTHS:
-        tag = f"calibration-h{width['hidden_size']}-i{width['intermediate_size']}-a{width['num_heads']}x{width['num_kv_heads']}-{layers}l"
-        models[layers] = str(dummy_checkpoint(dict(width, num_layers=layers, vocab_size=256), tag))
+        models[layers] = str(dummy_checkpoint(dict(width, num_layers=layers), f"calibration-{_width_tag(width)}-{layers}l"))
     table = {}
     for p in ranks:
         print(f"calibrating {p} local rank(s) over {transport} ...", file=sys.stderr, flush=True)
         spec = {"mode": "calibrate", "transport": transport, "hidden": width["hidden_size"], "repeats": repeats, "gemv_bytes": 256 << 20,
                 "calibration_models": models, "dtype": dtype}
         row = _spawn(spec, p)
-        # what the speed-of-light model already charges (reading the weights) is not host cost
-        bw = row["mem_bandwidth_Bps"]
-        layer_bytes = (_calibration_shape(width, 3, dtype).decode_bytes() - _calibration_shape(width, 1, dtype).decode_bytes()) / 2 / p
-        fixed_bytes = _calibration_shape(width, 1, dtype).decode_bytes() / p - layer_bytes
-        row["overhead_s_per_layer"] = max(row["step_s_per_layer"] - layer_bytes / bw, 0.0)
-        row["overhead_s_per_step"] = max(row["step_s_fixed"] - fixed_bytes / bw, 0.0)
+        row["overhead_s_per_layer"] = row["overhead_s_per_step"] = 0.0
+        # what the speed-of-light model already charges (weight reads, collectives) is not host cost
+        one, three = (predict_local(_calibration_shape(width, n, dtype), {str(p): row}, p, 0.0, 40, DTYPE_BYTES[dtype]) for n in (1, 3))
+        sol_per_layer = (three.seconds_per_token - one.seconds_per_token) / 2
+        row["overhead_s_per_layer"] = max(row["step_s_per_layer"] - sol_per_layer, 0.0)
+        row["overhead_s_per_step"] = max(row["step_s_fixed"] - (one.seconds_per_token - sol_per_layer), 0.0)
         table[str(p)] = row
     one = table[str(min(ranks))]
     hw = sol.Hardware(name, one["mem_bandwidth_Bps"], 1e11, float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
@@ -305,7 +309,7 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{flag}", type=int, default=default, help=f"--dummy custom: {flag.replace('-', ' ')} (default {default})")
     p.add_argument("--tp", default="1,2", help="comma list (default 1,2)")
     p.add_argument("--latency", default="0,50us,200us,1ms,5ms", help="injected latencies, comma list")
-    p.add_argument("--transport", choices=("gloo", "zmq"), default="gloo")
+    p.add_argument("--transport", choices=("shm", "gloo", "zmq"), default="shm", help="how the local ranks talk (default shm, the runtime's choice for one host)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -327,7 +331,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         model_dir = Path(args.model) if args.model else dummy_checkpoint(DUMMY_SHAPES[args.dummy], args.dummy)
     cfg = ModelConfig.from_model_dir(model_dir)
     shape = sol.ModelShape.from_config(cfg, bytes_per_param=DTYPE_BYTES[args.dtype], name=args.dummy or model_dir.name)
-    width = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+    width = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, vocab_size=cfg.vocab_size)
     name = calibration_name(args.transport, width, args.dtype)
     calib = None if args.recalibrate else load_local_calibration(name)
     if calib is None or any(str(t) not in calib for t in tps):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import os
 from dataclasses import replace
 
 from tp_runtime.comm.local import LocalCommunicator
@@ -37,4 +38,4 @@ def create(parallel: ParallelConfig, device: torch.device, comm_cfg: CommConfig 
         inner = ShmCommunicator(TorchDistCommunicator.init(parallel, device, replace(comm_cfg, transport="gloo")))
     else:
         inner = TorchDistCommunicator.init(parallel, device, comm_cfg)
-    return wrap(inner, comm_cfg, device)
+    return wrap(inner, comm_cfg, device, oversubscribed=device.type == "cpu" and parallel.local_world_size > (os.cpu_count() or 1))

@@ -188,15 +188,19 @@ def format_table(summary: dict[str, Any], collapse_layers: bool = True) -> str:
 
 
 class LatencyInjector:
-    def __init__(self, latency_s: float, bandwidth_Bps: float | None) -> None:
-        self.latency_s, self.bandwidth_Bps = latency_s, bandwidth_Bps
+    def __init__(self, latency_s: float, bandwidth_Bps: float | None, spin: bool = True) -> None:
+        """spin=False when ranks outnumber cores: a spinning rank would hold the core a peer
+        needs to compute, stretching the emulated link far beyond its latency."""
+        self.latency_s, self.bandwidth_Bps, self.spin = latency_s, bandwidth_Bps, spin
 
     def delay_for(self, nbytes: int) -> float:
         return self.latency_s + (nbytes / self.bandwidth_Bps if self.bandwidth_Bps else 0.0)
 
-    @staticmethod
-    def wait(seconds: float) -> None:
+    def wait(self, seconds: float) -> None:
         end = time.perf_counter() + seconds
+        if not self.spin:
+            time.sleep(seconds)
+            return
         if seconds > 2e-3:
             # asleep for the bulk (leaving the core to a co-located rank), the last millisecond
             # spun: a wake-up can come late by ~0.1-1 ms on a busy machine, and a late rank
@@ -235,7 +239,7 @@ class TimedCommunicator:
         d = self.injector.delay_for(nbytes)
         if self.cuda:
             torch.cuda.synchronize()  # an emulated link delays the data, so the data must exist first
-        LatencyInjector.wait(d)
+        self.injector.wait(d)
         return d
 
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
@@ -258,8 +262,9 @@ class TimedCommunicator:
         self.inner.close()
 
 
-def wrap(inner: Any, comm_cfg: CommConfig, device: torch.device) -> TimedCommunicator:
+def wrap(inner: Any, comm_cfg: CommConfig, device: torch.device, oversubscribed: bool = False) -> TimedCommunicator:
+    """oversubscribed: more local ranks than cores (injected delays then sleep instead of spin)."""
     injector = None
     if comm_cfg.inject_latency_s or comm_cfg.inject_bandwidth_Bps:
-        injector = LatencyInjector(comm_cfg.inject_latency_s, comm_cfg.inject_bandwidth_Bps)
+        injector = LatencyInjector(comm_cfg.inject_latency_s, comm_cfg.inject_bandwidth_Bps, spin=not oversubscribed)
     return TimedCommunicator(inner, CommStats(trace=comm_cfg.trace), injector, cuda=device.type == "cuda")
