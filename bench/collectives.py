@@ -109,8 +109,8 @@ def build_plan(transport: str, ranks: int, quick: bool) -> list[dict[str, Any]]:
     for op in ("all_reduce", "all_gather"):
         sizes = sorted(set(base) | (set(crossover_sizes(quick)) if transport == "zmq" and op == "all_reduce" else set()))
         for nbytes in sizes:
-            if transport == "gloo":
-                variants = ["gloo"]
+            if transport in ("gloo", "shm"):
+                variants = [transport]
             elif op == "all_gather":
                 variants = ["zmq"]
             else:
@@ -175,11 +175,14 @@ def rank_worker(args: argparse.Namespace) -> None:
     par = parallel_from_env()
     try:
         plan = json.loads(Path(args.plan).read_text())
-        if args.transport == "gloo":
+        if args.transport in ("gloo", "shm"):
+            from tp_runtime.comm.shm import ShmCommunicator
             from tp_runtime.comm.torch_dist import TorchDistCommunicator
             from tp_runtime.config import CommConfig
 
             comm = TorchDistCommunicator.init(par, torch.device("cpu"), CommConfig(transport="gloo"))
+            if args.transport == "shm":  # the runtime's default between ranks of one host
+                comm = ShmCommunicator(comm)
             ctx = None
         else:
             import zmq
@@ -192,7 +195,7 @@ def rank_worker(args: argparse.Namespace) -> None:
             inbox.setsockopt(zmq.LINGER, 0)
             inbox.bind(f"tcp://127.0.0.1:{ports[par.rank]}")
             comm = ZmqCommunicator(ctx, par.rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox)
-        thresholds = {"zmq-direct": 1 << 62, "zmq-ring": 0, "zmq": 1 << 62, "gloo": None}
+        thresholds = {"zmq-direct": 1 << 62, "zmq-ring": 0, "zmq": 1 << 62, "gloo": None, "shm": None}
         blocks = 8  # interleave the variants of one size in this many blocks
 
         def run(op: str, t: torch.Tensor, n: int, out: list[float] | None) -> None:
@@ -370,7 +373,8 @@ def timing_overhead(quick: bool) -> dict[str, float]:
 
 
 def floor_socket(transport: str) -> str:
-    return "tcp" if transport == "gloo" else "zmq"
+    """shm has no socket: the TCP round trip is shown as what it saves."""
+    return "zmq" if transport == "zmq" else "tcp"
 
 
 def crossover(rows: list[dict[str, Any]], ranks: int) -> dict[str, Any]:
@@ -440,7 +444,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['transport']:<11} {r['ranks']:>5} {r['op']:<10} {fmt_bytes(r['bytes']):>9} {r['p50_us']:9.1f} {r['p10_us']:9.1f} {r['p90_us']:9.1f} {floor} {ratio}")
 
 
-COLORS = {"gloo": "tab:blue", "zmq-direct": "tab:orange", "zmq": "tab:orange", "zmq-ring": "tab:green"}
+COLORS = {"shm": "tab:red", "gloo": "tab:blue", "zmq-direct": "tab:orange", "zmq": "tab:orange", "zmq-ring": "tab:green"}
 FLOOR_COLORS = {"tcp": "tab:blue", "zmq": "tab:orange"}
 
 
@@ -532,7 +536,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default bench/out)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under ~60 s)")
     p.add_argument("--ranks", default="2,4", help="rank counts, comma-separated (default 2,4)")
-    p.add_argument("--transports", default="gloo,zmq", help="gloo, zmq (zmq = its direct and ring all-reduce)")
+    p.add_argument("--transports", default="shm,gloo,zmq", help="shm, gloo, zmq (zmq = its direct and ring all-reduce)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--pin", action="store_true",
                    help="pin rank r to core r mod cores (default: ranks left to the scheduler, as the runtime runs them; the floor is always pinned, to 2 different cores)")
@@ -566,8 +570,8 @@ def main(argv=None) -> int:
     ranks_list = sorted({int(x) for x in args.ranks.split(",") if x.strip()})
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     for t in transports:
-        if t not in ("gloo", "zmq"):
-            raise SystemExit(f"unknown transport {t!r}: choose from gloo, zmq")
+        if t not in ("shm", "gloo", "zmq"):
+            raise SystemExit(f"unknown transport {t!r}: choose from shm, gloo, zmq")
     if any(p < 2 for p in ranks_list):
         raise SystemExit("--ranks: every count must be at least 2")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -605,7 +609,7 @@ def main(argv=None) -> int:
             argv = ["--plan", str(plan_file), "--points", str(pts_file)] + (["--pin"] if args.pin else [])
             if what == "floor":
                 argv += ["--floor-worker", "--floor-ports", ",".join(str(free_port()) for _ in range(3))]
-                nprocs, label = 2, f"floor: {' and '.join('TCP' if t == 'gloo' else 'zmq PUSH/PULL' for t in transports)} ping-pong, 2 processes"
+                nprocs, label = 2, f"floor: {' and '.join(sorted({'zmq PUSH/PULL' if t == 'zmq' else 'TCP' for t in transports}))} ping-pong, 2 processes"
             else:
                 argv += ["--rank-worker", "--transport", what]
                 if what == "zmq":
