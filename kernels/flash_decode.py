@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tp_runtime.kernels.flash_prefill import INTERPRET, LOG2E, _mma, dot_options
+from tp_runtime.kernels.flash_prefill import INTERPRET, LOG2E, _mma, check_heads, dot_options
 
 # keys per split are a multiple of this (every autotuned BLOCK_N divides it)
 CHUNK_QUANTUM = 32 if INTERPRET else 128
@@ -191,12 +191,7 @@ def decode_attention(
     kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not match")
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"decode_attention: head_dim {head_dim} outside the kernel's 16..256")
-    if kv_head_of_q is None and q_heads % kv_heads:
-        raise ValueError(f"decode_attention: {q_heads} q heads over {kv_heads} kv heads needs kv_head_of_q")
-    if kv_head_of_q is not None and kv_head_of_q.numel() != q_heads:
-        raise ValueError(f"decode_attention: kv_head_of_q has {kv_head_of_q.numel()} entries for {q_heads} q heads")
+    check_heads("decode_attention", q_heads, kv_heads, head_dim, kv_head_of_q)
     if max_len is None:
         max_len = int(cache_lens.max())
     max_len = max(1, min(max_len, max_seq))

@@ -69,6 +69,16 @@ def dot_options(dtype: torch.dtype) -> dict:
     }
 
 
+def check_heads(kernel: str, q_heads: int, kv_heads: int, head_dim: int, kv_head_of_q: torch.Tensor | None) -> None:
+    """The head layout both attention kernels accept (shared by flash_decode)."""
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"{kernel}: head_dim {head_dim} outside the kernel's 16..256")
+    if kv_head_of_q is None and q_heads % kv_heads:
+        raise ValueError(f"{kernel}: {q_heads} q heads over {kv_heads} kv heads needs kv_head_of_q")
+    if kv_head_of_q is not None and kv_head_of_q.numel() != q_heads:
+        raise ValueError(f"{kernel}: kv_head_of_q has {kv_head_of_q.numel()} entries for {q_heads} q heads")
+
+
 @triton.jit
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """acc + a @ b with float32 accumulation (see `dot_options`)."""
@@ -237,12 +247,7 @@ def prefill_attention(
         raise ValueError(f"prefill_attention: {keys} keys for {seq} queries at offset {q_offset}")
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"prefill_attention: head_dim {head_dim} outside the kernel's 16..256")
-    if kv_head_of_q is None and q_heads % kv_heads:
-        raise ValueError(f"prefill_attention: {q_heads} q heads over {kv_heads} kv heads needs kv_head_of_q")
-    if kv_head_of_q is not None and kv_head_of_q.numel() != q_heads:
-        raise ValueError(f"prefill_attention: kv_head_of_q has {kv_head_of_q.numel()} entries for {q_heads} q heads")
+    check_heads("prefill_attention", q_heads, kv_heads, head_dim, kv_head_of_q)
     if out is None:
         out = _empty(q.shape, dtype=q.dtype, device=q.device)
     if batch * q_heads * seq == 0:

@@ -108,13 +108,18 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     """y = x @ (qweight * scales[:, None])^T: weight-only int8 with one scale per output channel.
 
     x [..., in] (float32/bfloat16/float16); qweight int8 [out, in]; scales [out] in x's dtype.
-    On CPU this is aten's int8 weight-pack GEMM (it reads the int8 weight as is); elsewhere the
-    weight is dequantised first (correct, not fast: the reference).
+    On CPU this is aten's int8 weight-pack GEMM (it reads the int8 weight as is) with bfloat16
+    activations: its float32-activation path is ~7x slower (../shared/MEASURED.md), and bf16
+    rounding of the activations is small next to the int8 rounding of the weights. Elsewhere
+    the weight is dequantised first (correct, not fast: the reference).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), qweight, scales)
+    # aten's bf16 CPU kernel needs the inner dimension to be a multiple of 16 (torch 2.13: it
+    # returns garbage for one row and crashes with SIGSEGV for more); other shapes dequantise
+    fast = x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm") and x2.shape[1] % 16 == 0
+    if fast:
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), qweight, scales.to(torch.bfloat16)).to(x.dtype)
     else:
         y = F.linear(x2, qweight.to(x.dtype)) * scales
     return y.reshape(*lead, qweight.shape[0])
