@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 from tp_runtime.kernels import reference
+from tp_runtime.kernels.gemv import compiled_linear  # noqa: F401  (re-exported for the model)
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("TP_RUNTIME_KERNELS", "auto")

@@ -81,6 +81,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 linears (per-channel scales), quantised per shard at load")
+    p.add_argument("--compile-gemv", action="store_true", help="compile the decode GEMVs with inductor (CPU; ~20 s of compiling on first use, cached)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences the KV cache holds (default: the number of prompts)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
@@ -102,6 +103,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size or batch,
         quantize=args.quantize,
+        compile_gemv=args.compile_gemv,
         device=args.device,
         num_threads=args.threads,
         show_progress=not args.quiet,

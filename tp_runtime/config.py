@@ -242,6 +242,7 @@ class RuntimeConfig:
     num_threads: int | None = None
     show_progress: bool = True
     quantize: str | None = None  # "int8": weight-only int8 linears, quantised per shard at load
+    compile_gemv: bool = False  # decode GEMVs compiled by inductor (CPU); see kernels/gemv.py
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None

@@ -25,6 +25,7 @@ from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.engine.generate import Engine, TokenEvent
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import ConfigError, GenerationError
+from tp_runtime.model.linear import use_compiled_gemv_
 from tp_runtime.model.quant import quantize_int8_
 from tp_runtime.model.registry import model_class
 
@@ -82,6 +83,8 @@ class LLM:
         nbytes = load_shard(model, index, entries, cfg, parallel.world_size, parallel.rank, progress)
         if runtime.quantize == "int8":
             quantize_int8_(model)
+        elif runtime.compile_gemv and device.type == "cpu":
+            use_compiled_gemv_(model)
         model.eval()
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
         engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault)

@@ -36,9 +36,13 @@ class ColumnParallelLinear(nn.Module):
         lo, hi = self.slot_rows[slot] if slot is not None else (0, param.shape[0])
         copy_checked(param[lo:hi], data)
 
+    # the GEMM; kernels.compiled_linear with --compile-gemv (set by use_compiled_gemv_)
+    matmul = staticmethod(F.linear)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out_local]
-        return F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class RowParallelLinear(nn.Module):
@@ -51,10 +55,27 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features_local, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
+    matmul = staticmethod(F.linear)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_local] -> [..., out]
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, self.weight)
         y = self.comm.all_reduce(y, site=self.site)  # row-parallel: partial sums -> full output
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+def use_compiled_gemv_(model: nn.Module) -> int:
+    """Route every parallel linear's single-row products through kernels.compiled_linear."""
+    from tp_runtime import kernels
+
+    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    seen = set()
+    for m in layers:
+        m.matmul = kernels.compiled_linear
+        key = (tuple(m.weight.shape), m.weight.dtype)
+        if key not in seen:  # compile each shape now, not inside the first decode steps
+            seen.add(key)
+            m.matmul(torch.zeros(1, m.weight.shape[1], dtype=m.weight.dtype), m.weight)
+    return len(layers)
