@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tp_runtime.kernels.flash_prefill import INTERPRET, LOG2E, _mma, check_heads, dot_options
+from tp_runtime.kernels.flash_prefill import INTERPRET, LOG2E, _mma, check_heads, dot_options, online_softmax_step
 
 # keys per split are a multiple of this (every autotuned BLOCK_N divides it)
 CHUNK_QUANTUM = 32 if INTERPRET else 128
@@ -117,12 +117,7 @@ def _decode_split(
         v = tl.load(v_ptrs + start * stride_vs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = _mma(q, k, tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
         s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION, UPCAST_DOT)
 
     # workspace: ACC [batch, q_heads, splits, BLOCK_D], M and L [batch, q_heads, splits]
     ml_off = (b64 * q_heads + heads.to(tl.int64)) * num_splits + split

@@ -69,6 +69,18 @@ def dot_options(dtype: torch.dtype) -> dict:
     }
 
 
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One key tile of the online softmax: s (scaled, log2 units) [rows, keys], v [keys, dim].
+    Returns the new running max, running sum and un-normalised output (shared with flash_decode)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
+    return m_new, l_i, acc
+
+
 def check_heads(kernel: str, q_heads: int, kv_heads: int, head_dim: int, kv_head_of_q: torch.Tensor | None) -> None:
     """The head layout both attention kernels accept (shared by flash_decode)."""
     if not 16 <= head_dim <= 256:
@@ -193,13 +205,8 @@ def _prefill_fwd(
         else:
             k = tl.load(k_ptrs + start_n * stride_ks, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vs, mask=d_ok[None, :], other=0.0)
-        s = _mma(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
+        s = _mma(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION, UPCAST_DOT)
 
     # The first tile any row meets holds key 0, which every row sees, so m_i is finite
     # from then on and a row with no visible key in a later tile gets p = 0, not NaN.
@@ -211,12 +218,7 @@ def _prefill_fwd(
         s = _mma(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
         visible = (cols[None, :] <= q_offset + offs_m[:, None]) & n_ok[None, :]
         s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION, UPCAST_DOT)
 
     row_live = offs_m < seq_b
     out = acc / tl.where(row_live, l_i, 1.0)[:, None]
