@@ -26,4 +26,4 @@ def test_two_point_sweep_writes_data_plot_and_validation(tmp_path):
     assert (out / "sweep.png").stat().st_size > 10_000
     assert (out / "sweep.csv").read_text().count("\n") == 3
     assert "prediction error: median" in (out / "validation.txt").read_text()
-    assert list((tmp_path / "cache" / "tp-runtime" / "presets").glob("this-cpu-gloo-*.json"))
+    assert list((tmp_path / "cache" / "tp-runtime" / "presets").glob("this-cpu-shm-*.json"))
