@@ -48,7 +48,6 @@ import os
 import platform
 import random
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -515,11 +514,6 @@ def busy_cores(window_s: float = 0.5) -> float | None:
     return ncpu * (1 - (i1 - i0) / total) if total > 0 else None
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _read_points(path: Path) -> list[dict[str, Any]]:
@@ -577,6 +571,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from tp_runtime.bench_sweep import git_sha
+
     meta = {"git_sha": git_sha(), "host": socket.gethostname(), "cpu_cores": cores, "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
             "quick": args.quick, "pinned": args.pin, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -16,10 +16,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from safetensors import safe_open
 
 from tp_runtime import sharding
-from tp_runtime.checkpoint.index import fingerprint, open_index
+from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint, open_index
 from tp_runtime.checkpoint.loader import read_slice, validate
 from tp_runtime.comm.control import ControlClient, new_context
 from tp_runtime.comm.protocol import Kind
@@ -57,11 +58,8 @@ def _local_address_towards(host: str) -> str:
         return s.getsockname()[0]
 
 
-def _stream_slices(client: ControlClient, model_dir: str, cfg: ModelConfig, tp: int, rank: int) -> int:
+def _stream_slices(client: ControlClient, index: CheckpointIndex, names: list[str], cfg: ModelConfig, tp: int, rank: int) -> int:
     """Send worker `rank` exactly its slices; returns the bytes sent."""
-    index = open_index(model_dir)
-    entries = validate(index, cfg)
-    names = [e.hf_name for e in entries]
     client.send(Kind.WEIGHTS_BEGIN, {"names": names})
     sent = 0
     with ExitStack() as stack:
@@ -89,8 +87,10 @@ def run_with_workers(
     tp = len(workers) + 1
     sharding.check_tp(cfg, tp)
     fp = fingerprint(model_dir)
+    index = open_index(model_dir)  # checked once, before any worker is contacted
+    tensor_names = [e.hf_name for e in validate(index, cfg)]
     gen_cfg_path = Path(model_dir) / "generation_config.json"
-    names = ["coordinator"] + [f"worker {h}:{p}" for h, p in workers]
+    rank_names = ["coordinator"] + [f"worker {h}:{p}" for h, p in workers]
     ctx = new_context()
     clients = [ControlClient(ctx, f"tcp://{h}:{p}", secret, f"{h}:{p}") for h, p in workers]
     comm = inbox = None
@@ -106,7 +106,7 @@ def run_with_workers(
             c.send(Kind.JOB, {
                 "fingerprint": fp, "config": json.loads((Path(model_dir) / "config.json").read_text()),
                 "generation_config": json.loads(gen_cfg_path.read_text()) if gen_cfg_path.is_file() else None,
-                "tp": tp, "rank": rank, "names": names,
+                "tp": tp, "rank": rank, "names": rank_names,
                 "runtime": {"dtype": runtime.dtype, "max_seq_len": runtime.max_seq_len, "max_batch_size": runtime.max_batch_size},
                 "comm": {"inject_latency_s": runtime.comm.inject_latency_s, "inject_bandwidth_Bps": runtime.comm.inject_bandwidth_Bps},
                 "prompts": prompts, "sampling": sampling,
@@ -115,7 +115,7 @@ def run_with_workers(
         for rank, c in enumerate(clients, start=1):
             msg = c.recv(READY_TIMEOUT_S, "job set-up")
             if msg.kind is Kind.NEED_WEIGHTS:
-                streamed += _stream_slices(c, model_dir, cfg, tp, rank)
+                streamed += _stream_slices(c, index, tensor_names, cfg, tp, rank)
                 msg = c.recv(READY_TIMEOUT_S, "receiving weights")
             if msg.kind is not Kind.READY:
                 raise ConfigError(f"worker {c.name} answered {msg.kind.name} instead of READY")
@@ -128,8 +128,8 @@ def run_with_workers(
             for c in clients:
                 c.check()
 
-        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=names, watch=watch)
-        comm = wrap(raw, runtime.comm, device=_cpu())
+        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=rank_names, watch=watch)
+        comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
         result = run_rank0(ParallelConfig(world_size=tp, rank=0), comm, {"weights_streamed_bytes": streamed})
         for c in clients:
             c.recv(READY_TIMEOUT_S, "end of job")  # DONE
@@ -142,9 +142,3 @@ def run_with_workers(
         for c in clients:
             c.close()
         ctx.term()
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")

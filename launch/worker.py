@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from tp_runtime.checkpoint.index import SLICES_FILE, SLICES_META, fingerprint
@@ -106,7 +107,7 @@ class Worker:
             rank, peers = job["rank"], start.obj["peers"]
             raw = ZmqCommunicator(self.ctx, rank, peers, inbox, secret=self.secret, names=job.get("names"))
             comm_cfg = CommConfig(**job.get("comm", {}))
-            comm = wrap(raw, comm_cfg, device=_cpu())
+            comm = wrap(raw, comm_cfg, device=torch.device("cpu"))
             parallel = ParallelConfig(world_size=len(peers), rank=rank, local_rank=0, local_world_size=1)
             runtime = RuntimeConfig(**job["runtime"], num_threads=self.threads, show_progress=False, comm=comm_cfg)
             llm = LLM.load(source, parallel, runtime, comm=comm)
@@ -172,12 +173,6 @@ class Worker:
     def close(self) -> None:
         self.server.close()
         self.ctx.term()
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
 
 
 def _is_loopback(listen: str) -> bool:

@@ -184,7 +184,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
 
 
 def generate_on_workers(args: argparse.Namespace) -> dict[str, Any]:
-    from tp_runtime.checkpoint.tokenizer import load_tokenizer
+    from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
     from tp_runtime.launch.coordinator import parse_workers, run_with_workers
     from tp_runtime.launch.worker import load_secret
 
@@ -193,9 +193,7 @@ def generate_on_workers(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--tp {args.tp} does not match 1 + {len(workers)} workers")
     if args.prompt:
         tok = load_tokenizer(args.model)
-        if tok is None:
-            raise ConfigError("this model folder has no tokenizer.json: give token ids (--prompt-ids) instead of text")
-        args.prompt_ids, args.prompt = [tok.encode(t).ids for t in args.prompt], None
+        args.prompt_ids, args.prompt = [encode_prompt(tok, t) for t in args.prompt], None
     batch = len(args.prompt_ids)
     return run_with_workers(
         args.model, workers, load_secret(args.secret_file), _runtime(args, batch), args.prompt_ids, _sampling(args),

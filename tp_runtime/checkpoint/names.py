@@ -26,7 +26,7 @@ _IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 
 
 def expected_tensors(cfg: ModelConfig) -> list[TensorEntry]:
-    h, hd, inter, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    h, inter, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.q_size, cfg.kv_size
     out = [TensorEntry("model.embed_tokens.weight", (v, h), "embed_tokens.weight", None)]
     for i in range(cfg.num_layers):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from tp_runtime.errors import CheckpointError
+from tp_runtime.errors import CheckpointError, ConfigError, GenerationError
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -19,6 +19,16 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
         return Tokenizer.from_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read by the tokenizers library ({e})") from None
+
+
+def encode_prompt(tokenizer: Tokenizer | None, text: str) -> list[int]:
+    """Token ids of a prompt (the tokenizer's own special tokens, e.g. BOS, included)."""
+    if tokenizer is None:
+        raise ConfigError("this model folder has no tokenizer.json: give token ids (--prompt-ids) instead of text")
+    ids = tokenizer.encode(text).ids
+    if not ids:
+        raise GenerationError(f"prompt {text!r} encodes to no tokens")
+    return ids
 
 
 class StreamDecoder:

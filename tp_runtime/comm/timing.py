@@ -129,6 +129,7 @@ class CommStats:
                 "share_of_decode": (sum(lat) + s.injected) / decode_seconds if decode_seconds else 0.0,
             })
         measured, injected = self.seconds("decode")
+        pre_measured, pre_injected = self.seconds("prefill")
         return {
             "decode_steps": decode_steps,
             "collectives_per_token": self.count(phase="decode") / steps,
@@ -139,7 +140,7 @@ class CommStats:
             "compute_s_per_token": max(decode_seconds - measured - injected, 0.0) / steps,
             "comm_s_per_token": (measured + injected) / steps,
             "sites": rows,
-            "prefill": {"count": self.count(phase="prefill"), "measured_s": self.seconds("prefill")[0], "injected_s": self.seconds("prefill")[1]},
+            "prefill": {"count": self.count(phase="prefill"), "measured_s": pre_measured, "injected_s": pre_injected},
         }
 
     def write_trace(self, path: str | Path, rank: int) -> None:

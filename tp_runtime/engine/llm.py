@@ -18,13 +18,12 @@ import torch
 from tp_runtime import sharding
 from tp_runtime.checkpoint.index import open_index
 from tp_runtime.checkpoint.loader import load_shard, validate
-from tp_runtime.checkpoint.tokenizer import load_tokenizer
+from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
 from tp_runtime.comm import create as create_communicator
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.engine.generate import Engine, TokenEvent
 from tp_runtime.engine.sampling import SamplingParams
-from tp_runtime.errors import ConfigError, GenerationError
 from tp_runtime.model.linear import use_compiled_gemv_
 from tp_runtime.model.quant import quantize_int8_
 from tp_runtime.model.registry import model_class
@@ -92,12 +91,7 @@ class LLM:
         return cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
 
     def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ConfigError("this model folder has no tokenizer.json: give token ids (--prompt-ids) instead of text")
-        ids = self.tokenizer.encode(text).ids
-        if not ids:
-            raise GenerationError(f"prompt {text!r} encodes to no tokens")
-        return ids
+        return encode_prompt(self.tokenizer, text)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[TokenEvent]:
         return self.engine.generate(prompts, params)
