@@ -113,6 +113,7 @@ class Worker:
             llm = LLM.load(source, parallel, runtime, comm=comm)
             for _ in llm.generate(job["prompts"], SamplingParams(**job["sampling"])):
                 pass
+            llm.gather_memory()  # rank 0 collects every rank's memory report
             self.server.send(peer, Kind.DONE, {})
             log.warning("job done: rank %d of %d, %d prompt(s)", rank, len(peers), len(job["prompts"]))
         except Exception as e:  # a job's failure must never take the daemon down

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # source folder -> the package it installs as (pyproject: package-dir)
 SOURCE_DIRS = {"tp_runtime": "tp_runtime", "kernels": "tp_runtime.kernels", "launch": "tp_runtime.launch"}
 
-ORDER = ("config", "sol", "sharding", "communicator", "checkpoint", "model", "comm", "engine", "launch", "cli")
+ORDER = ("config", "sol", "sharding", "communicator", "checkpoint", "placement", "model", "comm", "engine", "launch", "cli")
 
 # first component under tp_runtime -> layer (DESIGN: "engine -> cli/server")
 LAYER_OF_COMPONENT = {
@@ -40,6 +40,7 @@ LAYER_OF_COMPONENT = {
     "sharding": "sharding",
     "communicator": "communicator",
     "checkpoint": "checkpoint",
+    "placement": "placement",
     "model": "model",
     "comm": "comm",
     "engine": "engine",
@@ -47,6 +48,7 @@ LAYER_OF_COMPONENT = {
     "server": "cli",
     "bench_cli": "cli",
     "bench_sweep": "cli",
+    "plan_cli": "cli",
     "errors": "errors",
     "units": "errors",  # a leaf like errors: flag-value parsing, imports only errors
     "kernels": "kernels",

@@ -22,7 +22,8 @@ from typing import Any
 
 from tp_runtime.config import DTYPE_NAMES, CommConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.errors import ConfigError, TPRuntimeError
-from tp_runtime.units import parse_bandwidth, parse_duration
+from tp_runtime.plan_cli import add_memory_flags, add_plan_parser, run_plan
+from tp_runtime.units import parse_bandwidth, parse_bytes, parse_duration
 
 DEMO_PROMPT = "Tensor parallelism splits"
 
@@ -48,6 +49,13 @@ def _bandwidth(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tp-run", description="Tensor-parallel inference for Llama-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--workers", default=None, metavar="HOST:PORT,...", help="run ranks 1..N on these tp-worker daemons (pyzmq); this process is rank 0")
     gen.add_argument("--secret-file", default=None, help="shared secret of the workers (default $TP_RUNTIME_SECRET)")
     gen.add_argument("--advertise-addr", default=None, help="this machine's address as the workers reach it (default: found by routing)")
+
+    add_plan_parser(sub, _size)
 
     demo = sub.add_parser("demo", help="build a small random Llama, run it at tp=1 and tp=2, compare")
     demo.add_argument("--tp", type=int, default=2, help="the parallel run to compare with tp=1 (default 2)")
@@ -87,6 +97,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / local ranks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no streamed text")
+    p.add_argument("--verbose", action="store_true", help="print every rank's placement plan and memory use (also in --json)")
+    add_memory_flags(p, _size)
     p.add_argument("--transport", choices=("auto", "shm", "gloo", "nccl"), default="auto", help="how local ranks talk (auto: nccl on GPU, shm when all ranks share this host, else gloo)")
     p.add_argument("--comm-stats", action="store_true", help="print a table of every collective (count per token, bytes, p50/p90/p99, share of decode)")
     p.add_argument("--comm-trace", default=None, metavar="FILE", help="write every collective and decode step as a Chrome trace (rank r > 0 writes FILE with .rank<r> before the suffix)")
@@ -104,6 +116,8 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         max_batch_size=args.max_batch_size or batch,
         quantize=args.quantize,
         compile_gemv=args.compile_gemv,
+        max_device_memory=args.max_device_memory,
+        max_host_memory=args.max_host_memory,
         device=args.device,
         num_threads=args.threads,
         show_progress=not args.quiet,
@@ -129,6 +143,10 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
     params = SamplingParams(**_sampling(args))
     llm = LLM.load(args.model, parallel, _runtime(args, batch), comm=comm)
     try:
+        if args.verbose:  # every rank, at load: its plan and where its memory went
+            from tp_runtime.plan_cli import print_rank_load
+
+            print_rank_load(parallel.rank, llm.plan, llm.memory_at_load)
         prompts = [llm.encode(t) for t in args.prompt] if args.prompt else args.prompt_ids
         main = parallel.rank == 0
         stream = main and not args.quiet and batch == 1
@@ -141,6 +159,9 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             if stream:
                 print(decoder.push(ev.token_id) if decoder else f" {ev.token_id}", end="", flush=True)
         stats = llm.engine.last_stats
+        memory = llm.gather_memory()  # every rank calls it: one collective
+        for m in memory:  # a forward pass streams each streamed layer once
+            m["stream_bytes_per_step"] = m["stream_bytes"] // max(1, stats.decode_steps + 1)
         texts = [llm.tokenizer.decode(o, skip_special_tokens=True) if llm.tokenizer else "" for o in outputs]
         if stream:
             print(decoder.finish() if decoder else "", flush=True)
@@ -160,6 +181,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             "device": str(llm.engine.device),
             "transport": llm.comm.transport,
             "comm": llm.comm.stats.summary(stats.decode_seconds, stats.decode_steps),
+            "memory": {"ranks": memory, "streamed_layers": len(llm.plan.streamed), "layer_tier": llm.plan.layer_tier},
             **(extra or {}),
         }
         if args.comm_trace:
@@ -176,6 +198,10 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             )
             if args.comm_stats:
                 print(format_table(result["comm"]), file=sys.stderr if args.json else sys.stdout, flush=True)
+            if args.verbose:
+                from tp_runtime.engine.memory import format_memory
+
+                print(format_memory(memory), file=sys.stderr if args.json else sys.stdout, flush=True)
             if args.json:
                 print(json.dumps(result), flush=True)
         return result
@@ -295,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(0)
         if args.command == "demo":
             return demo(args)
+        if args.command == "plan":
+            return run_plan(args)
         generate(args)
         return 0
     except TPRuntimeError as e:

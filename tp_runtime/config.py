@@ -243,6 +243,10 @@ class RuntimeConfig:
     show_progress: bool = True
     quantize: str | None = None  # "int8": weight-only int8 linears, quantised per shard at load
     compile_gemv: bool = False  # decode GEMVs compiled by inductor (CPU); see kernels/gemv.py
+    # memory budgets per rank, bytes (None: what the device / machine reports, minus headroom);
+    # layers beyond them are streamed (see placement.py)
+    max_device_memory: int | None = None
+    max_host_memory: int | None = None
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None
@@ -253,6 +257,9 @@ class RuntimeConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"quantize {self.quantize!r} is not supported; the choice is int8 (weight-only)")
+        for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):
+            if v is not None and v <= 0:
+                raise ConfigError(f"{flag} must be positive, got {v}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
 

@@ -49,3 +49,30 @@ def format_duration(seconds: float) -> str:
         if seconds >= scale * 0.9999 or unit == "ns":
             return f"{seconds / scale:.3g}{unit}"
     return f"{seconds:g}s"
+
+
+# binary units for memory sizes (what nvidia-smi and free -h print); decimal ones as written
+_BYTES = {
+    "": 1, "b": 1,
+    "k": 2**10, "kib": 2**10, "kb": 1e3,
+    "m": 2**20, "mib": 2**20, "mb": 1e6,
+    "g": 2**30, "gib": 2**30, "gb": 1e9,
+    "t": 2**40, "tib": 2**40, "tb": 1e12,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB' or '8G' -> 8 * 2**30, '500MB' -> 5e8. A bare number is bytes."""
+    m = _NUMBER_UNIT.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _BYTES:
+        raise ConfigError(f"cannot read size {text!r}: use e.g. 512MiB, 8GiB, 8G (binary) or 500MB, 10GB (decimal)")
+    return int(float(m.group(1)) * _BYTES[unit])
+
+
+def format_bytes(n: float) -> str:
+    """12345678 -> '11.8 MiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 
 from tp_runtime import sharding
 from tp_runtime.checkpoint.index import CheckpointIndex
+from tp_runtime.checkpoint.mapped import MappedCheckpoint, release_pages
 from tp_runtime.checkpoint.names import TensorEntry, expected_tensors, is_ignored
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import CheckpointError
@@ -62,10 +61,23 @@ def validate(index: CheckpointIndex, cfg: ModelConfig, tp: int = 1, rank: int = 
     return entries
 
 
+_CHUNK_BYTES = 8 << 20
+
+
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src, in row blocks of ~8 MiB: a source that views the mapped checkpoint has each
+    block's pages released right after, so a large tensor never sits twice in memory."""
     if dst.shape != src.shape:
         raise ValueError(f"slice of shape {list(src.shape)} does not fit parameter of shape {list(dst.shape)}")
-    dst.copy_(src)
+    row_bytes = max(1, src[0].numel() * src.element_size()) if src.dim() else 1
+    step = max(1, _CHUNK_BYTES // row_bytes) if src.dim() else 1
+    if src.dim() == 0 or step >= src.shape[0]:
+        dst.copy_(src)
+        release_pages(src)
+        return
+    for lo in range(0, src.shape[0], step):
+        dst[lo : lo + step].copy_(src[lo : lo + step])
+        release_pages(src[lo : lo + step])
 
 
 def read_slice(handle, name: str, spec: sharding.ShardSpec) -> torch.Tensor:
@@ -78,6 +90,16 @@ def read_slice(handle, name: str, spec: sharding.ShardSpec) -> torch.Tensor:
     return sl[:, spec.start : spec.stop]
 
 
+def put_weight(root: torch.nn.Module, target: str, data: torch.Tensor, slot: str | None) -> None:
+    """Copy `data` into parameter `target` of `root` (or its `slot` of a merged parameter)."""
+    module_name, _, param_name = target.rpartition(".")
+    module = root.get_submodule(module_name)
+    if hasattr(module, "load_weight"):
+        module.load_weight(param_name, data, slot)
+    else:
+        copy_checked(getattr(module, param_name), data)
+
+
 def load_shard(
     model: torch.nn.Module,
     index: CheckpointIndex,
@@ -87,36 +109,75 @@ def load_shard(
     rank: int,
     progress: Callable[[Iterable[TensorEntry]], Iterable[TensorEntry]] = lambda it: it,
 ) -> int:
-    """Reads this rank's slices into `model` (already materialised); returns the bytes read."""
+    """Reads this rank's slices of `entries` into `model` (already materialised); returns the
+    bytes read. Every parameter of `model` must be filled: layers left out of `entries` (streamed
+    ones) must be left out of the model too."""
     params = dict(model.named_parameters())
-    slots_wanted = {(e.target, e.slot) for e in expected_tensors(cfg)}
+    entries = list(entries)
+    slots_wanted = {(e.target, e.slot) for e in entries}
     filled: set[tuple[str, str | None]] = set()
     nbytes = 0
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in index.files}
+    files = MappedCheckpoint(index)
+    try:
         with torch.no_grad():
-            for e in progress(list(entries)):
+            for e in progress(entries):
                 if e.target not in params:
                     raise CheckpointError(f"{e.hf_name}: the model has no parameter {e.target} to load it into")
-                spec = sharding.spec(e.hf_name, cfg, tp, rank)
-                handle = handles[index.tensors[e.hf_name].file]
                 # a slice cache already holds exactly this rank's part
-                data = handle.get_tensor(e.hf_name) if index.sliced_for else read_slice(handle, e.hf_name, spec)
+                spec = None if index.sliced_for else sharding.spec(e.hf_name, cfg, tp, rank)
+                data = files.view(e.hf_name, spec)
                 nbytes += data.numel() * data.element_size()
-                module_name, _, param_name = e.target.rpartition(".")
-                module = model.get_submodule(module_name)
                 try:
-                    if hasattr(module, "load_weight"):
-                        module.load_weight(param_name, data, e.slot)
-                    else:
-                        copy_checked(getattr(module, param_name), data)
+                    put_weight(model, e.target, data, e.slot)
                 except ValueError as err:
                     raise CheckpointError(f"{e.hf_name} -> {e.target} on rank {rank}: {err}") from None
+                del data
+                files.release(e.hf_name, spec)  # the mapped pages would otherwise stay in our RSS
                 if (e.target, e.slot) in filled:
                     raise CheckpointError(f"{e.hf_name}: parameter {e.target} slot {e.slot} filled twice")
                 filled.add((e.target, e.slot))
+    finally:
+        files.close()
     unfilled = sorted(f"{t}[{s}]" if s else t for t, s in slots_wanted - filled)
     untouched = sorted(n for n in params if n not in {t for t, _ in filled})
     if unfilled or untouched:
         raise CheckpointError(_bullet_list("parameters left unfilled after loading:", unfilled + untouched))
     return nbytes
+
+
+class CheckpointLayerSource:
+    """Decoder layers of this rank read from the mmap'd checkpoint on every use (the disk tier).
+
+    `fill(i, module)` copies layer i's slices into `module` (a decoder layer of the same
+    shard), converting dtype and merging q/k/v and gate/up exactly as loading does; the mapped
+    pages are released after each tensor, so the process holds only the staging layer."""
+
+    def __init__(self, index: CheckpointIndex, cfg: ModelConfig, tp: int, rank: int, layers: Iterable[int]) -> None:
+        self.files = MappedCheckpoint(index)
+        wanted = set(layers)
+        self.entries: dict[int, list[tuple[TensorEntry, sharding.ShardSpec | None, str]]] = {i: [] for i in wanted}
+        for e in expected_tensors(cfg):
+            if not e.target.startswith("layers."):
+                continue
+            i = int(e.target.split(".")[1])
+            if i in wanted:
+                spec = None if index.sliced_for else sharding.spec(e.hf_name, cfg, tp, rank)
+                self.entries[i].append((e, spec, e.target[len(f"layers.{i}.") :]))
+
+    def fill(self, layer: int, module: torch.nn.Module) -> int:
+        nbytes = 0
+        with torch.no_grad():
+            for e, spec, target in self.entries[layer]:
+                data = self.files.view(e.hf_name, spec)
+                nbytes += data.numel() * data.element_size()
+                put_weight(module, target, data, e.slot)
+                del data
+                self.files.release(e.hf_name, spec)
+        return nbytes
+
+    def prefetch(self, layer: int) -> None:
+        for e, spec, _ in self.entries[layer]:
+            self.files.willneed(e.hf_name, spec)
+
+    def close(self) -> None:
+        self.files.close()

@@ -22,11 +22,16 @@ from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
 from tp_runtime.comm import create as create_communicator
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
+from tp_runtime.errors import ConfigError
 from tp_runtime.engine.generate import Engine, TokenEvent
+from tp_runtime.engine.memory import FIELDS as MEMORY_FIELDS
+from tp_runtime.engine.memory import rank_memory, rss_bytes
+from tp_runtime.engine.offload import attach_streaming
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.model.linear import use_compiled_gemv_
 from tp_runtime.model.quant import quantize_int8_
 from tp_runtime.model.registry import model_class
+from tp_runtime import placement, sol
 
 log = logging.getLogger("tp_runtime")
 
@@ -42,11 +47,32 @@ def pick_device(runtime: RuntimeConfig, parallel: ParallelConfig) -> torch.devic
     return torch.device("cpu")
 
 
+def device_budget(runtime: RuntimeConfig, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    if runtime.max_device_memory is not None:
+        return runtime.max_device_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * placement.DEVICE_SHARE)
+
+
+def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig, device: torch.device, dtype_name: str, max_seq_len: int) -> placement.RankPlan:
+    """This rank's placement under the runtime's budgets (defaults: what the machine reports)."""
+    host = runtime.max_host_memory if runtime.max_host_memory is not None else placement.default_host_budget(parallel.local_world_size)
+    hardware = sol.HARDWARE["h100" if device.type == "cuda" else "this-cpu"]  # bandwidths matter only to estimates
+    tiers = placement.make_tiers(device.type, device_budget(runtime, device), host, hardware)
+    return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize)
+
+
 class LLM:
     def __init__(self, cfg: ModelConfig, engine: Engine, tokenizer, parallel: ParallelConfig, dtype: str, load_seconds: float, owns_comm: bool) -> None:
         self.cfg, self.engine, self.tokenizer, self.parallel = cfg, engine, tokenizer, parallel
         self.dtype, self.load_seconds = dtype, load_seconds
         self.owns_comm = owns_comm  # a communicator handed in outlives this model
+        self.plan: placement.RankPlan | None = None
+        self.streamer = None
+        self.rss_at_start = 0
+        self.memory_at_load: dict[str, int] = {}
 
     @property
     def comm(self):
@@ -70,16 +96,26 @@ class LLM:
         index = open_index(model_dir)
         entries = validate(index, cfg, parallel.world_size, parallel.rank)
         tokenizer = load_tokenizer(model_dir)
+        rss_at_start = rss_bytes()
+        plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len)
+        if plan.streamed and runtime.quantize:
+            raise ConfigError(
+                f"rank {parallel.rank}: --quantize {runtime.quantize} with streamed layers ({len(plan.streamed)} of {cfg.num_layers} do not fit) "
+                "is not supported yet; raise --max-device-memory / --max-host-memory or drop --quantize"
+            )
 
         owns_comm = comm is None
         if comm is None:
             comm = create_communicator(parallel, device, runtime.comm)
         with torch.device("meta"):
             model = model_class(cfg)(cfg, comm, dtype, max_seq_len)
+        streamer = attach_streaming(model, plan, index, cfg, device)
         model.to_empty(device=device)
         model.init_buffers()
         progress = _progress_bar(f"rank {parallel.rank} loading") if runtime.show_progress and parallel.rank == 0 else (lambda it: it)
-        nbytes = load_shard(model, index, entries, cfg, parallel.world_size, parallel.rank, progress)
+        streamed = {f"layers.{i}." for i in plan.streamed}
+        resident = [e for e in entries if not e.target.startswith(tuple(streamed))] if streamed else entries
+        nbytes = load_shard(model, index, resident, cfg, parallel.world_size, parallel.rank, progress)
         if runtime.quantize == "int8":
             quantize_int8_(model)
         elif runtime.compile_gemv and device.type == "cpu":
@@ -87,8 +123,11 @@ class LLM:
         model.eval()
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
         engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault)
-        log.info("rank %d: %.1f MB of weights read, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, engine.cache.nbytes / 1e6, device)
-        return cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
+        llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
+        llm.plan, llm.streamer, llm.rss_at_start = plan, streamer, rss_at_start
+        llm.memory_at_load = llm.memory()
+        log.info("rank %d: %.1f MB of weights read, %d of %d layers streamed, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, len(plan.streamed), cfg.num_layers, engine.cache.nbytes / 1e6, device)
+        return llm
 
     def encode(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text)
@@ -100,7 +139,27 @@ class LLM:
         """float32 logits at every prompt position ([len_i, vocab] each), as a scoring API would return."""
         return self.engine.prompt_logits(prompts)
 
+    def memory(self) -> dict[str, int]:
+        """This rank's memory now: weights per tier, KV cache, staging, peak use, streamed bytes."""
+        return rank_memory(self.engine.model, self.plan, self.streamer, self.engine.cache.nbytes, self.engine.device, self.rss_at_start)
+
+    def gather_memory(self) -> list[dict[str, int]]:
+        """Every rank's memory(), on every rank (one small all-gather outside any token step)."""
+        mine = self.memory()
+        if self.comm.world_size == 1:
+            return [mine]
+        stats = self.comm.stats
+        phase, stats.phase = stats.phase, "report"  # kept out of the per-token collective counts
+        try:
+            row = torch.tensor([[float(mine[k]) for k in MEMORY_FIELDS]], dtype=torch.float64, device=self.engine.device)
+            table = self.comm.all_gather(row, dim=0, site="memory_report").cpu().tolist()
+        finally:
+            stats.phase = phase
+        return [{k: int(v) for k, v in zip(MEMORY_FIELDS, r)} for r in table]
+
     def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.source_close()
         if self.owns_comm:
             self.engine.comm.close()
 

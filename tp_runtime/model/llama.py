@@ -43,6 +43,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm)
 
+    def retarget(self, layer: int) -> None:
+        """Make this module act as decoder layer `layer` (a staging layer of streamed weights):
+        its KV cache slot and the sites its collectives are timed under."""
+        self.attn.layer = layer
+        self.attn.o_proj.site = f"layer.{layer}.attn_out"
+        self.mlp.down_proj.site = f"layer.{layer}.mlp_out"
+
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, step: StepInfo):
         """(block output, residual stream); the residual add is fused into the next norm."""
         if residual is None:
@@ -62,10 +69,16 @@ class LlamaForCausalLM(nn.Module):
         lo, hi = sharding.intermediate_range(cfg, tp, rank)
         vocab_ranges = sharding.split_ranges(cfg.vocab_size, tp)
         self.embed_tokens = VocabParallelEmbedding(vocab_ranges, rank, cfg.hidden_size, dtype, comm, site="embed")
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.heads, hi - lo, i, dtype, comm) for i in range(cfg.num_layers))
+        self._layer_args = (cfg, self.heads, hi - lo)
+        self._dtype, self._comm = dtype, comm
+        self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(self.embed_tokens, vocab_ranges, cfg.tie_word_embeddings, comm, site="lm_head")
         self.rotary = RotaryTable(cfg.rope, cfg.head_dim, max_seq_len)
+
+    def make_layer(self, i: int) -> DecoderLayer:
+        """A fresh decoder layer i of this shard (on the current default device)."""
+        return DecoderLayer(*self._layer_args, i, self._dtype, self._comm)
 
     def init_buffers(self) -> None:
         """Fill the non-persistent buffers after the meta-built model is materialised."""

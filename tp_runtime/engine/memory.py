@@ -1,0 +1,73 @@
+"""Where a rank's memory went: weights per tier, KV cache, staging, peak use.
+
+Peak use is the process's own accounting: torch.cuda.max_memory_allocated on a GPU, the
+peak resident set (getrusage ru_maxrss, which counts touched pages of mapped files too) on
+a CPU. `rss_at_start` is the resident set before the model was built (the interpreter,
+torch, the tokenizer): what a --max-host-memory budget does not cover.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+from torch import nn
+
+from tp_runtime.placement import RankPlan
+
+# the fields gathered from every rank, in order (bytes)
+FIELDS = ("weights_device", "weights_host", "weights_disk", "kv_cache", "staging", "peak_allocated", "rss_at_start", "peak_rss", "stream_copies", "stream_bytes")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def rank_memory(model: nn.Module, plan: RankPlan, streamer, kv_bytes: int, device: torch.device, rss_at_start: int) -> dict[str, int]:
+    """This rank's numbers now (call at load and at the end)."""
+    resident = _nbytes(model.parameters()) + _nbytes(b for b in model.buffers())
+    staging = 0
+    if streamer is not None:
+        staging = sum(_nbytes(m.parameters()) for m in streamer.staging)
+    fast = plan.fast.name
+    weights = {"device": 0, "host": 0, "disk": plan.layer_bytes_on("disk")}
+    weights[fast] += resident
+    if fast == "device":
+        weights["host"] += plan.layer_bytes_on("host")
+    peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    stats = streamer.stats if streamer is not None else None
+    return {
+        "weights_device": weights["device"],
+        "weights_host": weights["host"],
+        "weights_disk": weights["disk"],
+        "kv_cache": kv_bytes,
+        "staging": staging,
+        "peak_allocated": peak_alloc,
+        "rss_at_start": rss_at_start,
+        "peak_rss": peak_rss_bytes(),
+        "stream_copies": stats.copies if stats else 0,
+        "stream_bytes": stats.bytes if stats else 0,
+    }
+
+
+def format_memory(ranks: list[dict[str, int]]) -> str:
+    from tp_runtime.units import format_bytes
+
+    head = f"{'rank':>4} {'weights dev':>12} {'weights host':>12} {'weights disk':>12} {'KV cache':>10} {'staging':>10} {'peak alloc':>11} {'peak RSS':>10} {'streamed/step':>15}"
+    lines = [head]
+    for r, m in enumerate(ranks):
+        lines.append(
+            f"{r:>4} {format_bytes(m['weights_device']):>12} {format_bytes(m['weights_host']):>12} {format_bytes(m['weights_disk']):>12} "
+            f"{format_bytes(m['kv_cache']):>10} {format_bytes(m['staging']):>10} {format_bytes(m['peak_allocated']):>11} "
+            f"{format_bytes(m['peak_rss']):>10} {format_bytes(m['stream_bytes_per_step']) if m.get('stream_bytes_per_step') else '-':>15}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Wire a placement plan to a meta-built model: placeholders for the layers that are not
+resident in the fastest tier, their staging buffers, and where their weights come from."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tp_runtime.checkpoint.index import CheckpointIndex
+from tp_runtime.checkpoint.loader import CheckpointLayerSource
+from tp_runtime.config import ModelConfig
+from tp_runtime.model.offload import (
+    CudaLayerStreamer,
+    HostLayerSource,
+    LayerStreamer,
+    PinnedDiskSource,
+    RoutedSource,
+    build_staging,
+    replace_streamed_layers,
+)
+from tp_runtime.placement import RankPlan
+
+
+def attach_streaming(model: nn.Module, plan: RankPlan, index: CheckpointIndex, cfg: ModelConfig, device: torch.device) -> LayerStreamer | None:
+    """Call on the meta-built model, before it is materialised: streamed layers then take no
+    memory. Host-tier layers of a GPU plan are loaded here (pinned); disk-tier layers are read
+    from the checkpoint on every use."""
+    streamed = plan.streamed
+    if not streamed:
+        return None
+    tp, rank = plan.tp, plan.rank
+    disk_layers = plan.layers_on("disk")
+    disk = CheckpointLayerSource(index, cfg, tp, rank, disk_layers)
+    if device.type != "cuda":
+        streamer: LayerStreamer = LayerStreamer(build_staging(model.make_layer, 1, device), disk, streamed)
+    else:
+        sources = {}
+        host_layers = plan.layers_on("host")
+        if host_layers:
+            cpu_layers = {}
+            loader = CheckpointLayerSource(index, cfg, tp, rank, host_layers)
+            for i in host_layers:
+                (layer,) = build_staging(model.make_layer, 1, torch.device("cpu"))
+                loader.fill(i, layer)
+                cpu_layers[i] = layer
+            loader.close()
+            host = HostLayerSource(cpu_layers)
+            sources.update({i: host for i in host_layers})
+        if disk_layers:
+            (pinned,) = build_staging(model.make_layer, 1, torch.device("cpu"))
+            for p in pinned.parameters():
+                p.data = p.data.pin_memory()
+            through_pinned = PinnedDiskSource(disk, pinned)
+            sources.update({i: through_pinned for i in disk_layers})
+        streamer = CudaLayerStreamer(build_staging(model.make_layer, 2, device), RoutedSource(sources), streamed, device)
+    replace_streamed_layers(model, streamer, streamed)
+    return streamer

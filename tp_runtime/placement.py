@@ -1,0 +1,344 @@
+"""Where each rank's bytes live: device memory, host RAM, or the mmap'd checkpoint on disk.
+
+Pure arithmetic on the config, tp, dtype and budgets: nothing is loaded. Per rank, the KV
+cache, the activations' working set, the embedding, the LM head, the final norm and the
+staging buffers of streamed layers go into the fastest tier first (they are touched on every
+token and cannot be streamed); then as many decoder layers as fit, in order; then host RAM;
+the rest is read from disk on every token (llama.cpp's -ngl + mmap habit, Accelerate's
+device_map="auto").
+
+On a CPU the fastest tier *is* host RAM: the tiers are "host" (resident: loaded once) and
+"disk" (streamed: read from the mmap'd file on every use, the page cache allowed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tp_runtime import sharding, sol
+from tp_runtime.checkpoint.loader import sliced_shape
+from tp_runtime.checkpoint.names import expected_tensors
+from tp_runtime.config import ModelConfig
+from tp_runtime.errors import ConfigError
+from tp_runtime.units import format_bytes
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 2**30
+# what a planner leaves free of what the machine reports: allocator slack, CUDA context,
+# other processes (vLLM's gpu_memory_utilization=0.9 is the same habit)
+DEVICE_SHARE = 0.9
+HOST_SHARE = 0.85
+# assumption, not a measurement: a PCIe 4.0 NVMe SSD reads 3-7 GB/s sequentially; 3 GB/s is
+# what a 4 MiB-chunked mmap read typically sustains. `tp-run plan --disk-bandwidth` overrides.
+DISK_READ_Bps = 3e9
+# host -> device copies of streamed layers (pinned memory): sol's PCIe 4.0 x16 figure
+H2D_LINK = "pcie4"
+
+# the fixed items a rank keeps in its fastest tier, in table order
+FIXED_ITEMS = ("kv_cache", "activations", "embedding", "lm_head", "norm", "staging")
+
+
+class PlacementError(ConfigError):
+    """The minimum a rank needs does not fit where it has to live."""
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str  # "device" | "host" | "disk"
+    capacity: int | None  # bytes; None: unbounded (the disk tier reads the checkpoint in place)
+    read_Bps: float  # how fast a token's bytes come out of this tier
+
+    @property
+    def label(self) -> str:
+        return {"device": "device memory", "host": "host RAM", "disk": "disk (mmap)"}[self.name]
+
+
+@dataclass(frozen=True)
+class ShardBytes:
+    """Byte counts of one rank's shard, before anything is allocated."""
+
+    layers: tuple[int, ...]  # weights of each decoder layer on this rank
+    embedding: int
+    lm_head: int  # 0 when tied to the embedding
+    norm: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def weights(self) -> int:
+        return sum(self.layers) + self.embedding + self.lm_head + self.norm
+
+
+def _param_bytes(shape: tuple[int, ...], dtype_bytes: int, quantized: bool) -> int:
+    n = math.prod(shape)
+    if quantized:  # int8 weight + one scale per output row, in the activation dtype
+        return n + shape[0] * dtype_bytes
+    return n * dtype_bytes
+
+
+def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: int, max_batch: int, quantize: str | None = None) -> ShardBytes:
+    """Exact weight bytes of this rank's parameters (merged q/k/v and gate/up, vocab padding),
+    the KV cache, and an upper bound on the activations of a full-context prefill."""
+    nb = DTYPE_BYTES[dtype]
+    layers = [0] * cfg.num_layers
+    merged: dict[str, list[int]] = {}  # merged parameter -> [rows, cols]
+    for e in expected_tensors(cfg):
+        shape = sliced_shape(e.shape, sharding.spec(e.hf_name, cfg, tp, rank))
+        if e.slot is not None:  # slots stack rows into one parameter
+            rows_cols = merged.setdefault(e.target, [0, *shape[1:]])
+            rows_cols[0] += shape[0]
+        else:
+            merged[e.target] = list(shape)
+    vocab_rows = max(hi - lo for lo, hi in sharding.split_ranges(cfg.vocab_size, tp))
+    embedding = lm_head = norm = 0
+    for target, shape in merged.items():
+        if target.startswith("layers."):
+            i = int(target.split(".")[1])
+            quantized = quantize == "int8" and target.endswith("proj.weight")
+            layers[i] += _param_bytes(tuple(shape), nb, quantized)
+        elif target == "embed_tokens.weight":
+            embedding = vocab_rows * cfg.hidden_size * nb  # padded to the largest shard
+        elif target == "lm_head.weight":
+            lm_head = vocab_rows * cfg.hidden_size * nb
+        else:
+            norm += _param_bytes(tuple(shape), nb, False)
+    heads = sharding.head_layout(cfg, tp, rank)
+    lo, hi = sharding.intermediate_range(cfg, tp, rank)
+    hd = cfg.head_dim
+    kv_cache = 2 * cfg.num_layers * max_batch * heads.num_kv_local * max_seq_len * hd * nb
+    # a full-context prefill: hidden, residual and norm output, qkv, attention output, gate/up
+    # and its product per token, plus fp32 logits of every sequence before and after the gather
+    per_token = (3 * cfg.hidden_size + (heads.num_q_local + 2 * heads.num_kv_local) * hd + heads.num_q_local * hd + 3 * (hi - lo)) * nb
+    logits = 2 * max_batch * vocab_rows * tp * 4
+    activations = max_batch * max_seq_len * per_token + logits
+    return ShardBytes(tuple(layers), embedding, lm_head, norm, kv_cache, activations)
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    tp: int
+    device_type: str  # "cuda" | "cpu"
+    sizes: ShardBytes
+    tiers: list[Tier]
+    layer_tier: list[str]  # per decoder layer: the tier it lives in
+    fixed: dict[str, int] = field(default_factory=dict)  # FIXED_ITEMS -> bytes in tiers[0]
+    host_staging: int = 0  # GPU with disk layers: a pinned host buffer of one layer
+
+    @property
+    def fast(self) -> Tier:
+        return self.tiers[0]
+
+    def tier(self, name: str) -> Tier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def layers_on(self, name: str) -> list[int]:
+        return [i for i, t in enumerate(self.layer_tier) if t == name]
+
+    def layer_bytes_on(self, name: str) -> int:
+        return sum(self.sizes.layers[i] for i in self.layers_on(name))
+
+    def used(self, name: str) -> int:
+        n = self.layer_bytes_on(name)
+        if name == self.fast.name:
+            n += sum(self.fixed.values())
+        if name == "host" and self.fast.name != "host":
+            n += self.host_staging
+        return n
+
+    @property
+    def streamed(self) -> list[int]:
+        """Layers not resident in the fastest tier: copied in (or read) on every use."""
+        return [i for i, t in enumerate(self.layer_tier) if t != self.fast.name]
+
+    @property
+    def streamed_fraction(self) -> float:
+        total = sum(self.sizes.layers)
+        return sum(self.sizes.layers[i] for i in self.streamed) / total if total else 0.0
+
+    def decode_seconds(self, page_cache: bool) -> float:
+        """Per-token time the tiers' bandwidths allow (weights only; KV and communication not
+        counted). Streamed copies overlap compute on a GPU (side stream), not on a CPU."""
+        fast = self.fast
+        reads = self.sizes.weights  # every weight passes through the fastest tier once per token
+        disk = self.layer_bytes_on("disk")
+        disk_Bps = fast.read_Bps / 2 if page_cache else self.tier("disk").read_Bps  # a page-cache copy reads and writes
+        if self.device_type == "cuda":
+            host = self.layer_bytes_on("host")
+            h2d = sol.LINKS[H2D_LINK].bandwidth_Bps
+            return max(reads / fast.read_Bps, (host + disk) / h2d + disk / disk_Bps)
+        return reads / fast.read_Bps + disk / disk_Bps
+
+
+def _assign(layers: Sequence[int], tiers: Sequence[Tier], free: dict[str, int | None]) -> list[str]:
+    """Each layer, in order, to the fastest tier with room left (the last tier is unbounded)."""
+    room = dict(free)
+    out = []
+    for n in layers:
+        t = next(t for t in tiers if room[t.name] is None or n <= room[t.name])
+        if room[t.name] is not None:
+            room[t.name] -= n
+        out.append(t.name)
+    return out
+
+
+def _staging_layers(device_type: str) -> int:
+    # GPU: double buffer (copy layer i+1 while layer i computes); CPU: one buffer, with the
+    # kernel's readahead (madvise WILLNEED) fetching the next layer's pages meanwhile
+    return 2 if device_type == "cuda" else 1
+
+
+def plan_rank(
+    cfg: ModelConfig,
+    tp: int,
+    rank: int,
+    dtype: str,
+    max_seq_len: int,
+    max_batch: int,
+    device_type: str,
+    tiers: Sequence[Tier],
+    quantize: str | None = None,
+) -> RankPlan:
+    """tiers: fastest first; the last one is the disk (unbounded)."""
+    sizes = shard_bytes(cfg, tp, rank, dtype, max_seq_len, max_batch, quantize)
+    tiers = list(tiers)
+    fast = tiers[0]
+    fixed = {"kv_cache": sizes.kv_cache, "activations": sizes.activations, "embedding": sizes.embedding, "lm_head": sizes.lm_head, "norm": sizes.norm, "staging": 0}
+    if fast.capacity is None or sum(fixed.values()) + sum(sizes.layers) <= fast.capacity:
+        return RankPlan(rank, tp, device_type, sizes, tiers, [fast.name] * cfg.num_layers, fixed)
+    fixed["staging"] = _staging_layers(device_type) * max(sizes.layers)
+    minimum = sum(fixed.values())
+    if minimum > fast.capacity:
+        flag = "--max-device-memory" if fast.name == "device" else "--max-host-memory"
+        parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in fixed.items() if v)
+        raise PlacementError(
+            f"rank {rank} of tp={tp} needs at least {format_bytes(minimum)} in {fast.label} ({parts}), "
+            f"but {flag} allows {format_bytes(fast.capacity)}: {format_bytes(minimum - fast.capacity)} missing. "
+            f"Raise {flag}, lower --max-seq-len or --max-batch-size (the KV cache and activations), or use more ranks (--tp)"
+        )
+    free = {t.name: t.capacity for t in tiers}
+    free[fast.name] -= minimum
+    layer_tier = _assign(sizes.layers, tiers, free)
+    host_staging = 0
+    if fast.name == "device" and "disk" in layer_tier and free.get("host") is not None:
+        # disk layers pass through one pinned host buffer on their way to the device
+        host_staging = max(sizes.layers)
+        free["host"] -= host_staging
+        layer_tier = _assign(sizes.layers, tiers, free)
+    return RankPlan(rank, tp, device_type, sizes, tiers, layer_tier, fixed, host_staging)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the machine has
+
+
+def host_memory_available() -> int:
+    """MemAvailable of /proc/meminfo (what the kernel can give without swapping), else physical."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_host_budget(local_ranks: int) -> int:
+    return int(host_memory_available() * HOST_SHARE / max(local_ranks, 1))
+
+
+def make_tiers(device_type: str, device_bytes: int | None, host_bytes: int, hardware: sol.Hardware, disk_Bps: float = DISK_READ_Bps) -> list[Tier]:
+    """The tiers of one rank, fastest first. On a CPU the device tier does not exist."""
+    disk = Tier("disk", None, disk_Bps)
+    if device_type == "cpu":
+        return [Tier("host", host_bytes, hardware.mem_bandwidth_Bps), disk]
+    if device_bytes is None:
+        raise ConfigError("planning for a GPU needs its memory: pass --max-device-memory (no GPU is visible here)")
+    host_Bps = sol.LINKS[H2D_LINK].bandwidth_Bps
+    return [Tier("device", device_bytes, hardware.mem_bandwidth_Bps), Tier("host", host_bytes, host_Bps), disk]
+
+
+def smallest_tp(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, fast_bytes: int, quantize: str | None = None) -> int | None:
+    """The smallest tp at which every rank's whole shard (and its KV cache and activations) fits
+    in `fast_bytes`; None if even tp = number of heads does not fit."""
+    for tp in range(1, cfg.num_heads + 1):
+        if all(
+            (s := shard_bytes(cfg, tp, r, dtype, max_seq_len, max_batch, quantize)).weights + s.kv_cache + s.activations <= fast_bytes
+            for r in range(tp)
+        ):
+            return tp
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def plan_rows(plan: RankPlan) -> list[dict]:
+    """One row per tier (the table `tp-run plan` prints and --json carries)."""
+    rows = []
+    for t in plan.tiers:
+        layers = plan.layers_on(t.name)
+        row = {
+            "rank": plan.rank,
+            "tier": t.name,
+            "capacity": t.capacity,
+            "used": plan.used(t.name),
+            "layers": _ranges(layers),
+            "num_layers": len(layers),
+            "layer_bytes": plan.layer_bytes_on(t.name),
+            "kv_cache": plan.fixed["kv_cache"] if t is plan.fast else 0,
+            "headroom": None if t.capacity is None else t.capacity - plan.used(t.name),
+        }
+        rows.append(row)
+    return rows
+
+
+def _ranges(items: list[int]) -> str:
+    if not items:
+        return "-"
+    out, start, prev = [], items[0], items[0]
+    for i in items[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def format_plan(plans: Sequence[RankPlan]) -> str:
+    head = f"{'rank':>4}  {'tier':<14} {'capacity':>11} {'used':>11} {'layers':<12} {'layer bytes':>11} {'KV cache':>10} {'headroom':>11}"
+    lines = [head, "-" * len(head)]
+    for plan in plans:
+        for row, t in zip(plan_rows(plan), plan.tiers):
+            cap = "unbounded" if t.capacity is None else format_bytes(t.capacity)
+            headroom = "-" if row["headroom"] is None else format_bytes(row["headroom"])
+            kv = format_bytes(row["kv_cache"]) if row["kv_cache"] else "-"
+            lines.append(
+                f"{plan.rank:>4}  {t.label:<14} {cap:>11} {format_bytes(row['used']):>11} {row['layers']:<12} "
+                f"{format_bytes(row['layer_bytes']):>11} {kv:>10} {headroom:>11}"
+            )
+        fixed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in plan.fixed.items() if v)
+        lines.append(f"{'':>4}  in {plan.fast.label}: {fixed}")
+    return "\n".join(lines)
+
+
+def model_facts(cfg: ModelConfig, dtype: str) -> dict[str, float]:
+    """The sizes people ask about besides inference memory, by the usual rules of thumb."""
+    shape = sol.ModelShape.from_config(cfg, bytes_per_param=DTYPE_BYTES[dtype])
+    params = shape.params_total
+    chinchilla = 20 * params  # Hoffmann et al. 2022: ~20 training tokens per parameter
+    return {
+        "parameters": params,
+        "weight_bytes": params * DTYPE_BYTES[dtype],
+        "flops_per_token": 2.0 * shape.params_active,  # one multiply-add per active weight
+        "kv_bytes_per_token": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[dtype],
+        "chinchilla_tokens": chinchilla,
+        "chinchilla_training_flops": 6.0 * params * chinchilla,  # ~6 N D (forward + backward)
+    }
