@@ -96,7 +96,6 @@ class LLM:
         index = open_index(model_dir)
         entries = validate(index, cfg, parallel.world_size, parallel.rank)
         tokenizer = load_tokenizer(model_dir)
-        rss_at_start = rss_bytes()
         plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len)
         if plan.streamed and runtime.quantize:
             raise ConfigError(
@@ -109,6 +108,9 @@ class LLM:
             comm = create_communicator(parallel, device, runtime.comm)
         with torch.device("meta"):
             model = model_class(cfg)(cfg, comm, dtype, max_seq_len)
+        # the runtime before any weight (interpreter, torch and what the meta build imports,
+        # tokenizer, transport buffers): what a memory budget does not cover
+        rss_at_start = rss_bytes()
         streamer = attach_streaming(model, plan, index, cfg, device)
         model.to_empty(device=device)
         model.init_buffers()

@@ -1,9 +1,11 @@
 """Where a rank's memory went: weights per tier, KV cache, staging, peak use.
 
 Peak use is the process's own accounting: torch.cuda.max_memory_allocated on a GPU, the
-peak resident set (getrusage ru_maxrss, which counts touched pages of mapped files too) on
-a CPU. `rss_at_start` is the resident set before the model was built (the interpreter,
-torch, the tokenizer): what a --max-host-memory budget does not cover.
+peak resident set on a CPU (VmHWM of /proc/self/status, which counts touched pages of mapped
+files too; not getrusage's ru_maxrss, which a child inherits from the process that forked it
+across exec). `rss_at_start` is the resident set before any weight was allocated (the interpreter,
+torch and the modules a meta build imports, the tokenizer, the transport's buffers): what a
+--max-host-memory budget does not cover.
 """
 
 from __future__ import annotations
@@ -19,13 +21,27 @@ from tp_runtime.placement import RankPlan
 FIELDS = ("weights_device", "weights_host", "weights_disk", "kv_cache", "staging", "peak_allocated", "rss_at_start", "peak_rss", "stream_copies", "stream_bytes")
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    kib = _status_kib("VmHWM")
+    if kib is None:  # not Linux: the rusage figure, in KiB on Linux-likes, bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kib * 1024
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    kib = _status_kib("VmRSS")
+    return 0 if kib is None else kib * 1024
 
 
 def _nbytes(tensors) -> int:
