@@ -165,11 +165,13 @@ class RankPlan:
         fast = self.fast
         reads = self.sizes.weights  # every weight passes through the fastest tier once per token
         disk = self.layer_bytes_on("disk")
-        disk_Bps = fast.read_Bps / 2 if page_cache else self.tier("disk").read_Bps  # a page-cache copy reads and writes
         if self.device_type == "cuda":
             host = self.layer_bytes_on("host")
             h2d = sol.LINKS[H2D_LINK].bandwidth_Bps
+            # a page-cache copy into the pinned buffer is a host memcpy: taken as fast as the link
+            disk_Bps = h2d if page_cache else self.tier("disk").read_Bps
             return max(reads / fast.read_Bps, (host + disk) / h2d + disk / disk_Bps)
+        disk_Bps = fast.read_Bps / 2 if page_cache else self.tier("disk").read_Bps  # a page-cache copy reads and writes
         return reads / fast.read_Bps + disk / disk_Bps
 
 
@@ -226,6 +228,12 @@ def plan_rank(
     if fast.name == "device" and "disk" in layer_tier and free.get("host") is not None:
         # disk layers pass through one pinned host buffer on their way to the device
         host_staging = max(sizes.layers)
+        if host_staging > free["host"]:
+            raise PlacementError(
+                f"rank {rank} of tp={tp} streams layers from disk through a pinned host buffer of {format_bytes(host_staging)}, "
+                f"but --max-host-memory allows {format_bytes(free['host'])}: {format_bytes(host_staging - free['host'])} missing. "
+                "Raise --max-host-memory or --max-device-memory, or use more ranks (--tp)"
+            )
         free["host"] -= host_staging
         layer_tier = _assign(sizes.layers, tiers, free)
     return RankPlan(rank, tp, device_type, sizes, tiers, layer_tier, fixed, host_staging)

@@ -54,11 +54,12 @@ def format_duration(seconds: float) -> str:
 # binary units for memory sizes (what nvidia-smi and free -h print); decimal ones as written
 _BYTES = {
     "": 1, "b": 1,
-    "k": 2**10, "kib": 2**10, "kb": 1e3,
-    "m": 2**20, "mib": 2**20, "mb": 1e6,
-    "g": 2**30, "gib": 2**30, "gb": 1e9,
-    "t": 2**40, "tib": 2**40, "tb": 1e12,
+    "k": 2**10, "kib": 2**10, "kb": 10**3,
+    "m": 2**20, "mib": 2**20, "mb": 10**6,
+    "g": 2**30, "gib": 2**30, "gb": 10**9,
+    "t": 2**40, "tib": 2**40, "tb": 10**12,
 }
+_MAX_BYTES = 2**62  # far beyond any machine; keeps byte counts in int64
 
 
 def parse_bytes(text: str) -> int:
@@ -67,7 +68,10 @@ def parse_bytes(text: str) -> int:
     unit = m.group(2).lower() if m else None
     if not m or unit not in _BYTES:
         raise ConfigError(f"cannot read size {text!r}: use e.g. 512MiB, 8GiB, 8G (binary) or 500MB, 10GB (decimal)")
-    return int(float(m.group(1)) * _BYTES[unit])
+    value = Decimal(m.group(1)) * _BYTES[unit]  # exact: 2.01KB is 2010 bytes, not 2009
+    if value > _MAX_BYTES:
+        raise ConfigError(f"size {text!r} is too large")
+    return int(value)
 
 
 def format_bytes(n: float) -> str:
