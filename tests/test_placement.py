@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from tp_runtime import placement, sol
-from tp_runtime.checkpoint.synthetic import llama_config_dict
 from tp_runtime.cli import main
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ConfigError
@@ -26,32 +25,13 @@ from tp_runtime.model.registry import model_class
 from tp_runtime.placement import PlacementError, Tier
 from tp_runtime.units import format_bytes, parse_bytes
 
+import model_configs
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_raw(
-    heads: int,
-    kv_heads: int,
-    *,
-    head_dim: int = 4,
-    hidden: int = 24,
-    inter: int = 37,
-    vocab: int = 101,
-    layers: int = 2,
-    architecture: str = "LlamaForCausalLM",
-    **extra,
-) -> dict:
-    return llama_config_dict(
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        architecture=architecture,
-        head_dim=head_dim,
-        **extra,
-    )
+def make_raw(heads: int, kv_heads: int, layers: int = 2, **kw) -> dict:
+    return model_configs.make_raw(heads, kv_heads, layers=layers, **kw)
 
 
 def make_cfg(heads: int, kv_heads: int, **kw) -> ModelConfig:

@@ -15,36 +15,11 @@ import torch
 
 from tp_runtime import sharding
 from tp_runtime.checkpoint.names import expected_tensors
-from tp_runtime.checkpoint.synthetic import llama_config_dict
-from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ShardingError
 from tp_runtime.sharding import Parallel
+from model_configs import make_cfg
 
 
-def make_cfg(
-    heads: int,
-    kv_heads: int,
-    *,
-    head_dim: int = 4,
-    hidden: int = 24,
-    inter: int = 37,
-    vocab: int = 101,
-    layers: int = 1,
-    architecture: str = "LlamaForCausalLM",
-    **extra,
-) -> ModelConfig:
-    raw = llama_config_dict(
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        architecture=architecture,
-        head_dim=head_dim,
-        **extra,
-    )
-    return ModelConfig.from_dict(raw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 from tp_runtime import placement, sharding, sol
 from tp_runtime.config import DTYPE_NAMES, ModelConfig, RuntimeConfig
-from tp_runtime.units import format_bytes, parse_bandwidth, parse_bytes
+from tp_runtime.units import format_bytes, parse_bandwidth
 
 
 def add_memory_flags(p: argparse.ArgumentParser, size_type) -> None:
