@@ -42,8 +42,8 @@ def budget_for(model_dir, resident_layers: int, tp: int = 1, dtype: str = "float
     return fixed + sum(s.layers[:resident_layers]) + 1
 
 
-def _load(model_dir, budget=None, dtype="float32"):
-    runtime = RuntimeConfig(dtype=dtype, max_seq_len=128, max_batch_size=2, max_host_memory=budget, show_progress=False)
+def _load(model_dir, budget=None, dtype="float32", offload_dir=None):
+    runtime = RuntimeConfig(dtype=dtype, max_seq_len=128, max_batch_size=2, max_host_memory=budget, offload_dir=offload_dir, show_progress=False)
     return LLM.load(model_dir, ParallelConfig(), runtime)
 
 
@@ -73,6 +73,32 @@ def test_streamed_layers_give_the_resident_logits_and_tokens(bf16_sharded_model)
     assert mem["weights_disk"] == sum(s.layers[1:])
     assert mem["staging"] == max(s.layers)
     streamed.close()
+
+
+def test_offload_dir_holds_converted_layers_written_once(bf16_sharded_model, tmp_path):
+    prompts = [[3, 1, 4, 1, 5]]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    resident = _load(bf16_sharded_model)
+    want = [e.token_id for e in resident.generate(prompts, params)]
+    resident.close()
+    budget = budget_for(bf16_sharded_model, resident_layers=2, max_seq_len=128, batch=2)
+    offload_dir = tmp_path / "offload"
+    first = _load(bf16_sharded_model, budget, offload_dir=str(offload_dir))
+    assert first.plan.layers_on("disk") == [2, 3]
+    assert [e.token_id for e in first.generate(prompts, params)] == want
+    # the folder holds this rank's layers in the runtime's dtype: a copy streams float32 bytes
+    files = sorted(offload_dir.glob("*/layer*.safetensors"))
+    assert [f.name for f in files] == ["layer0002.safetensors", "layer0003.safetensors"]
+    assert first.streamer.stats.bytes == first.plan.layer_bytes_on("disk") * 10  # prefill + 9 decode steps
+    first.close()
+    stamps = [f.stat().st_mtime_ns for f in files]
+    # a smaller budget reuses the two layers and writes only the one it lacks
+    second = _load(bf16_sharded_model, budget_for(bf16_sharded_model, resident_layers=1, max_seq_len=128, batch=2), offload_dir=str(offload_dir))
+    assert second.plan.layers_on("disk") == [1, 2, 3]
+    assert [e.token_id for e in second.generate(prompts, params)] == want
+    second.close()
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert (files[0].parent / "layer0001.safetensors").is_file()
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -22,7 +22,7 @@ from typing import Any
 
 from tp_runtime.config import DTYPE_NAMES, CommConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.errors import ConfigError, TPRuntimeError
-from tp_runtime.plan_cli import add_memory_flags, add_plan_parser, run_plan
+from tp_runtime.plan_cli import add_memory_flags, add_offload_flag, add_plan_parser, run_plan
 from tp_runtime.units import parse_bandwidth, parse_bytes, parse_duration
 
 DEMO_PROMPT = "Tensor parallelism splits"
@@ -99,6 +99,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, no streamed text")
     p.add_argument("--verbose", action="store_true", help="print every rank's placement plan and memory use (also in --json)")
     add_memory_flags(p, _size)
+    add_offload_flag(p)
     p.add_argument("--transport", choices=("auto", "shm", "gloo", "nccl"), default="auto", help="how local ranks talk (auto: nccl on GPU, shm when all ranks share this host, else gloo)")
     p.add_argument("--comm-stats", action="store_true", help="print a table of every collective (count per token, bytes, p50/p90/p99, share of decode)")
     p.add_argument("--comm-trace", default=None, metavar="FILE", help="write every collective and decode step as a Chrome trace (rank r > 0 writes FILE with .rank<r> before the suffix)")
@@ -118,6 +119,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         compile_gemv=args.compile_gemv,
         max_device_memory=args.max_device_memory,
         max_host_memory=args.max_host_memory,
+        offload_dir=args.offload_dir,
         device=args.device,
         num_threads=args.threads,
         show_progress=not args.quiet,

@@ -247,6 +247,7 @@ class RuntimeConfig:
     # layers beyond them are streamed (see placement.py)
     max_device_memory: int | None = None
     max_host_memory: int | None = None
+    offload_dir: str | None = None  # streamed layers written here once, in the runtime's layout
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None

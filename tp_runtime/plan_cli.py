@@ -20,6 +20,10 @@ from tp_runtime.config import DTYPE_NAMES, ModelConfig, RuntimeConfig
 from tp_runtime.units import format_bytes, parse_bandwidth
 
 
+def add_offload_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-dir", default=None, metavar="DIR", help="write each rank's streamed layers here once, in the runtime's dtype and merged layout, and stream them from here (default: stream from the checkpoint itself)")
+
+
 def add_memory_flags(p: argparse.ArgumentParser, size_type) -> None:
     p.add_argument("--max-device-memory", type=size_type, default=None, metavar="SIZE", help="per-rank GPU memory budget, e.g. 20GiB (default: 90%% of what the GPU reports free)")
     p.add_argument("--max-host-memory", type=size_type, default=None, metavar="SIZE", help="per-rank host RAM budget, e.g. 8GiB (default: 85%% of available RAM / local ranks); layers beyond it are read from the mmap'd checkpoint on every token")

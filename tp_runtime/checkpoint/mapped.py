@@ -80,6 +80,9 @@ class MappedCheckpoint:
             start, _ = meta["data_offsets"]
             self._tensors[name] = _Located(mm, 8 + n + start, tuple(meta["shape"]), _TORCH_DTYPES[meta["dtype"]])
 
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
     def view(self, name: str, spec: sharding.ShardSpec | None = None) -> torch.Tensor:
         """This rank's rows or columns of `name` (all of it without a spec), viewing the mapping."""
         t = self._tensors[name]

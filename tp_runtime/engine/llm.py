@@ -111,7 +111,7 @@ class LLM:
         # the runtime before any weight (interpreter, torch and what the meta build imports,
         # tokenizer, transport buffers): what a memory budget does not cover
         rss_at_start = rss_bytes()
-        streamer = attach_streaming(model, plan, index, cfg, device)
+        streamer = attach_streaming(model, plan, index, cfg, device, runtime.offload_dir, dtype_name)
         model.to_empty(device=device)
         model.init_buffers()
         progress = _progress_bar(f"rank {parallel.rank} loading") if runtime.show_progress and parallel.rank == 0 else (lambda it: it)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tp_runtime.checkpoint import offload
 from tp_runtime.checkpoint.index import CheckpointIndex
 from tp_runtime.checkpoint.loader import CheckpointLayerSource
+from tp_runtime.checkpoint.offload import OffloadedLayerSource
 from tp_runtime.config import ModelConfig
 from tp_runtime.model.offload import (
     CudaLayerStreamer,
@@ -21,16 +23,27 @@ from tp_runtime.model.offload import (
 from tp_runtime.placement import RankPlan
 
 
-def attach_streaming(model: nn.Module, plan: RankPlan, index: CheckpointIndex, cfg: ModelConfig, device: torch.device) -> LayerStreamer | None:
+def attach_streaming(
+    model: nn.Module,
+    plan: RankPlan,
+    index: CheckpointIndex,
+    cfg: ModelConfig,
+    device: torch.device,
+    offload_dir: str | None = None,
+    dtype_name: str = "",
+) -> LayerStreamer | None:
     """Call on the meta-built model, before it is materialised: streamed layers then take no
     memory. Host-tier layers of a GPU plan are loaded here (pinned); disk-tier layers are read
-    from the checkpoint on every use."""
+    on every use from the checkpoint, or from `offload_dir` where they are written once in the
+    runtime's layout."""
     streamed = plan.streamed
     if not streamed:
         return None
     tp, rank = plan.tp, plan.rank
     disk_layers = plan.layers_on("disk")
     disk = CheckpointLayerSource(index, cfg, tp, rank, disk_layers)
+    if offload_dir and disk_layers:
+        disk = _offloaded(disk, plan, index, model, offload_dir, dtype_name)
     if device.type != "cuda":
         streamer: LayerStreamer = LayerStreamer(build_staging(model.make_layer, 1, device), disk, streamed)
     else:
@@ -55,3 +68,16 @@ def attach_streaming(model: nn.Module, plan: RankPlan, index: CheckpointIndex, c
         streamer = CudaLayerStreamer(build_staging(model.make_layer, 2, device), RoutedSource(sources), streamed, device)
     replace_streamed_layers(model, streamer, streamed)
     return streamer
+
+
+def _offloaded(checkpoint: CheckpointLayerSource, plan: RankPlan, index: CheckpointIndex, model: nn.Module, root: str, dtype_name: str) -> OffloadedLayerSource:
+    """Write the rank's disk layers the offload folder lacks (through a CPU layer), then read
+    them back from there."""
+    disk_layers = plan.layers_on("disk")
+    folder = offload.rank_folder(root, index.model_dir, plan.tp, plan.rank, dtype_name)
+    (scratch,) = build_staging(model.make_layer, 1, torch.device("cpu"))
+    meta = {"model": str(index.model_dir), "tp": plan.tp, "rank": plan.rank, "dtype": dtype_name}
+    offload.prepare(folder, disk_layers, {i: plan.sizes.layers[i] for i in disk_layers}, scratch, checkpoint.fill, meta)
+    checkpoint.close()
+    del scratch
+    return OffloadedLayerSource(folder, disk_layers)
