@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 from tp_runtime.kernels import reference
+from tp_runtime.kernels.cpu_gemv import cpu_linear  # noqa: F401  (re-exported for the model)
 from tp_runtime.kernels.gemv import compiled_linear  # noqa: F401  (re-exported for the model)
 
 _BACKENDS = ("auto", "torch", "triton")

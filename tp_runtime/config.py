@@ -247,6 +247,8 @@ class RuntimeConfig:
     # layers beyond them are streamed (see placement.py)
     max_device_memory: int | None = None
     max_host_memory: int | None = None
+    gemv: str = "auto"  # decode GEMV on CPU: "kernel" (kernels/cpu_gemv.c), "blas" (F.linear), "auto": kernel if it builds
+    weight_layout: str = "auto"  # "row" | "col" | "auto" (model/layout.py: col for float32 on CPU)
     offload_dir: str | None = None  # streamed layers written here once, in the runtime's layout
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
@@ -256,6 +258,10 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
+        if self.gemv not in ("auto", "kernel", "blas"):
+            raise ConfigError(f"gemv {self.gemv!r} is not one of auto, kernel, blas")
+        if self.weight_layout not in ("auto", "row", "col"):
+            raise ConfigError(f"weight layout {self.weight_layout!r} is not one of auto, row, col")
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"quantize {self.quantize!r} is not supported; the choice is int8 (weight-only)")
         for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -31,11 +32,24 @@ class TokenEvent:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, comm: Communicator, cfg: ModelConfig, max_seq_len: int, max_batch: int, device: torch.device, dtype: torch.dtype, fault: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        comm: Communicator,
+        cfg: ModelConfig,
+        max_seq_len: int,
+        max_batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        fault: tuple[int, int] | None = None,
+        decode_context: Callable[[], ContextManager] = nullcontext,
+    ) -> None:
+        """decode_context: entered around the decode loop (the CPU GEMV kernel's thread handover)."""
         self.model, self.comm, self.cfg = model, comm, cfg
         self.max_seq_len, self.max_batch, self.device = max_seq_len, max_batch, device
         self.cache = KVCache(cfg.num_layers, max_batch, model.heads.num_kv_local, max_seq_len, cfg.head_dim, dtype, device)
         self.fault = fault
+        self.decode_context = decode_context
         self.last_stats = RunStats()
 
     def _check(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -124,26 +138,27 @@ class Engine:
         step_no = 0
         t0 = time.perf_counter()
         decode_time = 0.0
-        while not all(finished):
-            if self.fault is not None and self.fault == (self.comm.rank, step_no):
-                raise RuntimeError(f"injected fault on rank {self.comm.rank} at decode step {step_no} (test hook)")
-            # finished sequences keep a slot in the batch; their positions stop at the context end
-            max_len = min(max(host_pos), self.max_seq_len - 1) + 1
-            step = StepInfo(pos.clamp(max=self.max_seq_len - 1)[:, None], prefill=False, cache_lens=cache_lens.clamp(max=self.max_seq_len), max_len=max_len)
-            logits = self.model(tokens[:, None], step, self.cache)
-            tokens = sampler(logits)
-            tokens_host = tokens.tolist()
-            step_no += 1
-            now = time.perf_counter()
-            decode_time += now - t0
-            comm_stats.span("decode step", t0, now, step=step_no)
-            stats.decode_tokens += sum(1 for f in finished if not f)
-            events = list(emit(tokens_host))
-            pos += 1
-            cache_lens += 1
-            host_pos = [p + 1 for p in host_pos]
-            yield from events
-            t0 = time.perf_counter()  # the consumer's time (printing) is not decode time
+        with self.decode_context():
+            while not all(finished):
+                if self.fault is not None and self.fault == (self.comm.rank, step_no):
+                    raise RuntimeError(f"injected fault on rank {self.comm.rank} at decode step {step_no} (test hook)")
+                # finished sequences keep a slot in the batch; their positions stop at the context end
+                max_len = min(max(host_pos), self.max_seq_len - 1) + 1
+                step = StepInfo(pos.clamp(max=self.max_seq_len - 1)[:, None], prefill=False, cache_lens=cache_lens.clamp(max=self.max_seq_len), max_len=max_len)
+                logits = self.model(tokens[:, None], step, self.cache)
+                tokens = sampler(logits)
+                tokens_host = tokens.tolist()
+                step_no += 1
+                now = time.perf_counter()
+                decode_time += now - t0
+                comm_stats.span("decode step", t0, now, step=step_no)
+                stats.decode_tokens += sum(1 for f in finished if not f)
+                events = list(emit(tokens_host))
+                pos += 1
+                cache_lens += 1
+                host_pos = [p + 1 for p in host_pos]
+                yield from events
+                t0 = time.perf_counter()  # the consumer's time (printing) is not decode time
         stats.decode_seconds = decode_time
         stats.decode_steps = step_no
         stats.finish_reasons = reasons

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -28,7 +29,9 @@ from tp_runtime.engine.memory import FIELDS as MEMORY_FIELDS
 from tp_runtime.engine.memory import rank_memory, rss_bytes
 from tp_runtime.engine.offload import attach_streaming
 from tp_runtime.engine.sampling import SamplingParams
-from tp_runtime.model.linear import use_compiled_gemv_
+from tp_runtime.model.layout import column_major_, resolve_layout
+from tp_runtime.kernels import cpu_gemv
+from tp_runtime.model.linear import use_compiled_gemv_, use_cpu_gemv_
 from tp_runtime.model.quant import quantize_int8_
 from tp_runtime.model.registry import model_class
 from tp_runtime import placement, sol
@@ -118,13 +121,21 @@ class LLM:
         streamed = {f"layers.{i}." for i in plan.streamed}
         resident = [e for e in entries if not e.target.startswith(tuple(streamed))] if streamed else entries
         nbytes = load_shard(model, index, resident, cfg, parallel.world_size, parallel.rank, progress)
+        decode_context = nullcontext
         if runtime.quantize == "int8":
             quantize_int8_(model)
         elif runtime.compile_gemv and device.type == "cpu":
             use_compiled_gemv_(model)
+        elif device.type == "cpu" and runtime.gemv != "blas" and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
+            use_cpu_gemv_([model, *(streamer.staging if streamer else [])])
+            decode_context = cpu_gemv.decode_threads
+        elif runtime.gemv == "kernel":
+            raise ConfigError("--gemv kernel: the CPU GEMV kernel runs float32 and bfloat16 on CPU, and needs a C compiler (see the warning above)")
+        elif resolve_layout(runtime.weight_layout, dtype, device) == "col":
+            column_major_(model)
         model.eval()
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
-        engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault)
+        engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault, decode_context)
         llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
         llm.plan, llm.streamer, llm.rss_at_start = plan, streamer, rss_at_start
         llm.memory_at_load = llm.memory()

@@ -67,9 +67,11 @@ class ParallelLMHead(nn.Module):
         if self.uneven:
             self.keep.copy_(torch.tensor(self._keep, dtype=torch.long))
 
+    matmul = staticmethod(F.linear)  # kernels.cpu_linear for decode on CPU (see linear.py)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h: [n, hidden] -> logits [n, vocab] (float32, identical on every rank)
-        logits = F.linear(h, self.weight)
+        logits = self.matmul(h, self.weight)
         logits = self.comm.all_gather(logits, dim=-1, site=self.site)  # vocab-parallel: shards -> full vocab
         if self.uneven:
             logits = logits.index_select(-1, self.keep)

@@ -36,7 +36,7 @@ class ColumnParallelLinear(nn.Module):
         lo, hi = self.slot_rows[slot] if slot is not None else (0, param.shape[0])
         copy_checked(param[lo:hi], data)
 
-    # the GEMM; kernels.compiled_linear with --compile-gemv (set by use_compiled_gemv_)
+    # the GEMM; kernels.cpu_linear or kernels.compiled_linear on CPU (use_cpu_gemv_, use_compiled_gemv_)
     matmul = staticmethod(F.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,3 +79,18 @@ def use_compiled_gemv_(model: nn.Module) -> int:
             seen.add(key)
             m.matmul(torch.zeros(1, m.weight.shape[1], dtype=m.weight.dtype), m.weight)
     return len(layers)
+
+
+def use_cpu_gemv_(modules) -> int:
+    """Route the single-row products of every parallel linear and LM head in `modules` (a model,
+    or staging layers) through kernels.cpu_linear; returns how many."""
+    from tp_runtime import kernels
+    from tp_runtime.model.embedding import ParallelLMHead
+
+    n = 0
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+                m.matmul = kernels.cpu_linear
+                n += 1
+    return n

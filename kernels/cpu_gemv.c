@@ -1,0 +1,101 @@
+/* Decode GEMV on CPU: y = W x for one activation row, W row-major [N, K] float32 or bfloat16,
+   x and y float32. Built at first use by kernels/cpu_gemv.py (gcc -O3 -march=native).
+
+   Why: BLAS (MKL / oneDNN through F.linear) treats a single row as a tiny GEMM and streams the
+   weights at ~15-20 GB/s on the 2-core Zen 4 this project measures on, where the memory gives
+   ~34 GB/s and more; decode is nothing but these products. This kernel walks 4 rows at a time
+   (x read once per 4 rows, the inner loop vectorised by the compiler) and splits the rows over
+   a small pool of persistent threads that spin briefly between calls, then sleep.
+   bench/gemv.py measures it against F.linear. */
+#include <stdint.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+
+/* y[r] = sum_i W[r*K + i] * x[i] for rows r in [r0, r1): 4 rows at a time, so x is read once
+   per 4 rows; plain C the compiler vectorises (-O3 -march=native -fassociative-math: the sums
+   are reordered, as any SIMD dot product does). */
+static void rows_f32(const float* restrict W, const float* restrict x, float* restrict y, int64_t K, int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = W + r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int64_t i = 0; i < K; i++) { float xi = x[i]; s0 += w0[i] * xi; s1 += w1[i] * xi; s2 += w2[i] * xi; s3 += w3[i] * xi; }
+        y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+    }
+    for (; r < r1; r++) { const float* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += w[i] * x[i]; y[r] = s; }
+}
+
+static inline float bf16(uint16_t v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
+
+/* bfloat16 weights, float32 x and accumulation */
+static void rows_bf16(const uint16_t* restrict W, const float* restrict x, float* restrict y, int64_t K, int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t *w0 = W + r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int64_t i = 0; i < K; i++) { float xi = x[i]; s0 += bf16(w0[i]) * xi; s1 += bf16(w1[i]) * xi; s2 += bf16(w2[i]) * xi; s3 += bf16(w3[i]) * xi; }
+        y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+    }
+    for (; r < r1; r++) { const uint16_t* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += bf16(w[i]) * x[i]; y[r] = s; }
+}
+
+/* a tiny persistent pool: worker t computes its share of the rows of the current job */
+#define MAXT 64
+static int nthreads = 1;
+static pthread_t threads[MAXT];
+static struct { const void* W; const float* x; float* y; int64_t K, N; int kind; } job;
+static atomic_long generation = 0;
+static atomic_int pending = 0;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int sleepers = 0;
+
+static void share(int t) {
+    int64_t N = job.N, per = ((N + nthreads - 1) / nthreads + 3) / 4 * 4;
+    int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
+    if (r0 >= r1) return;
+    if (job.kind == 1) rows_bf16((const uint16_t*)job.W, job.x, job.y, job.K, r0, r1);
+    else rows_f32((const float*)job.W, job.x, job.y, job.K, r0, r1);
+}
+
+static void* worker(void* arg) {
+    int t = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        long g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+            if (++spins < 200000) { __builtin_ia32_pause(); continue; }
+            pthread_mutex_lock(&mu);
+            sleepers++;
+            while (atomic_load(&generation) == seen) pthread_cond_wait(&cv, &mu);
+            sleepers--;
+            pthread_mutex_unlock(&mu);
+            spins = 0;
+        }
+        seen = g;
+        share(t);
+        atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
+    }
+    return 0;
+}
+
+int tp_gemv_start(int n) {
+    if (n < 1) n = 1;
+    if (n > MAXT) n = MAXT;
+    for (int t = nthreads; t < n; t++)
+        if (pthread_create(&threads[t], 0, worker, (void*)(intptr_t)t)) return nthreads;
+        else nthreads = t + 1;
+    return nthreads;
+}
+
+/* kind: 0 float32, 1 bfloat16 */
+void tp_gemv(const void* W, const float* x, float* y, int64_t K, int64_t N, int kind) {
+    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = kind;
+    atomic_store(&pending, nthreads - 1);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    if (sleepers) { pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu); }
+    share(0);
+    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) __builtin_ia32_pause();
+}

@@ -1,0 +1,45 @@
+"""The CPU decode GEMV kernel (kernels/cpu_gemv.c) against F.linear and a float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tp_runtime.kernels import cpu_gemv
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler: the kernel is optional, F.linear stands in")
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("n, k", [(1, 1), (3, 5), (4, 16), (7, 33), (1280, 768), (130, 2049), (4097, 64)])
+def test_single_row_matches_float64(dtype, rtol, n, k):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    y = cpu_gemv.cpu_linear(x, w)
+    want = (w.double() @ x.double()[0])[None]
+    assert y.shape == (1, n) and y.dtype == dtype
+    # fp32: the kernel accumulates in float32 in another order than BLAS; bf16: output rounding
+    scale = (w.double().abs() @ x.double().abs()[0]).max()
+    assert ((y.double() - want).abs().max() / scale) < rtol
+
+
+def test_batched_leading_dims_and_fallbacks_agree_with_f_linear():
+    w = torch.randn(64, 48)
+    x = torch.randn(1, 1, 48)
+    torch.testing.assert_close(cpu_gemv.cpu_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    # several rows, a non-contiguous weight, float16: F.linear itself
+    rows = torch.randn(3, 48)
+    assert torch.equal(cpu_gemv.cpu_linear(rows, w), F.linear(rows, w))
+    wt = torch.randn(48, 64).t()
+    assert torch.equal(cpu_gemv.cpu_linear(x, wt), F.linear(x, wt))
+    h = torch.randn(1, 48, dtype=torch.float16)
+    assert torch.equal(cpu_gemv.cpu_linear(h, w.half()), F.linear(h, w.half()))
+
+
+def test_decode_threads_hands_torch_threads_back():
+    n = torch.get_num_threads()
+    with cpu_gemv.decode_threads():
+        inside = torch.get_num_threads()
+    assert torch.get_num_threads() == n
+    assert inside == (1 if cpu_gemv._pool_threads > 1 and n > 1 else n)
+
