@@ -42,17 +42,18 @@ static void rows_bf16(const uint16_t* restrict W, const float* restrict x, float
 
 /* a tiny persistent pool: worker t computes its share of the rows of the current job */
 #define MAXT 64
-static int nthreads = 1;
+static int nthreads = 1;  /* threads created (the caller's included) */
+static int active = 1;    /* threads that share a call's rows: tp_gemv_start sets it */
 static pthread_t threads[MAXT];
 static struct { const void* W; const float* x; float* y; int64_t K, N; int kind; } job;
 static atomic_long generation = 0;
 static atomic_int pending = 0;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-static int sleepers = 0;
+static atomic_int sleepers = 0;  /* seq_cst with `generation`: no wake-up is lost */
 
 static void share(int t) {
-    int64_t N = job.N, per = ((N + nthreads - 1) / nthreads + 3) / 4 * 4;
+    int64_t N = job.N, per = ((N + active - 1) / active + 3) / 4 * 4;
     int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
     if (r0 >= r1) return;
     if (job.kind == 1) rows_bf16((const uint16_t*)job.W, job.x, job.y, job.K, r0, r1);
@@ -68,34 +69,39 @@ static void* worker(void* arg) {
         while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
             if (++spins < 200000) { __builtin_ia32_pause(); continue; }
             pthread_mutex_lock(&mu);
-            sleepers++;
+            atomic_fetch_add(&sleepers, 1);
             while (atomic_load(&generation) == seen) pthread_cond_wait(&cv, &mu);
-            sleepers--;
+            atomic_fetch_sub(&sleepers, 1);
             pthread_mutex_unlock(&mu);
             spins = 0;
         }
         seen = g;
-        share(t);
-        atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
+        if (t < active) {
+            share(t);
+            atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
+        }
     }
     return 0;
 }
 
+/* n threads share each call from now on (created as needed); returns how many do */
 int tp_gemv_start(int n) {
     if (n < 1) n = 1;
     if (n > MAXT) n = MAXT;
-    for (int t = nthreads; t < n; t++)
-        if (pthread_create(&threads[t], 0, worker, (void*)(intptr_t)t)) return nthreads;
-        else nthreads = t + 1;
-    return nthreads;
+    for (int t = nthreads; t < n; t++) {
+        if (pthread_create(&threads[t], 0, worker, (void*)(intptr_t)t)) break;
+        nthreads = t + 1;
+    }
+    active = n < nthreads ? n : nthreads;
+    return active;
 }
 
 /* kind: 0 float32, 1 bfloat16 */
 void tp_gemv(const void* W, const float* x, float* y, int64_t K, int64_t N, int kind) {
     job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = kind;
-    atomic_store(&pending, nthreads - 1);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
-    if (sleepers) { pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu); }
+    atomic_store(&pending, active - 1);
+    atomic_fetch_add(&generation, 1);
+    if (atomic_load(&sleepers)) { pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu); }
     share(0);
     while (atomic_load_explicit(&pending, memory_order_acquire) > 0) __builtin_ia32_pause();
 }

@@ -89,6 +89,15 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def _forget_in_child() -> None:
+    # a forked child has the library's state but not its pool threads: a call would wait forever
+    global _lib, _tried
+    _lib, _tried = None, True
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def available() -> bool:
     return load() is not None
 
