@@ -3,8 +3,8 @@ at first use and cached; F.linear wherever it cannot run.
 
 One activation row against a row-major float32 or bfloat16 weight, accumulated in float32, the
 rows split over `torch.get_num_threads()` threads of the kernel's own pool. Measured on the
-project's 2-core Zen 4 (bench/gemv.py): float32 ~33-42 GB/s against F.linear's 15-19, bfloat16
-~23-31 against 16-20. Anything else (several rows, other dtypes, a non-contiguous weight, a
+project's 2-core Zen 4 (bench/gemv.py): float32 ~30-42 GB/s against F.linear's 14-27 (row- or
+column-major), bfloat16 ~31-40 with AVX512-BF16 dot products (25-28 without) against 18-21. Anything else (several rows, other dtypes, a non-contiguous weight, a
 GPU tensor, no compiler) goes to F.linear. Int8 weights stay with aten's int8 kernel (a plain
 C int8 loop measured 17-21 GB/s of int8 against its 17-28). The sums run in another order than BLAS: results
 differ from F.linear by float rounding (~1e-6 relative).
@@ -34,6 +34,7 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
 _lib: ctypes.CDLL | None = None
 _tried = False
 _pool_threads = 1
+_bf16_dot = False  # the library has the AVX512-BF16 path (bfloat16 x as is)
 
 
 def _cache_dir() -> Path:
@@ -72,7 +73,7 @@ def _build() -> Path | None:
 
 def load() -> ctypes.CDLL | None:
     """The kernel library with its pool started at this process's torch thread count, or None."""
-    global _lib, _tried, _pool_threads
+    global _lib, _tried, _pool_threads, _bf16_dot
     if _tried:
         return _lib
     _tried = True
@@ -83,6 +84,7 @@ def load() -> ctypes.CDLL | None:
             lib.tp_gemv_start.argtypes = [ctypes.c_int]
             lib.tp_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
             _pool_threads = lib.tp_gemv_start(torch.get_num_threads())
+            _bf16_dot = bool(lib.tp_gemv_has_bf16_dot())
             _lib = lib
     except OSError as e:
         log.warning("loading the CPU GEMV kernel failed (%s): decode GEMVs use F.linear", e)
@@ -130,7 +132,10 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _run(x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
-    xf = x.reshape(-1).to(torch.float32).contiguous()
+    if kind == 1 and _bf16_dot and x.dtype == torch.bfloat16:
+        kind, xf = 2, x.reshape(-1).contiguous()  # bf16 pairs straight into the dot product
+    else:
+        xf = x.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(w.shape[0], dtype=torch.float32)
     _lib.tp_gemv(w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], kind)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
