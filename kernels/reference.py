@@ -104,6 +104,9 @@ def apply_rope_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return q, k
 
 
+_INT8PACK_MAX_ROWS = 8
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """y = x @ (qweight * scales[:, None])^T: weight-only int8 with one scale per output channel.
 
@@ -115,11 +118,15 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    # aten's bf16 CPU kernel needs the inner dimension to be a multiple of 16 (torch 2.13: it
-    # returns garbage for one row and crashes with SIGSEGV for more); other shapes dequantise
-    fast = x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm") and x2.shape[1] % 16 == 0
-    if fast:
+    cpu = x.device.type == "cpu"
+    if cpu and x2.shape[0] > _INT8PACK_MAX_ROWS:
+        # many rows (prefill): aten's kernel goes row by row; a bf16 copy of the int8 weight and
+        # a BLAS GEMM, scaled after, is faster here (TinyLlama, 128-token prompt: 70 -> ~118 tok/s)
+        y = (F.linear(x2.to(torch.bfloat16), qweight.to(torch.bfloat16)) * scales.to(torch.bfloat16)).to(x.dtype)
+    elif cpu and hasattr(torch.ops.aten, "_weight_int8pack_mm") and x2.shape[1] % 16 == 0:
+        # aten's bf16 CPU kernel needs the inner dimension to be a multiple of 16 (torch 2.13: it
+        # returns garbage for one row and crashes with SIGSEGV for more); other shapes dequantise
         y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), qweight, scales.to(torch.bfloat16)).to(x.dtype)
     else:
-        y = F.linear(x2, qweight.to(x.dtype)) * scales
+        y = F.linear(x2, qweight.to(x.dtype)) * scales.to(x.dtype)
     return y.reshape(*lead, qweight.shape[0])
