@@ -43,3 +43,16 @@ def test_decode_threads_hands_torch_threads_back():
     assert torch.get_num_threads() == n
     assert inside == (1 if cpu_gemv._pool_threads > 1 and n > 1 else n)
 
+
+
+def test_every_gemv_path_generates_the_same_tokens(small_model):
+    """The kernel (default), BLAS row-major and BLAS column-major: one greedy continuation."""
+    from conftest import last_json, run_cli
+
+    base = ["generate", "--model", str(small_model), "--prompt-ids", "5,9,2,7", "--max-new-tokens", "12", "--ignore-eos", "--quiet", "--json", "--dtype", "float32"]
+    outs = []
+    for extra in ([], ["--gemv", "blas", "--weight-layout", "row"], ["--gemv", "blas", "--weight-layout", "col"]):
+        p = run_cli(base + extra)
+        assert p.returncode == 0, p.stderr
+        outs.append(last_json(p.stdout)["output_ids"])
+    assert outs[0] == outs[1] == outs[2]
