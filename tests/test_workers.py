@@ -156,3 +156,24 @@ def test_open_listen_without_secret_warns_and_keygen_writes_private_file(tmp_pat
     r = subprocess.run([sys.executable, "-m", "tp_runtime.launch.worker", "--keygen", str(key)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and len(bytes.fromhex(key.read_text().strip())) == 32
     assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_workers_stream_layers_under_the_coordinators_memory_budget(tmp_path, workers):
+    """--max-host-memory reaches the workers: every rank streams the same layers, same tokens."""
+    from tp_runtime import placement
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+    from tp_runtime.config import ModelConfig
+
+    cfg_dict = llama_config_dict(hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=320, vocab_size=300)
+    model = write_checkpoint(tmp_path / "llama4", cfg_dict, seed=9)
+    cfg = ModelConfig.from_model_dir(model)
+    s = placement.shard_bytes(cfg, 2, 0, "float32", 64, 1)
+    budget = s.kv_cache + s.activations + s.embedding + s.lm_head + s.norm + max(s.layers) + s.layers[0] + 64
+    (w1,) = workers(1)
+    resident = last_json(_generate(model, "--tp", "2", "--max-seq-len", "64").stdout)
+    p = _generate(model, "--workers", w1.addr, "--max-seq-len", "64", "--max-host-memory", str(budget))
+    assert p.returncode == 0, p.stderr
+    streamed = last_json(p.stdout)
+    assert streamed["output_ids"] == resident["output_ids"]
+    ranks = streamed["memory"]["ranks"]
+    assert len(ranks) == 2 and all(r["weights_disk"] == sum(s.layers[1:]) for r in ranks)  # the worker (rank 1) streamed too
