@@ -145,3 +145,78 @@ def test_verbose_prints_every_ranks_plan_and_memory(big_model):
         assert f"[rank {rank}] placement:" in out and f"[rank {rank}] loaded:" in out
     assert "disk (mmap)" in out and "4-11" in out  # layers 0-3 resident, 4-11 streamed
     assert "streamed/step" in out
+
+
+class _FakeEvent:
+    log: list = []
+
+    def record(self, stream=None):
+        _FakeEvent.log.append(("record", id(self), getattr(stream, "name", None)))
+
+    def synchronize(self):
+        pass
+
+
+class _FakeStream:
+    def __init__(self, name="copy"):
+        self.name = name
+        self.waited = []
+
+    def wait_event(self, ev):
+        self.waited.append(id(ev))
+
+
+def test_cuda_streamer_logic_with_fake_streams(monkeypatch):
+    """The double-buffered GPU streamer's bookkeeping, on CPU with stand-in streams and events:
+    every layer runs with its own weights, copies alternate buffers, a buffer is refilled only
+    after waiting for the event its last user recorded."""
+    import contextlib
+
+    from torch import nn
+
+    from tp_runtime.model import offload
+
+    compute = _FakeStream("compute")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream("copy"))
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3), requires_grad=False)
+            self.layer = None
+
+        def retarget(self, i):
+            self.layer = i
+
+        def forward(self, h):
+            return h + self.w  # the weights this layer was given
+
+    class Source:
+        fills = []
+
+        def fill(self, i, module):
+            Source.fills.append(i)
+            module.w.data.fill_(float(i))
+            return 12
+
+        def prefetch(self, i):
+            pass
+
+    staging = [Layer(), Layer()]
+    streamer = offload.CudaLayerStreamer(staging, Source(), [1, 3, 4], torch.device("cpu"))
+    out = []
+    for _token in range(2):
+        for i in (1, 3, 4):
+            out.append(streamer.run(i, torch.zeros(3))[0].item())
+    assert out == [1.0, 3.0, 4.0, 1.0, 3.0, 4.0]
+    # one copy per use, issued one layer ahead (the last release issues the next token's first)
+    assert Source.fills == [1, 3, 4, 1, 3, 4, 1]
+    assert streamer.stats.copies == 7 and streamer.stats.bytes == 84
+    # every refill of a buffer waited on an event recorded after that buffer's last use
+    copy_stream = streamer.copy_stream
+    assert len(copy_stream.waited) == 5  # the first two fills found fresh buffers
+    assert all(w in {e for kind, e, s in _FakeEvent.log if s == "compute"} for w in copy_stream.waited)
+    assert len(compute.waited) == 6  # compute waited for every copy it used

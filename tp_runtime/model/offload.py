@@ -124,15 +124,18 @@ class CudaLayerStreamer(LayerStreamer):
         module = self.staging[slot]
         module.retarget(layer)
         self._current = slot
-        nxt = self.next_of[layer]
-        if nxt not in self.slot_of and len(self.staging) > 1:
-            self._issue(nxt)  # overlaps this layer's compute
         return module
 
     def release(self, layer: int) -> None:
+        # the layer's kernels are queued, not finished: the buffer is free once they are
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         self.freed[self._current] = ev
+        # issued now, the next layer's copy (and a disk layer's read into the pinned buffer, on
+        # this thread) overlaps the queued compute of this one
+        nxt = self.next_of[layer]
+        if nxt not in self.slot_of:
+            self._issue(nxt)
 
 
 class HostLayerSource:
