@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,13 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few points only (a smoke run)")
     p.add_argument("--out-dir", type=Path, default=Path("bench/out"))
     return p.parse_args(argv)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def measured_peaks(dtype: torch.dtype, do_bench) -> tuple[float, float]:
@@ -204,6 +196,8 @@ def main(argv=None) -> int:
     print(f"{device} (sm_{cap.replace('.', '')}), {args.dtype}: measured peak {peak_tflops:.0f} TFLOP/s (matmul), {peak_gbps:.0f} GB/s (copy); flash-attn {'found' if flash else 'not installed'}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    from tp_runtime.bench_sweep import git_sha
+
     sha, stamp = git_sha(), time.strftime("%Y-%m-%dT%H:%M:%S")
     rows: list[dict] = []
     header = f"{'kernel':8} {'impl':10} {'b':>3} {'len':>6} {'hq:hkv':>7} {'d':>4} {'ms':>9} {'throughput':>16} {'of peak':>8} {'max diff':>9}  config"

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import random
 import subprocess
 import sys
@@ -66,10 +65,10 @@ for p in (REPO, HERE):  # the package, and the sibling benchmark whose helpers a
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from peers import _last_json, host_info, summarise, version  # noqa: E402
+from peers import _last_json, open_jsonl, summarise  # noqa: E402
 
 from tp_runtime import placement, sol  # noqa: E402
-from tp_runtime.bench_sweep import DUMMY_SHAPES, dummy_checkpoint, git_sha  # noqa: E402
+from tp_runtime.bench_sweep import DUMMY_SHAPES, dummy_checkpoint  # noqa: E402
 from tp_runtime.config import ModelConfig  # noqa: E402
 
 SHAPES = ("tiny", "small", "tinyllama")
@@ -248,20 +247,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "offload.jsonl"
-    jsonl.write_text("")
-    base = {
-        "bench": "offload",
-        "git_sha": git_sha(),
-        "host": host_info(),
-        "torch": version("torch"),
-        "settings": {k: getattr(a, k) for k in ("shape", "fractions", "tp", "dtype", "repeats", "new_tokens", "prompt_len", "quick")},
-    }
-
-    def emit(rec: dict[str, Any]) -> None:
-        with jsonl.open("a") as f:
-            f.write(json.dumps({**base, **rec}) + "\n")
+    settings = {k: getattr(a, k) for k in ("shape", "fractions", "tp", "dtype", "repeats", "new_tokens", "prompt_len", "quick")}
+    emit = open_jsonl(out_dir, "offload", settings)
 
     start = time.perf_counter()
     model = dummy_checkpoint(DUMMY_SHAPES[a.shape], a.shape)

@@ -259,26 +259,29 @@ def version(pkg: str) -> str:
         return "absent"
 
 
+def open_jsonl(out_dir: Path, bench: str, settings: dict[str, Any], **extra: Any):
+    """OUT/<bench>.jsonl, emptied; returns emit(record), which appends the record with the
+    run's identity (bench, git sha, host, versions, settings), so a run that dies keeps its rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / f"{bench}.jsonl"
+    jsonl.write_text("")
+    base = {"bench": bench, "git_sha": git_sha(), "host": host_info(), "torch": version("torch"), **extra, "settings": settings}
+
+    def emit(rec: dict[str, Any]) -> None:
+        with jsonl.open("a") as f:
+            f.write(json.dumps({**base, **rec}) + "\n")
+
+    return emit
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     from tqdm import tqdm
 
     out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "peers.jsonl"
-    jsonl.write_text("")
-    base = {
-        "bench": "peers",
-        "git_sha": git_sha(),
-        "host": host_info(),
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "settings": {k: getattr(a, k) for k in ("shapes", "dtypes", "tp", "threads", "quantize", "repeats", "prompt_len", "new_tokens", "quick")},
-    }
-
-    def emit(rec: dict[str, Any]) -> None:
-        with jsonl.open("a") as f:
-            f.write(json.dumps({**base, **rec}) + "\n")
+    settings = {k: getattr(a, k) for k in ("shapes", "dtypes", "tp", "threads", "quantize", "repeats", "prompt_len", "new_tokens", "quick")}
+    emit = open_jsonl(out_dir, "peers", settings, transformers=version("transformers"))
 
     start = time.perf_counter()
     models = {s: dummy_checkpoint(DUMMY_SHAPES[s], s) for s in a.shapes}
