@@ -16,25 +16,24 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tp_runtime import sharding
+from tp_runtime import placement, sharding, sol
 from tp_runtime.checkpoint.index import open_index
 from tp_runtime.checkpoint.loader import load_shard, validate
 from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
 from tp_runtime.comm import create as create_communicator
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
-from tp_runtime.errors import ConfigError
 from tp_runtime.engine.generate import Engine, TokenEvent
 from tp_runtime.engine.memory import FIELDS as MEMORY_FIELDS
 from tp_runtime.engine.memory import rank_memory, rss_bytes
 from tp_runtime.engine.offload import attach_streaming
 from tp_runtime.engine.sampling import SamplingParams
-from tp_runtime.model.layout import column_major_, resolve_layout
+from tp_runtime.errors import ConfigError
 from tp_runtime.kernels import cpu_gemv
+from tp_runtime.model.layout import column_major_, resolve_layout
 from tp_runtime.model.linear import use_compiled_gemv_, use_cpu_gemv_
 from tp_runtime.model.quant import quantize_int8_
 from tp_runtime.model.registry import model_class
-from tp_runtime import placement, sol
 
 log = logging.getLogger("tp_runtime")
 
@@ -65,6 +64,23 @@ def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
     hardware = sol.HARDWARE["h100" if device.type == "cuda" else "this-cpu"]  # bandwidths matter only to estimates
     tiers = placement.make_tiers(device.type, device_budget(runtime, device), host, hardware)
     return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize)
+
+
+def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype):
+    """How the loaded model multiplies: int8 twins, compiled GEMVs, the CPU GEMV kernel, or
+    BLAS (column-major float32 on CPU). Returns the context the decode loop runs in."""
+    if runtime.quantize == "int8":
+        quantize_int8_(model)
+    elif runtime.compile_gemv and device.type == "cpu":
+        use_compiled_gemv_(model)
+    elif device.type == "cpu" and runtime.gemv != "blas" and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
+        use_cpu_gemv_([model, *(streamer.staging if streamer else [])])
+        return cpu_gemv.decode_threads
+    elif runtime.gemv == "kernel":
+        raise ConfigError("--gemv kernel: the CPU GEMV kernel runs float32 and bfloat16 on CPU, and needs a C compiler (see the warning above)")
+    elif resolve_layout(runtime.weight_layout, dtype, device) == "col":
+        column_major_(model)
+    return nullcontext
 
 
 class LLM:
@@ -121,18 +137,7 @@ class LLM:
         streamed = {f"layers.{i}." for i in plan.streamed}
         resident = [e for e in entries if not e.target.startswith(tuple(streamed))] if streamed else entries
         nbytes = load_shard(model, index, resident, cfg, parallel.world_size, parallel.rank, progress)
-        decode_context = nullcontext
-        if runtime.quantize == "int8":
-            quantize_int8_(model)
-        elif runtime.compile_gemv and device.type == "cpu":
-            use_compiled_gemv_(model)
-        elif device.type == "cpu" and runtime.gemv != "blas" and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
-            use_cpu_gemv_([model, *(streamer.staging if streamer else [])])
-            decode_context = cpu_gemv.decode_threads
-        elif runtime.gemv == "kernel":
-            raise ConfigError("--gemv kernel: the CPU GEMV kernel runs float32 and bfloat16 on CPU, and needs a C compiler (see the warning above)")
-        elif resolve_layout(runtime.weight_layout, dtype, device) == "col":
-            column_major_(model)
+        decode_context = _choose_matmuls(model, streamer, runtime, device, dtype)
         model.eval()
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
         engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault, decode_context)
