@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 from tp_runtime.kernels import reference
+from tp_runtime.kernels import cpu_gemv
 from tp_runtime.kernels.cpu_gemv import cpu_linear  # noqa: F401  (re-exported for the model)
 from tp_runtime.kernels.gemv import compiled_linear  # noqa: F401  (re-exported for the model)
 
@@ -135,6 +136,12 @@ def apply_rope_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return reference.apply_rope_qk_(q, k, cos, sin)
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Weight-only int8 linear (per-output-channel scales); see reference.int8_linear."""
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8 linear (per-output-channel scales): a decode row through the CPU GEMV
+    kernel's int8 path when it is loaded and `block_sums` (cpu_gemv.int8_block_sums) is given,
+    else reference.int8_linear."""
+    if block_sums is not None:
+        y = cpu_gemv.int8_linear(x, qweight, block_sums, scales)
+        if y is not None:
+            return y
     return reference.int8_linear(x, qweight, scales)

@@ -11,6 +11,11 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <stdlib.h>
+#include <math.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 /* y[r] = sum_i W[r*K + i] * x[i] for rows r in [r0, r1): 4 rows at a time, so x is read once
    per 4 rows; plain C the compiler vectorises (-O3 -march=native -fassociative-math: the sums
@@ -43,7 +48,6 @@ static void rows_bf16(const uint16_t* restrict W, const float* restrict x, float
 /* bfloat16 weights and bfloat16 x: AVX512-BF16's dot product (32 pairs per instruction,
    products exact in float32, float32 accumulation) where the machine has it */
 #ifdef __AVX512BF16__
-#include <immintrin.h>
 #define HAS_BF16_DOT 1
 static void rows_bf16x(const uint16_t* restrict W, const uint16_t* restrict x, float* restrict y, int64_t K, int64_t r0, int64_t r1) {
     int64_t r = r0;
@@ -73,12 +77,78 @@ static void rows_bf16x(const uint16_t* restrict W, const uint16_t* restrict x, f
 
 int tp_gemv_has_bf16_dot(void) { return HAS_BF16_DOT; }
 
+/* int8 weights (one float32 scale per row) against int8 activations with one scale per 64
+   values (quantised per call, as llama.cpp's Q8 dot products do): AVX512-VNNI's u8 x s8 dot
+   product, 64 pairs per instruction. x is stored offset by 128 (unsigned), so each row's
+   block sums of weights (`wsum`, made at load) take the offset back out:
+       y[r] = sc[r] * sum_b d_b * (dot(xu_b, w_rb) - 128 * wsum[r][b]) */
+#ifdef __AVX512VNNI__
+#define HAS_INT8_DOT 1
+static void rows_q8(const int8_t* restrict W, const int16_t* restrict wsum, const float* restrict sc, const uint8_t* restrict xu,
+                    const float* restrict d, float* restrict y, int64_t K, int64_t r0, int64_t r1) {
+    const int64_t nb = K / 64;
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t* w = W + r * K;
+        const int16_t* ws = wsum + r * nb;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  /* two chains: the FMA latency overlaps */
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) {
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xu + b * 64), _mm512_loadu_si512(w + b * 64));
+            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xu + b * 64 + 64), _mm512_loadu_si512(w + b * 64 + 64));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(d[b]), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(d[b + 1]), acc1);
+        }
+        for (; b < nb; b++) {
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xu + b * 64), _mm512_loadu_si512(w + b * 64));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(d[b]), acc0);
+        }
+        float corr = 0;
+        for (int64_t c = 0; c < nb; c++) corr += d[c] * (float)ws[c];
+        y[r] = sc[r] * (_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 128.0f * corr);
+    }
+}
+#else
+#define HAS_INT8_DOT 0
+static void rows_q8(const int8_t* restrict W, const int16_t* restrict wsum, const float* restrict sc, const uint8_t* restrict xu,
+                    const float* restrict d, float* restrict y, int64_t K, int64_t r0, int64_t r1) {
+    (void)W; (void)wsum; (void)sc; (void)xu; (void)d; (void)y; (void)K; (void)r0; (void)r1;  /* never called: tp_gemv_has_int8_dot() says 0 */
+}
+#endif
+
+int tp_gemv_has_int8_dot(void) { return HAS_INT8_DOT; }
+
+/* x [K] (K % 64 == 0) -> offset-128 int8 per 64-block and the blocks' scales */
+static uint8_t* xu_buf = 0;
+static float* d_buf = 0;
+static int64_t cap = 0;
+
+static int quantize_x(const float* x, int64_t K) {
+    if (K > cap) {
+        uint8_t* nx = realloc(xu_buf, (size_t)K);
+        if (!nx) return -1;
+        xu_buf = nx;
+        float* nd = realloc(d_buf, sizeof(float) * (size_t)(K / 64 + 1));
+        if (!nd) return -1;
+        d_buf = nd;
+        cap = K;
+    }
+    for (int64_t b = 0; b < K / 64; b++) {
+        const float* xb = x + b * 64;
+        float m = 0;
+        for (int i = 0; i < 64; i++) { float a = fabsf(xb[i]); m = a > m ? a : m; }
+        float db = m / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
+        d_buf[b] = db;
+        for (int i = 0; i < 64; i++) xu_buf[b * 64 + i] = (uint8_t)(lrintf(xb[i] * inv) + 128);
+    }
+    return 0;
+}
+
 /* a tiny persistent pool: worker t computes its share of the rows of the current job */
 #define MAXT 64
 static int nthreads = 1;  /* threads created (the caller's included) */
 static int active = 1;    /* threads that share a call's rows: tp_gemv_start sets it */
 static pthread_t threads[MAXT];
-static struct { const void* W; const void* x; float* y; int64_t K, N; int kind; } job;
+static struct { const void* W; const void* x; float* y; int64_t K, N; int kind; const int16_t* wsum; const float* scales; } job;
 static atomic_long generation = 0;
 static atomic_int pending = 0;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -91,6 +161,7 @@ static void share(int t) {
     if (r0 >= r1) return;
     if (job.kind == 1) rows_bf16((const uint16_t*)job.W, (const float*)job.x, job.y, job.K, r0, r1);
     else if (job.kind == 2) rows_bf16x((const uint16_t*)job.W, (const uint16_t*)job.x, job.y, job.K, r0, r1);
+    else if (job.kind == 3) rows_q8((const int8_t*)job.W, job.wsum, job.scales, xu_buf, d_buf, job.y, job.K, r0, r1);
     else rows_f32((const float*)job.W, (const float*)job.x, job.y, job.K, r0, r1);
 }
 
@@ -130,9 +201,24 @@ int tp_gemv_start(int n) {
     return active;
 }
 
+static void run(void);
+
 /* kind: 0 float32 W and x, 1 bfloat16 W and float32 x, 2 bfloat16 W and x */
 void tp_gemv(const void* W, const void* x, float* y, int64_t K, int64_t N, int kind) {
     job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = kind;
+    run();
+}
+
+/* int8 W with per-row `scales` and 64-block sums `wsum` [N, K/64]; float32 x; K % 64 == 0.
+   Returns -1 (nothing computed) if the activation buffer cannot be allocated. */
+int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const float* x, float* y, int64_t K, int64_t N) {
+    if (quantize_x(x, K)) return -1;
+    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = 3; job.wsum = wsum; job.scales = scales;
+    run();
+    return 0;
+}
+
+static void run(void) {
     atomic_store(&pending, active - 1);
     atomic_fetch_add(&generation, 1);
     if (atomic_load(&sleepers)) { pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu); }

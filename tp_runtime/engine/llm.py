@@ -71,6 +71,9 @@ def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, de
     BLAS (column-major float32 on CPU). Returns the context the decode loop runs in."""
     if runtime.quantize == "int8":
         quantize_int8_(model)
+        if device.type == "cpu" and runtime.gemv != "blas" and cpu_gemv.available() and cpu_gemv.has_int8_dot():
+            use_cpu_gemv_([model])  # the float LM head
+            return cpu_gemv.decode_threads
     elif runtime.compile_gemv and device.type == "cpu":
         use_compiled_gemv_(model)
     elif device.type == "cpu" and runtime.gemv != "blas" and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
