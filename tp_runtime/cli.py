@@ -149,10 +149,10 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
     params = SamplingParams(**_sampling(args))
     llm = LLM.load(args.model, parallel, _runtime(args, batch), comm=comm)
     try:
-        if args.verbose:  # every rank, at load: its plan and where its memory went
+        if not args.quiet or args.verbose:  # every rank, at load: where its memory went (and its plan)
             from tp_runtime.plan_cli import print_rank_load
 
-            print_rank_load(parallel.rank, llm.plan, llm.memory_at_load)
+            print_rank_load(parallel.rank, llm.plan, llm.memory_at_load, args.verbose)
         prompts = [llm.encode(t) for t in args.prompt] if args.prompt else args.prompt_ids
         main = parallel.rank == 0
         stream = main and not args.quiet and batch == 1

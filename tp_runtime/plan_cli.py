@@ -116,8 +116,11 @@ def format_facts(f: dict[str, float]) -> str:
     ])
 
 
-def print_rank_load(rank: int, plan: placement.RankPlan, memory: dict[str, int], file=sys.stderr) -> None:
-    """`generate --verbose`, on every rank at load: its plan, as `tp-run plan` prints it, and
-    what was allocated."""
+def print_rank_load(rank: int, plan: placement.RankPlan, memory: dict[str, int], verbose: bool, file=sys.stderr) -> None:
+    """Every rank, at load: one line of what it allocated where (llama.cpp prints its buffer
+    sizes the same way); with `generate --verbose` its plan first, as `tp-run plan` prints it."""
     used = ", ".join(f"{k.replace('_', ' ')} {format_bytes(memory[k])}" for k in ("weights_device", "weights_host", "weights_disk", "kv_cache", "staging") if memory[k])
-    print(f"[rank {rank}] placement:\n{placement.format_plan([plan])}\n[rank {rank}] loaded: {used}; peak RSS {format_bytes(memory['peak_rss'])}", file=file, flush=True)
+    peak = f"peak allocated {format_bytes(memory['peak_allocated'])}" if memory["peak_allocated"] else f"peak RSS {format_bytes(memory['peak_rss'])}"
+    streamed = f", {len(plan.streamed)} of {len(plan.layer_tier)} layers streamed" if plan.streamed else ""
+    head = f"[rank {rank}] placement:\n{placement.format_plan([plan])}\n" if verbose else ""
+    print(f"{head}[rank {rank}] loaded: {used}{streamed}; {peak}", file=file, flush=True)
