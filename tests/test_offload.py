@@ -101,6 +101,27 @@ def test_offload_dir_holds_converted_layers_written_once(bf16_sharded_model, tmp
     assert (files[0].parent / "layer0001.safetensors").is_file()
 
 
+def test_offload_dir_is_rebuilt_when_the_checkpoint_is_rewritten(tmp_path):
+    """Same shapes, new weights (the fingerprint cannot tell): the old layers must not be used."""
+    cfg = llama_config_dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=200)
+    model_dir = tmp_path / "m"
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    budget = None
+    runs = []
+    for seed in (1, 2):
+        write_checkpoint(model_dir, cfg, seed=seed)
+        budget = budget or budget_for(model_dir, resident_layers=1, max_seq_len=128, batch=2)
+        resident = _load(model_dir)
+        want = [e.token_id for e in resident.generate([[5, 6, 7]], params)]
+        resident.close()
+        streamed = _load(model_dir, budget, offload_dir=str(tmp_path / "off"))
+        assert streamed.plan.layers_on("disk") == [1, 2]
+        runs.append(([e.token_id for e in streamed.generate([[5, 6, 7]], params)], want))
+        streamed.close()
+    assert all(got == want for got, want in runs)
+    assert runs[0][1] != runs[1][1]  # the two checkpoints really differ
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_streamed_run_matches_resident_and_stays_under_budget(big_model, tp):
     base = ["generate", "--model", str(big_model), "--tp", str(tp), "--prompt-ids", PROMPT, "--max-new-tokens", "8", "--ignore-eos", "--max-seq-len", "128", "--quiet", "--json"]
@@ -166,10 +187,9 @@ class _FakeStream:
         self.waited.append(id(ev))
 
 
-def test_cuda_streamer_logic_with_fake_streams(monkeypatch):
-    """The double-buffered GPU streamer's bookkeeping, on CPU with stand-in streams and events:
-    every layer runs with its own weights, copies alternate buffers, a buffer is refilled only
-    after waiting for the event its last user recorded."""
+def _fake_cuda_streamer(monkeypatch, streamed, fail_at=None):
+    """A CudaLayerStreamer over stand-in streams and events, with layers whose output is
+    their weight (the layer index a source copied in); fail_at: a layer that raises once."""
     import contextlib
 
     from torch import nn
@@ -181,6 +201,7 @@ def test_cuda_streamer_logic_with_fake_streams(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    failures = [fail_at]
 
     class Layer(nn.Module):
         def __init__(self):
@@ -192,6 +213,9 @@ def test_cuda_streamer_logic_with_fake_streams(monkeypatch):
             self.layer = i
 
         def forward(self, h):
+            if self.layer == failures[0]:
+                failures[0] = None
+                raise RuntimeError("a collective timed out")
             return h + self.w  # the weights this layer was given
 
     class Source:
@@ -205,8 +229,16 @@ def test_cuda_streamer_logic_with_fake_streams(monkeypatch):
         def prefetch(self, i):
             pass
 
-    staging = [Layer(), Layer()]
-    streamer = offload.CudaLayerStreamer(staging, Source(), [1, 3, 4], torch.device("cpu"))
+    _FakeEvent.log = []
+    streamer = offload.CudaLayerStreamer([Layer(), Layer()], Source(), streamed, torch.device("cpu"))
+    return streamer, Source, compute
+
+
+def test_cuda_streamer_logic_with_fake_streams(monkeypatch):
+    """The double-buffered GPU streamer's bookkeeping, on CPU with stand-in streams and events:
+    every layer runs with its own weights, copies alternate buffers, a buffer is refilled only
+    after waiting for the event its last user recorded."""
+    streamer, Source, compute = _fake_cuda_streamer(monkeypatch, [1, 3, 4])
     out = []
     for _token in range(2):
         for i in (1, 3, 4):
@@ -220,3 +252,12 @@ def test_cuda_streamer_logic_with_fake_streams(monkeypatch):
     assert len(copy_stream.waited) == 5  # the first two fills found fresh buffers
     assert all(w in {e for kind, e, s in _FakeEvent.log if s == "compute"} for w in copy_stream.waited)
     assert len(compute.waited) == 6  # compute waited for every copy it used
+
+
+def test_cuda_streamer_after_a_failed_pass_runs_the_right_weights(monkeypatch):
+    streamer, Source, _ = _fake_cuda_streamer(monkeypatch, [1, 3, 4], fail_at=3)
+    assert streamer.run(1, torch.zeros(3))[0].item() == 1.0
+    with pytest.raises(RuntimeError):
+        streamer.run(3, torch.zeros(3))  # the pass is abandoned here
+    out = [streamer.run(i, torch.zeros(3))[0].item() for i in (1, 3, 4)]
+    assert out == [1.0, 3.0, 4.0]

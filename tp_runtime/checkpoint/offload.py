@@ -36,6 +36,16 @@ def _layer_file(folder: Path, layer: int) -> Path:
     return folder / f"layer{layer:04d}.safetensors"
 
 
+def source_identity(files: Iterable[Path]) -> list[dict]:
+    """What the offloaded layers were made from: the fingerprint covers shapes, not values, so a
+    checkpoint rewritten in place (same shapes, new weights) must show in size, mtime or inode."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append({"file": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino})
+    return out
+
+
 def prepare(
     folder: Path,
     layers: Iterable[int],
@@ -45,9 +55,24 @@ def prepare(
     meta: dict,
     progress: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
 ) -> int:
-    """Write the layers the folder lacks (each filled into `module` by `fill`, then saved).
-    Returns the bytes written."""
-    layers = sorted(layers)
+    """Write the layers the folder lacks (each filled into `module` by `fill`, then saved);
+    a folder made from other files than `meta` names is emptied first. Returns the bytes written."""
+    try:
+        return _prepare(folder, sorted(layers), layer_bytes, module, fill, meta, progress)
+    except OSError as e:
+        raise CheckpointError(f"--offload-dir {folder.parent}: cannot write the offloaded layers ({e.strerror or e}: {e.filename or folder})") from None
+
+
+def _prepare(folder, layers, layer_bytes, module, fill, meta, progress) -> int:
+    meta_file = folder / META_FILE
+    if meta_file.is_file():
+        try:
+            old = json.loads(meta_file.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old != meta:  # another checkpoint (or a rewritten one) made these files
+            for f in folder.glob("layer*.safetensors"):
+                f.unlink()
     missing = [i for i in layers if not _layer_file(folder, i).is_file()]
     if not missing:
         return 0
@@ -56,7 +81,7 @@ def prepare(
     free = shutil.disk_usage(folder).free
     if need > free:
         raise CheckpointError(f"--offload-dir {folder.parent}: {need / 2**20:.0f} MiB needed for {len(missing)} layers of this rank, {free / 2**20:.0f} MiB free")
-    (folder / META_FILE).write_text(json.dumps(meta))
+    meta_file.write_text(json.dumps(meta))
     written = 0
     for i in progress(missing):
         fill(i, module)

@@ -108,6 +108,8 @@ class LLM:
         sharding.check_tp(cfg, parallel.world_size)
         max_seq_len = runtime.resolve_max_seq_len(cfg)
         device = pick_device(runtime, parallel)
+        if device.type == "cuda":  # pinned buffers and mem_get_info act on the current device
+            torch.cuda.set_device(device)
         dtype_name = runtime.resolve_dtype(cfg, device.type)
         if dtype_name == "float16" and device.type == "cpu":
             log.warning("float16 on CPU is slow and inexact in places; bfloat16 or float32 is the usual choice")

@@ -41,23 +41,24 @@ def attach_streaming(
         return None
     tp, rank = plan.tp, plan.rank
     disk_layers = plan.layers_on("disk")
-    disk = CheckpointLayerSource(index, cfg, tp, rank, disk_layers)
-    if offload_dir and disk_layers:
-        disk = _offloaded(disk, plan, index, model, offload_dir, dtype_name)
+    disk = None
+    if disk_layers:
+        disk = CheckpointLayerSource(index, cfg, tp, rank, disk_layers)
+        if offload_dir:
+            disk = _offloaded(disk, plan, index, model, offload_dir, dtype_name)
     if device.type != "cuda":
         streamer: LayerStreamer = LayerStreamer(build_staging(model.make_layer, 1, device), disk, streamed)
     else:
         sources = {}
         host_layers = plan.layers_on("host")
         if host_layers:
-            cpu_layers = {}
+            host = HostLayerSource()
             loader = CheckpointLayerSource(index, cfg, tp, rank, host_layers)
             for i in host_layers:
                 (layer,) = build_staging(model.make_layer, 1, torch.device("cpu"))
                 loader.fill(i, layer)
-                cpu_layers[i] = layer
+                host.add(i, layer)  # pinned; the unpinned layer goes with this iteration
             loader.close()
-            host = HostLayerSource(cpu_layers)
             sources.update({i: host for i in host_layers})
         if disk_layers:
             (pinned,) = build_staging(model.make_layer, 1, torch.device("cpu"))
@@ -76,7 +77,7 @@ def _offloaded(checkpoint: CheckpointLayerSource, plan: RankPlan, index: Checkpo
     disk_layers = plan.layers_on("disk")
     folder = offload.rank_folder(root, index.model_dir, plan.tp, plan.rank, dtype_name)
     (scratch,) = build_staging(model.make_layer, 1, torch.device("cpu"))
-    meta = {"model": str(index.model_dir), "tp": plan.tp, "rank": plan.rank, "dtype": dtype_name}
+    meta = {"model": str(index.model_dir), "tp": plan.tp, "rank": plan.rank, "dtype": dtype_name, "source": offload.source_identity(index.files)}
     offload.prepare(folder, disk_layers, {i: plan.sizes.layers[i] for i in disk_layers}, scratch, checkpoint.fill, meta)
     checkpoint.close()
     del scratch

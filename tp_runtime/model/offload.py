@@ -107,6 +107,9 @@ class CudaLayerStreamer(LayerStreamer):
     def _issue(self, layer: int) -> None:
         slot = self.turn
         self.turn = (self.turn + 1) % len(self.staging)
+        # a buffer holds one layer: whatever was queued into it before is gone (a pass that
+        # raised can leave a queued layer behind)
+        self.slot_of = {i: s for i, s in self.slot_of.items() if s != slot}
         with torch.cuda.stream(self.copy_stream):
             if self.freed[slot] is not None:  # the layer that used this buffer has finished
                 self.copy_stream.wait_event(self.freed[slot])
@@ -136,13 +139,19 @@ class CudaLayerStreamer(LayerStreamer):
         nxt = self.next_of[layer]
         if nxt not in self.slot_of:
             self._issue(nxt)
+        self.source.prefetch(self.next_of[nxt])  # the kernel reads a disk layer ahead meanwhile
 
 
 class HostLayerSource:
     """GPU host tier: each layer's parameters held in pinned host memory, copied per use."""
 
-    def __init__(self, layers: dict[int, nn.Module]) -> None:
-        self.tensors = {i: {n: p.detach().pin_memory() for n, p in m.named_parameters()} for i, m in layers.items()}
+    def __init__(self) -> None:
+        self.tensors: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, layer: int, module: nn.Module) -> None:
+        """Keep pinned copies of a loaded CPU layer's parameters (one layer at a time, so the
+        unpinned copy never doubles the host tier)."""
+        self.tensors[layer] = {n: p.detach().pin_memory() for n, p in module.named_parameters()}
 
     def fill(self, layer: int, module: nn.Module) -> int:
         host = self.tensors[layer]
