@@ -99,7 +99,7 @@ class Point:
 
     @property
     def disk_bytes(self) -> int:  # per step, the rank that streams most
-        return max(p.layer_bytes_on("disk") for p in self.plans)
+        return max(p.disk_read_bytes for p in self.plans)
 
     def estimate(self, page_cache: bool) -> float:
         seconds = max(p.decode_seconds(page_cache) for p in self.plans)  # the slowest rank sets the pace
@@ -166,7 +166,7 @@ def rank_plans(cfg: ModelConfig, tp: int, dtype: str, max_seq_len: int, budget: 
     None: the default budget, the share of available RAM the CLI gives a rank."""
     host = budget if budget is not None else placement.default_host_budget(tp)
     tiers = placement.make_tiers("cpu", None, host, sol.HARDWARE[HARDWARE])
-    return [placement.plan_rank(cfg, tp, r, dtype, max_seq_len, 1, "cpu", tiers) for r in range(tp)]
+    return [placement.plan_rank(cfg, tp, r, dtype, max_seq_len, 1, "cpu", tiers, disk_dtype=cfg.checkpoint_dtype) for r in range(tp)]
 
 
 def warm_page_cache(model_dir: Path) -> int:

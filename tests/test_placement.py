@@ -589,7 +589,7 @@ def test_plan_cli_json_gpu_three_tiers(plan_model, capsys):
     assert rc == 0, err
     got = json.loads(out)
     tiers = placement.make_tiers("cuda", device, host, sol.load_hardware("h100"))
-    plans = [placement.plan_rank(cfg, tp, r, "bfloat16", CLI_SEQ, 2, "cuda", tiers) for r in range(tp)]
+    plans = [placement.plan_rank(cfg, tp, r, "bfloat16", CLI_SEQ, 2, "cuda", tiers, disk_dtype=cfg.checkpoint_dtype) for r in range(tp)]
     assert got["ranks"] == [placement.plan_rows(p) for p in plans]
     assert got["layer_tier"] == [["device", "host", "host", "disk", "disk", "disk"]] * tp
     assert got["hardware"] == sol.load_hardware("h100").name
@@ -651,3 +651,17 @@ def test_plan_cli_gpu_without_memory(plan_model, capsys):
     rc = main(["plan", "--model", str(folder), "--device", "cuda", "--max-host-memory", "1GiB"])
     assert rc == 1
     assert "--max-device-memory" in capsys.readouterr().err
+
+
+def test_disk_tier_counts_the_bytes_its_files_hold():
+    """A bfloat16 checkpoint run in float32: streamed layers read half the bytes they hold."""
+    cfg = make_cfg(8, 2, layers=4)
+    s = placement.shard_bytes(cfg, 1, 0, "float32", 16, 1)
+    cap = _fixed(s) + max(s.layers) + s.layers[0]  # one layer resident, three streamed
+    tiers = placement.make_tiers("cpu", None, cap, sol.HARDWARE["this-cpu"])
+    same = placement.plan_rank(cfg, 1, 0, "float32", 16, 1, "cpu", tiers)
+    half = placement.plan_rank(cfg, 1, 0, "float32", 16, 1, "cpu", tiers, disk_dtype="bfloat16")
+    assert same.layer_tier == half.layer_tier and same.streamed == [1, 2, 3]
+    assert same.disk_read_bytes == sum(s.layers[1:]) and half.disk_read_bytes == sum(s.layers[1:]) // 2
+    assert half.used("disk") == half.disk_read_bytes
+    assert half.decode_seconds(page_cache=False) < same.decode_seconds(page_cache=False)

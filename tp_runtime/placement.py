@@ -127,6 +127,7 @@ class RankPlan:
     layer_tier: list[str]  # per decoder layer: the tier it lives in
     fixed: dict[str, int] = field(default_factory=dict)  # FIXED_ITEMS -> bytes in tiers[0]
     host_staging: int = 0  # GPU with disk layers: a pinned host buffer of one layer
+    disk_scale: float = 1.0  # bytes a disk layer reads per byte it holds in memory (bf16 file, fp32 run: 0.5)
 
     @property
     def fast(self) -> Tier:
@@ -141,8 +142,13 @@ class RankPlan:
     def layer_bytes_on(self, name: str) -> int:
         return sum(self.sizes.layers[i] for i in self.layers_on(name))
 
+    @property
+    def disk_read_bytes(self) -> int:
+        """Bytes the disk-tier layers occupy in their files: what one forward pass reads."""
+        return int(self.layer_bytes_on("disk") * self.disk_scale)
+
     def used(self, name: str) -> int:
-        n = self.layer_bytes_on(name)
+        n = self.disk_read_bytes if name == "disk" else self.layer_bytes_on(name)
         if name == self.fast.name:
             n += sum(self.fixed.values())
         if name == "host" and self.fast.name != "host":
@@ -164,7 +170,7 @@ class RankPlan:
         counted). Streamed copies overlap compute on a GPU (side stream), not on a CPU."""
         fast = self.fast
         reads = self.sizes.weights  # every weight passes through the fastest tier once per token
-        disk = self.layer_bytes_on("disk")
+        disk = self.disk_read_bytes
         if self.device_type == "cuda":
             host = self.layer_bytes_on("host")
             h2d = sol.LINKS[H2D_LINK].bandwidth_Bps
@@ -203,14 +209,17 @@ def plan_rank(
     device_type: str,
     tiers: Sequence[Tier],
     quantize: str | None = None,
+    disk_dtype: str | None = None,
 ) -> RankPlan:
-    """tiers: fastest first; the last one is the disk (unbounded)."""
+    """tiers: fastest first; the last one is the disk (unbounded). disk_dtype: the dtype the
+    disk tier's files hold (the checkpoint's, or `dtype` for an offload folder)."""
     sizes = shard_bytes(cfg, tp, rank, dtype, max_seq_len, max_batch, quantize)
     tiers = list(tiers)
     fast = tiers[0]
     fixed = {"kv_cache": sizes.kv_cache, "activations": sizes.activations, "embedding": sizes.embedding, "lm_head": sizes.lm_head, "norm": sizes.norm, "staging": 0}
+    disk_scale = DTYPE_BYTES.get(disk_dtype or dtype, DTYPE_BYTES[dtype]) / DTYPE_BYTES[dtype]
     if fast.capacity is None or sum(fixed.values()) + sum(sizes.layers) <= fast.capacity:
-        return RankPlan(rank, tp, device_type, sizes, tiers, [fast.name] * cfg.num_layers, fixed)
+        return RankPlan(rank, tp, device_type, sizes, tiers, [fast.name] * cfg.num_layers, fixed, disk_scale=disk_scale)
     fixed["staging"] = _staging_layers(device_type) * max(sizes.layers)
     minimum = sum(fixed.values())
     if minimum > fast.capacity:
@@ -236,7 +245,7 @@ def plan_rank(
             )
         free["host"] -= host_staging
         layer_tier = _assign(sizes.layers, tiers, free)
-    return RankPlan(rank, tp, device_type, sizes, tiers, layer_tier, fixed, host_staging)
+    return RankPlan(rank, tp, device_type, sizes, tiers, layer_tier, fixed, host_staging, disk_scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def plan_all_ranks(cfg: ModelConfig, args: argparse.Namespace) -> tuple[list[pla
     host_bytes = args.max_host_memory if args.max_host_memory is not None else placement.default_host_budget(args.local_ranks or args.tp)
     hardware = sol.load_hardware(args.hardware or ("h100" if device_type == "cuda" else "this-cpu"))
     tiers = placement.make_tiers(device_type, device_bytes, host_bytes, hardware, args.disk_bandwidth)
-    plans = [placement.plan_rank(cfg, args.tp, r, dtype, max_seq_len, args.max_batch_size, device_type, tiers, args.quantize) for r in range(args.tp)]
+    plans = [placement.plan_rank(cfg, args.tp, r, dtype, max_seq_len, args.max_batch_size, device_type, tiers, args.quantize, cfg.checkpoint_dtype) for r in range(args.tp)]
     context = {"device": device_type, "dtype": dtype, "max_seq_len": max_seq_len, "max_batch_size": args.max_batch_size, "hardware": hardware.name}
     return plans, context
 
@@ -67,7 +67,7 @@ def plan_all_ranks(cfg: ModelConfig, args: argparse.Namespace) -> tuple[list[pla
 def estimate(plans: list[placement.RankPlan]) -> dict[str, Any]:
     """Decode tokens/s the slowest rank's tiers allow; streamed layers from the page cache when
     the whole model fits in this machine's RAM beside the budgets, else from the disk."""
-    streamed = sum(p.layer_bytes_on("disk") for p in plans)
+    streamed = sum(p.disk_read_bytes for p in plans)
     page_cache = streamed <= placement.host_memory_available() - sum(p.used(p.tiers[-2].name) for p in plans)
     seconds = max(p.decode_seconds(page_cache) for p in plans)
     return {"decode_tokens_per_s": 1.0 / seconds if seconds else 0.0, "streamed_from": ("page cache" if page_cache else "disk") if streamed else None}

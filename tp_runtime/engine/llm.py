@@ -63,7 +63,8 @@ def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
     host = runtime.max_host_memory if runtime.max_host_memory is not None else placement.default_host_budget(parallel.local_world_size)
     hardware = sol.HARDWARE["h100" if device.type == "cuda" else "this-cpu"]  # bandwidths matter only to estimates
     tiers = placement.make_tiers(device.type, device_budget(runtime, device), host, hardware)
-    return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize)
+    disk_dtype = dtype_name if runtime.offload_dir else cfg.checkpoint_dtype  # what the streamed files hold
+    return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize, disk_dtype)
 
 
 def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype):

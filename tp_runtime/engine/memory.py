@@ -55,7 +55,7 @@ def rank_memory(model: nn.Module, plan: RankPlan, streamer, kv_bytes: int, devic
     if streamer is not None:
         staging = sum(_nbytes(m.parameters()) for m in streamer.staging)
     fast = plan.fast.name
-    weights = {"device": 0, "host": 0, "disk": plan.layer_bytes_on("disk")}
+    weights = {"device": 0, "host": 0, "disk": plan.disk_read_bytes}
     weights[fast] += resident
     if fast == "device":
         weights["host"] += plan.layer_bytes_on("host")
