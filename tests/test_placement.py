@@ -331,7 +331,7 @@ def test_plan_below_minimum_raises(device_type, flag, other, label):
         assert f"rank {rank} of tp={tp}" in msg
         assert f"{format_bytes(minimum[rank] - cap)} missing" in msg
         assert f"needs at least {format_bytes(minimum[rank])} in {label}" in msg
-        assert f"allows {format_bytes(cap)}" in msg
+        assert f"allows {format_bytes(cap)}" in msg and flag in msg
         assert flag in msg and other not in msg
         assert "--tp" in msg and "--max-seq-len" in msg
 
@@ -509,7 +509,10 @@ def test_model_facts_match_real_model(tied, dtype):
     assert untied - f["parameters"] == (embedding if tied else 0)
     nb = placement.DTYPE_BYTES[dtype]
     assert f["weight_bytes"] == params * nb == sum(nbytes(p) for p in model.parameters())
-    assert f["flops_per_token"] == 2 * f["parameters"]
+    # 2 FLOPs per multiplied weight: everything but the (looked-up) embedding table, the LM
+    # head included (when tied, the table is the head and is multiplied)
+    embed = cfg.vocab_size * cfg.hidden_size
+    assert f["flops_per_token"] == 2 * (f["parameters"] - embed + (embed if cfg.tie_word_embeddings else 0))
     assert f["chinchilla_tokens"] == 20 * f["parameters"]
     assert f["chinchilla_training_flops"] == pytest.approx(6 * f["parameters"] * 20 * f["parameters"])
     cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 1, cfg.head_dim, TORCH_DTYPES[dtype], torch.device("meta"))

@@ -267,6 +267,8 @@ class RuntimeConfig:
         for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be positive, got {self.max_batch_size}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
 

@@ -227,7 +227,7 @@ def plan_rank(
         parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in fixed.items() if v)
         raise PlacementError(
             f"rank {rank} of tp={tp} needs at least {format_bytes(minimum)} in {fast.label} ({parts}), "
-            f"but {flag} allows {format_bytes(fast.capacity)}: {format_bytes(minimum - fast.capacity)} missing. "
+            f"but its budget ({flag}, or that flag's default) allows {format_bytes(fast.capacity)}: {format_bytes(minimum - fast.capacity)} missing. "
             f"Raise {flag}, lower --max-seq-len or --max-batch-size (the KV cache and activations), or use more ranks (--tp)"
         )
     free = {t.name: t.capacity for t in tiers}
@@ -240,7 +240,7 @@ def plan_rank(
         if host_staging > free["host"]:
             raise PlacementError(
                 f"rank {rank} of tp={tp} streams layers from disk through a pinned host buffer of {format_bytes(host_staging)}, "
-                f"but --max-host-memory allows {format_bytes(free['host'])}: {format_bytes(host_staging - free['host'])} missing. "
+                f"but what --max-host-memory (or its default) leaves allows {format_bytes(free['host'])}: {format_bytes(host_staging - free['host'])} missing. "
                 "Raise --max-host-memory or --max-device-memory, or use more ranks (--tp)"
             )
         free["host"] -= host_staging
@@ -354,7 +354,9 @@ def model_facts(cfg: ModelConfig, dtype: str) -> dict[str, float]:
     return {
         "parameters": params,
         "weight_bytes": params * DTYPE_BYTES[dtype],
-        "flops_per_token": 2.0 * shape.params_active,  # one multiply-add per active weight
+        # one multiply-add per weight a token multiplies by: every matmul, the LM head included,
+        # not the embedding table (a lookup)
+        "flops_per_token": 2.0 * shape.nonrouted_matmul_params(),
         "kv_bytes_per_token": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[dtype],
         "chinchilla_tokens": chinchilla,
         "chinchilla_training_flops": 6.0 * params * chinchilla,  # ~6 N D (forward + backward)

@@ -54,6 +54,8 @@ def plan_all_ranks(cfg: ModelConfig, args: argparse.Namespace) -> tuple[list[pla
     max_seq_len = runtime.resolve_max_seq_len(cfg)
     sharding.check_tp(cfg, args.tp)
     device_bytes = args.max_device_memory
+    if device_bytes is not None and device_type == "cpu":
+        print("tp-run plan: --max-device-memory is ignored for a CPU plan (host RAM is the fastest tier; add --device cuda to plan for a GPU)", file=sys.stderr)
     if device_type == "cuda" and device_bytes is None and torch.cuda.is_available():
         device_bytes = int(torch.cuda.mem_get_info()[0] * placement.DEVICE_SHARE)
     host_bytes = args.max_host_memory if args.max_host_memory is not None else placement.default_host_budget(args.local_ranks or args.tp)
@@ -110,7 +112,7 @@ def format_facts(f: dict[str, float]) -> str:
     return "\n".join([
         "model size, every sense:",
         f"  parameters            {f['parameters'] / 1e9:.3g} B ({format_bytes(f['weight_bytes'])} of weights)",
-        f"  FLOPs per token       {f['flops_per_token']:.3g} (~2 x parameters: one multiply-add per weight)",
+        f"  FLOPs per token       {f['flops_per_token']:.3g} (2 per weight a token multiplies by; the embedding lookup not counted)",
         f"  KV cache per token    {format_bytes(f['kv_bytes_per_token'])}",
         f"  Chinchilla tokens     {f['chinchilla_tokens']:.3g} (~20 per parameter), ~{f['chinchilla_training_flops']:.3g} training FLOPs (6 N D)",
     ])

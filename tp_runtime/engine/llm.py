@@ -60,6 +60,8 @@ def device_budget(runtime: RuntimeConfig, device: torch.device) -> int | None:
 
 def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig, device: torch.device, dtype_name: str, max_seq_len: int) -> placement.RankPlan:
     """This rank's placement under the runtime's budgets (defaults: what the machine reports)."""
+    if runtime.max_device_memory is not None and device.type != "cuda":
+        log.warning("--max-device-memory is ignored on %s: host RAM is the fastest tier there (--max-host-memory)", device)
     host = runtime.max_host_memory if runtime.max_host_memory is not None else placement.default_host_budget(parallel.local_world_size)
     hardware = sol.HARDWARE["h100" if device.type == "cuda" else "this-cpu"]  # bandwidths matter only to estimates
     tiers = placement.make_tiers(device.type, device_budget(runtime, device), host, hardware)
