@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tp_runtime import sharding, sol
 from tp_runtime.checkpoint.loader import sliced_shape
@@ -279,12 +279,14 @@ def make_tiers(device_type: str, device_bytes: int | None, host_bytes: int, hard
     return [Tier("device", device_bytes, hardware.mem_bandwidth_Bps), Tier("host", host_bytes, host_Bps), disk]
 
 
-def smallest_tp(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, fast_bytes: int, quantize: str | None = None) -> int | None:
+def smallest_tp(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, fast_bytes: int | Callable[[int], int], quantize: str | None = None) -> int | None:
     """The smallest tp at which every rank's whole shard (and its KV cache and activations) fits
-    in `fast_bytes`; None if even tp = number of heads does not fit."""
+    in `fast_bytes` per rank (or `fast_bytes(tp)`: ranks that share one machine's RAM get less
+    each as tp grows); None if even tp = number of heads does not fit."""
     for tp in range(1, cfg.num_heads + 1):
+        cap = fast_bytes(tp) if callable(fast_bytes) else fast_bytes
         if all(
-            (s := shard_bytes(cfg, tp, r, dtype, max_seq_len, max_batch, quantize)).weights + s.kv_cache + s.activations <= fast_bytes
+            (s := shard_bytes(cfg, tp, r, dtype, max_seq_len, max_batch, quantize)).weights + s.kv_cache + s.activations <= cap
             for r in range(tp)
         ):
             return tp

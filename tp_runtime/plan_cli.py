@@ -11,6 +11,7 @@ Chinchilla-optimal training tokens). Reads config.json only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -60,7 +61,12 @@ def plan_all_ranks(cfg: ModelConfig, args: argparse.Namespace) -> tuple[list[pla
         device_bytes = int(torch.cuda.mem_get_info()[0] * placement.DEVICE_SHARE)
     host_bytes = args.max_host_memory if args.max_host_memory is not None else placement.default_host_budget(args.local_ranks or args.tp)
     hardware = sol.load_hardware(args.hardware or ("h100" if device_type == "cuda" else "this-cpu"))
-    tiers = placement.make_tiers(device_type, device_bytes, host_bytes, hardware, args.disk_bandwidth)
+    disk_Bps = args.disk_bandwidth
+    if device_type == "cpu":  # ranks on one host share its memory bandwidth and its disk
+        local = args.local_ranks or args.tp
+        hardware = dataclasses.replace(hardware, mem_bandwidth_Bps=hardware.mem_bandwidth_Bps / local)
+        disk_Bps /= local
+    tiers = placement.make_tiers(device_type, device_bytes, host_bytes, hardware, disk_Bps)
     plans = [placement.plan_rank(cfg, args.tp, r, dtype, max_seq_len, args.max_batch_size, device_type, tiers, args.quantize, cfg.checkpoint_dtype) for r in range(args.tp)]
     context = {"device": device_type, "dtype": dtype, "max_seq_len": max_seq_len, "max_batch_size": args.max_batch_size, "hardware": hardware.name}
     return plans, context
@@ -80,7 +86,10 @@ def run_plan(args: argparse.Namespace) -> int:
     plans, context = plan_all_ranks(cfg, args)
     est = estimate(plans)
     fast = plans[0].fast
-    fit_tp = placement.smallest_tp(cfg, context["dtype"], context["max_seq_len"], context["max_batch_size"], fast.capacity, args.quantize) if fast.capacity else 1
+    budget = fast.capacity
+    if fast.name == "host" and args.max_host_memory is None and args.local_ranks is None:
+        budget = placement.default_host_budget  # per rank: this machine's RAM shared by tp ranks
+    fit_tp = placement.smallest_tp(cfg, context["dtype"], context["max_seq_len"], context["max_batch_size"], budget, args.quantize) if fast.capacity else 1
     facts = placement.model_facts(cfg, context["dtype"])
     if args.json:
         out = {
@@ -99,11 +108,13 @@ def run_plan(args: argparse.Namespace) -> int:
           f"KV cache for {context['max_batch_size']} x {context['max_seq_len']} tokens, on {context['device']}")
     print(placement.format_plan(plans))
     where = f", streamed layers read from the {est['streamed_from']}" if est["streamed_from"] else ""
-    print(f"\nestimated decode: {est['decode_tokens_per_s']:.3g} tokens/s ({context['hardware']} bandwidths{where}; communication not counted: see tp-bench sol)")
+    shared = ", shared by the ranks of this host" if context["device"] == "cpu" and args.tp > 1 else ""
+    print(f"\nestimated decode: {est['decode_tokens_per_s']:.3g} tokens/s ({context['hardware']} bandwidths{shared}{where}; communication not counted: see tp-bench sol)")
+    per_rank = "this machine's RAM shared by tp ranks" if callable(budget) else f"{format_bytes(fast.capacity)} per rank"
     if fit_tp is None:
-        print(f"no tp up to {cfg.num_heads} fits the whole model in {format_bytes(fast.capacity)} of {fast.label} per rank")
+        print(f"no tp up to {cfg.num_heads} fits the whole model in {fast.label} ({per_rank})")
     else:
-        print(f"smallest tp with every shard entirely in {fast.label} ({format_bytes(fast.capacity)} per rank): {fit_tp}")
+        print(f"smallest tp with every shard entirely in {fast.label} ({per_rank}): {fit_tp}")
     print(format_facts(facts))
     return 0
 
