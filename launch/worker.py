@@ -98,7 +98,7 @@ class Worker:
                 log.warning("ignored %s outside a job", msg.kind.name)
 
     def _run_job(self, peer: bytes, job: dict[str, Any]) -> None:
-        comm = None
+        comm = llm = None
         try:
             source = self._weights(peer, job)
             inbox, port = self.server.bind_data(self.host)
@@ -123,6 +123,8 @@ class Worker:
             except Exception:
                 pass
         finally:
+            if llm is not None:  # the daemon outlives jobs: each one's mappings and files go with it
+                llm.close()
             if comm is not None:
                 comm.close()
 

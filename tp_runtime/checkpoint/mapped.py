@@ -111,13 +111,12 @@ class MappedCheckpoint:
         self._tensors[name].mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
+        """Unmap the files. Views made by `view` must not be used afterwards (they would point at
+        unmapped memory): every caller copies out of a view before it lets go of it."""
         for base in [b for b, (_, mm) in _LIVE.items() if any(mm is m for m in self._maps)]:
             del _LIVE[base]
         for mm in self._maps:
-            try:
-                mm.close()
-            except BufferError:  # a view is still alive somewhere; the mapping goes with it
-                pass
+            mm.close()
         self._maps.clear()
 
 

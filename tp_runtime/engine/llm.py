@@ -169,19 +169,26 @@ class LLM:
         """This rank's memory now: weights per tier, KV cache, staging, peak use, streamed bytes."""
         return rank_memory(self.engine.model, self.plan, self.streamer, self.engine.cache.nbytes, self.engine.device, self.rss_at_start)
 
-    def gather_memory(self) -> list[dict[str, int]]:
-        """Every rank's memory(), on every rank (one small all-gather outside any token step)."""
-        mine = self.memory()
+    def gather_memory(self) -> list[dict]:
+        """Every rank's memory now (`memory()`), with its figures at load under "at_load" and its
+        count of streamed layers, on every rank (one small all-gather outside any token step)."""
+        now, load = self.memory(), self.memory_at_load
+        row = [float(now[k]) for k in MEMORY_FIELDS] + [float(load[k]) for k in MEMORY_FIELDS] + [float(len(self.plan.streamed))]
         if self.comm.world_size == 1:
-            return [mine]
-        stats = self.comm.stats
-        phase, stats.phase = stats.phase, "report"  # kept out of the per-token collective counts
-        try:
-            row = torch.tensor([[float(mine[k]) for k in MEMORY_FIELDS]], dtype=torch.float64, device=self.engine.device)
-            table = self.comm.all_gather(row, dim=0, site="memory_report").cpu().tolist()
-        finally:
-            stats.phase = phase
-        return [{k: int(v) for k, v in zip(MEMORY_FIELDS, r)} for r in table]
+            table = [row]
+        else:
+            stats = self.comm.stats
+            phase, stats.phase = stats.phase, "report"  # kept out of the per-token collective counts
+            try:
+                t = torch.tensor([row], dtype=torch.float64, device=self.engine.device)
+                table = self.comm.all_gather(t, dim=0, site="memory_report").cpu().tolist()
+            finally:
+                stats.phase = phase
+        n = len(MEMORY_FIELDS)
+        return [
+            {**{k: int(v) for k, v in zip(MEMORY_FIELDS, r[:n])}, "at_load": {k: int(v) for k, v in zip(MEMORY_FIELDS, r[n : 2 * n])}, "streamed_layers": int(r[2 * n])}
+            for r in table
+        ]
 
     def close(self) -> None:
         if self.streamer is not None:
