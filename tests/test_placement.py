@@ -668,3 +668,13 @@ def test_disk_tier_counts_the_bytes_its_files_hold():
     assert same.disk_read_bytes == sum(s.layers[1:]) and half.disk_read_bytes == sum(s.layers[1:]) // 2
     assert half.used("disk") == half.disk_read_bytes
     assert half.decode_seconds(page_cache=False) < same.decode_seconds(page_cache=False)
+
+
+def test_cgroup_limit_caps_the_default_host_budget(tmp_path):
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    usage.write_text("1000\n")
+    limit.write_text("max\n")
+    assert placement._cgroup_room(((str(limit), str(usage)),)) is None
+    limit.write_text("5000\n")
+    assert placement._cgroup_room(((str(limit), str(usage)),)) == 4000
+    assert placement._cgroup_room(((str(tmp_path / "absent"), str(usage)),)) is None

@@ -253,15 +253,41 @@ def plan_rank(
 
 
 def host_memory_available() -> int:
-    """MemAvailable of /proc/meminfo (what the kernel can give without swapping), else physical."""
+    """What this process can still get: MemAvailable of /proc/meminfo (what the kernel gives
+    without swapping), capped by the cgroup's limit minus its use inside a container."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if avail is None:
+        avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = _cgroup_room()
+    return avail if room is None else min(avail, room)
+
+
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+)
+
+
+def _cgroup_room(files=_CGROUP_FILES) -> int | None:
+    """The cgroup's memory limit minus its use (v2, else v1); None when unlimited or unknown."""
+    for limit_file, usage_file in files:
+        try:
+            limit = open(limit_file).read().strip()
+            usage = int(open(usage_file).read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def default_host_budget(local_ranks: int) -> int:
