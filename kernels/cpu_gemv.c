@@ -15,6 +15,9 @@
 #include <math.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() ((void)0)
 #endif
 
 /* y[r] = sum_i W[r*K + i] * x[i] for rows r in [r0, r1): 4 rows at a time, so x is read once
@@ -172,7 +175,7 @@ static void* worker(void* arg) {
         long g;
         int spins = 0;
         while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
-            if (++spins < 200000) { __builtin_ia32_pause(); continue; }
+            if (++spins < 200000) { CPU_RELAX(); continue; }
             pthread_mutex_lock(&mu);
             atomic_fetch_add(&sleepers, 1);
             while (atomic_load(&generation) == seen) pthread_cond_wait(&cv, &mu);
@@ -223,5 +226,5 @@ static void run(void) {
     atomic_fetch_add(&generation, 1);
     if (atomic_load(&sleepers)) { pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu); }
     share(0);
-    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) __builtin_ia32_pause();
+    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) CPU_RELAX();
 }
