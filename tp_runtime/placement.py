@@ -85,7 +85,9 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
     nb = DTYPE_BYTES[dtype]
     layers = [0] * cfg.num_layers
     merged: dict[str, list[int]] = {}  # merged parameter -> [rows, cols]
+    layer_of: dict[str, int | None] = {}
     for e in expected_tensors(cfg):
+        layer_of[e.target] = e.layer
         shape = sliced_shape(e.shape, sharding.spec(e.hf_name, cfg, tp, rank))
         if e.slot is not None:  # slots stack rows into one parameter
             rows_cols = merged.setdefault(e.target, [0, *shape[1:]])
@@ -95,10 +97,9 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
     vocab_rows = max(hi - lo for lo, hi in sharding.split_ranges(cfg.vocab_size, tp))
     embedding = lm_head = norm = 0
     for target, shape in merged.items():
-        if target.startswith("layers."):
-            i = int(target.split(".")[1])
+        if layer_of[target] is not None:
             quantized = quantize == "int8" and target.endswith("proj.weight")
-            layers[i] += _param_bytes(tuple(shape), nb, quantized)
+            layers[layer_of[target]] += _param_bytes(tuple(shape), nb, quantized)
         elif target == "embed_tokens.weight":
             embedding = vocab_rows * cfg.hidden_size * nb  # padded to the largest shard
         elif target == "lm_head.weight":

@@ -131,8 +131,7 @@ def load_shard(
                     put_weight(model, e.target, data, e.slot)
                 except ValueError as err:
                     raise CheckpointError(f"{e.hf_name} -> {e.target} on rank {rank}: {err}") from None
-                del data
-                files.release(e.hf_name, spec)  # the mapped pages would otherwise stay in our RSS
+                del data  # put_weight's copy released its mapped pages block by block
                 if (e.target, e.slot) in filled:
                     raise CheckpointError(f"{e.hf_name}: parameter {e.target} slot {e.slot} filled twice")
                 filled.add((e.target, e.slot))
@@ -149,34 +148,29 @@ class CheckpointLayerSource:
     """Decoder layers of this rank read from the mmap'd checkpoint on every use (the disk tier).
 
     `fill(i, module)` copies layer i's slices into `module` (a decoder layer of the same
-    shard), converting dtype and merging q/k/v and gate/up exactly as loading does; the mapped
-    pages are released after each tensor, so the process holds only the staging layer."""
+    shard), converting dtype and merging q/k/v and gate/up exactly as loading does; copy_checked
+    releases the mapped pages as it copies, so the process holds only the staging layer."""
 
     def __init__(self, index: CheckpointIndex, cfg: ModelConfig, tp: int, rank: int, layers: Iterable[int]) -> None:
         self.files = MappedCheckpoint(index)
         wanted = set(layers)
-        self.entries: dict[int, list[tuple[TensorEntry, sharding.ShardSpec | None, str]]] = {i: [] for i in wanted}
+        self.entries: dict[int, list[tuple[TensorEntry, sharding.ShardSpec | None]]] = {i: [] for i in wanted}
         for e in expected_tensors(cfg):
-            if not e.target.startswith("layers."):
-                continue
-            i = int(e.target.split(".")[1])
-            if i in wanted:
+            if e.layer in wanted:
                 spec = None if index.sliced_for else sharding.spec(e.hf_name, cfg, tp, rank)
-                self.entries[i].append((e, spec, e.target[len(f"layers.{i}.") :]))
+                self.entries[e.layer].append((e, spec))
 
     def fill(self, layer: int, module: torch.nn.Module) -> int:
         nbytes = 0
         with torch.no_grad():
-            for e, spec, target in self.entries[layer]:
+            for e, spec in self.entries[layer]:
                 data = self.files.view(e.hf_name, spec)
                 nbytes += data.numel() * data.element_size()
-                put_weight(module, target, data, e.slot)
-                del data
-                self.files.release(e.hf_name, spec)
+                put_weight(module, e.target_in_layer, data, e.slot)  # releases the mapped pages as it copies
         return nbytes
 
     def prefetch(self, layer: int) -> None:
-        for e, spec, _ in self.entries[layer]:
+        for e, spec in self.entries[layer]:
             self.files.willneed(e.hf_name, spec)
 
     def close(self) -> None:

@@ -105,11 +105,6 @@ class MappedCheckpoint:
         lo, hi = self._span(name, spec)
         self._tensors[name].mm.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
 
-    def release(self, name: str, spec: sharding.ShardSpec | None = None) -> None:
-        """Drop the slice's pages from this process (the page cache keeps them)."""
-        lo, hi = self._span(name, spec)
-        self._tensors[name].mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
     def close(self) -> None:
         """Unmap the files. Views made by `view` must not be used afterwards (they would point at
         unmapped memory): every caller copies out of a view before it lets go of it."""

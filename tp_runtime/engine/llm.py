@@ -142,8 +142,8 @@ class LLM:
         model.to_empty(device=device)
         model.init_buffers()
         progress = _progress_bar(f"rank {parallel.rank} loading") if runtime.show_progress and parallel.rank == 0 else (lambda it: it)
-        streamed = {f"layers.{i}." for i in plan.streamed}
-        resident = [e for e in entries if not e.target.startswith(tuple(streamed))] if streamed else entries
+        streamed = set(plan.streamed)
+        resident = [e for e in entries if e.layer not in streamed]
         nbytes = load_shard(model, index, resident, cfg, parallel.world_size, parallel.rank, progress)
         decode_context = _choose_matmuls(model, streamer, runtime, device, dtype)
         model.eval()
