@@ -20,6 +20,19 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
+static inline float bf16(uint16_t v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
+
+/* float32 -> bfloat16, round to nearest even (as torch's conversion), NaN kept quiet */
+static inline uint16_t to_bf16(float f) {
+    union { uint32_t u; float f; } c; c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* the output row of a call: float32, or bfloat16 (the model's dtype, so no conversion after) */
+static int y_bf16 = 0;
+static inline void put(float* y, int64_t r, float v) { if (y_bf16) ((uint16_t*)y)[r] = to_bf16(v); else y[r] = v; }
+
 /* y[r] = sum_i W[r*K + i] * x[i] for rows r in [r0, r1): 4 rows at a time, so x is read once
    per 4 rows; plain C the compiler vectorises (-O3 -march=native -fassociative-math: the sums
    are reordered, as any SIMD dot product does). */
@@ -29,12 +42,10 @@ static void rows_f32(const float* restrict W, const float* restrict x, float* re
         const float *w0 = W + r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         for (int64_t i = 0; i < K; i++) { float xi = x[i]; s0 += w0[i] * xi; s1 += w1[i] * xi; s2 += w2[i] * xi; s3 += w3[i] * xi; }
-        y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+        put(y, r, s0); put(y, r + 1, s1); put(y, r + 2, s2); put(y, r + 3, s3);
     }
-    for (; r < r1; r++) { const float* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += w[i] * x[i]; y[r] = s; }
+    for (; r < r1; r++) { const float* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += w[i] * x[i]; put(y, r, s); }
 }
-
-static inline float bf16(uint16_t v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
 
 /* bfloat16 weights, float32 x and accumulation */
 static void rows_bf16(const uint16_t* restrict W, const float* restrict x, float* restrict y, int64_t K, int64_t r0, int64_t r1) {
@@ -43,9 +54,9 @@ static void rows_bf16(const uint16_t* restrict W, const float* restrict x, float
         const uint16_t *w0 = W + r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         for (int64_t i = 0; i < K; i++) { float xi = x[i]; s0 += bf16(w0[i]) * xi; s1 += bf16(w1[i]) * xi; s2 += bf16(w2[i]) * xi; s3 += bf16(w3[i]) * xi; }
-        y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+        put(y, r, s0); put(y, r + 1, s1); put(y, r + 2, s2); put(y, r + 3, s3);
     }
-    for (; r < r1; r++) { const uint16_t* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += bf16(w[i]) * x[i]; y[r] = s; }
+    for (; r < r1; r++) { const uint16_t* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += bf16(w[i]) * x[i]; put(y, r, s); }
 }
 
 /* bfloat16 weights and bfloat16 x: AVX512-BF16's dot product (32 pairs per instruction,
@@ -67,9 +78,9 @@ static void rows_bf16x(const uint16_t* restrict W, const uint16_t* restrict x, f
         }
         float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1), s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
         for (; i < K; i++) { float xi = bf16(x[i]); s0 += bf16(w0[i]) * xi; s1 += bf16(w1[i]) * xi; s2 += bf16(w2[i]) * xi; s3 += bf16(w3[i]) * xi; }
-        y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+        put(y, r, s0); put(y, r + 1, s1); put(y, r + 2, s2); put(y, r + 3, s3);
     }
-    for (; r < r1; r++) { const uint16_t* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += bf16(w[i]) * bf16(x[i]); y[r] = s; }
+    for (; r < r1; r++) { const uint16_t* w = W + r * K; float s = 0; for (int64_t i = 0; i < K; i++) s += bf16(w[i]) * bf16(x[i]); put(y, r, s); }
 }
 #else
 #define HAS_BF16_DOT 0
@@ -107,7 +118,7 @@ static void rows_q8(const int8_t* restrict W, const int16_t* restrict wsum, cons
         }
         float corr = 0;
         for (int64_t c = 0; c < nb; c++) corr += d[c] * (float)ws[c];
-        y[r] = sc[r] * (_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 128.0f * corr);
+        put(y, r, sc[r] * (_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 128.0f * corr));
     }
 }
 #else
@@ -151,7 +162,10 @@ static int quantize_x(const float* x, int64_t K) {
 static int nthreads = 1;  /* threads created (the caller's included) */
 static int active = 1;    /* threads that share a call's rows: tp_gemv_start sets it */
 static pthread_t threads[MAXT];
-static struct { const void* W; const void* x; float* y; int64_t K, N; int kind; const int16_t* wsum; const float* scales; } job;
+static struct {
+    const void* W; const void* x; float* y; int64_t K, N; int kind; const int16_t* wsum; const float* scales;
+    void (*fn)(void*, int64_t, int64_t); void* ctx;  /* kind 4: a parallel for over [0, N) */
+} job;
 static atomic_long generation = 0;
 static atomic_int pending = 0;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -159,6 +173,11 @@ static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static atomic_int sleepers = 0;  /* seq_cst with `generation`: no wake-up is lost */
 
 static void share(int t) {
+    if (job.kind == 4) {
+        int64_t per = (job.N + active - 1) / active, i0 = t * per, i1 = i0 + per < job.N ? i0 + per : job.N;
+        if (i0 < i1) job.fn(job.ctx, i0, i1);
+        return;
+    }
     int64_t N = job.N, per = ((N + active - 1) / active + 3) / 4 * 4;
     int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
     if (r0 >= r1) return;
@@ -206,17 +225,24 @@ int tp_gemv_start(int n) {
 
 static void run(void);
 
-/* kind: 0 float32 W and x, 1 bfloat16 W and float32 x, 2 bfloat16 W and x */
-void tp_gemv(const void* W, const void* x, float* y, int64_t K, int64_t N, int kind) {
-    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = kind;
+/* kind: 0 float32 W and x, 1 bfloat16 W and float32 x, 2 bfloat16 W and x; y float32, or
+   bfloat16 when ybf16 */
+void tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16) {
+    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = kind; y_bf16 = ybf16;
+    run();
+}
+
+/* fn(ctx, i0, i1) over slices of [0, n), one per pool thread (the decode step's attention heads) */
+void tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n) {
+    job.fn = fn; job.ctx = ctx; job.N = n; job.kind = 4;
     run();
 }
 
 /* int8 W with per-row `scales` and 64-block sums `wsum` [N, K/64]; float32 x; K % 64 == 0.
    Returns -1 (nothing computed) if the activation buffer cannot be allocated. */
-int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const float* x, float* y, int64_t K, int64_t N) {
+int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const float* x, void* y, int64_t K, int64_t N, int ybf16) {
     if (quantize_x(x, K)) return -1;
-    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = 3; job.wsum = wsum; job.scales = scales;
+    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = 3; job.wsum = wsum; job.scales = scales; y_bf16 = ybf16;
     run();
     return 0;
 }

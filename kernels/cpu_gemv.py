@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger("tp_runtime")
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+# the GEMVs and their thread pool; the fused decode step's other ops (kernels/cpu_decode.py)
+SOURCES = [Path(__file__).with_name("cpu_gemv.c"), Path(__file__).with_name("cpu_decode.c")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
 
 _lib: ctypes.CDLL | None = None
@@ -55,7 +56,7 @@ def _build() -> Path | None:
     if cc is None:
         log.warning("no C compiler found: decode GEMVs use F.linear (slower on CPU)")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + os.uname().machine.encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_gemv-{key}.so"
@@ -64,7 +65,7 @@ def _build() -> Path | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
         log.warning("building the CPU GEMV kernel failed (%s): decode GEMVs use F.linear\n%s", cc, proc.stderr[-2000:])
@@ -84,11 +85,11 @@ def load() -> ctypes.CDLL | None:
         if path is not None:
             lib = ctypes.CDLL(str(path))
             lib.tp_gemv_start.argtypes = [ctypes.c_int]
-            lib.tp_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+            lib.tp_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
             _pool_threads = lib.tp_gemv_start(torch.get_num_threads())
             _bf16_dot = bool(lib.tp_gemv_has_bf16_dot())
             _int8_dot = bool(lib.tp_gemv_has_int8_dot())
-            lib.tp_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64]
+            lib.tp_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
             _lib = lib
     except OSError as e:
         log.warning("loading the CPU GEMV kernel failed (%s): decode GEMVs use F.linear", e)
@@ -161,7 +162,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, block_sums: torch.Tensor
     xf = x.reshape(-1).to(torch.float32).contiguous()
     sc = scales.to(torch.float32).contiguous()
     y = torch.empty(n, dtype=torch.float32)
-    if _lib.tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), sc.data_ptr(), xf.data_ptr(), y.data_ptr(), k, n):
+    if _lib.tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), sc.data_ptr(), xf.data_ptr(), y.data_ptr(), k, n, 0):
         return None
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
@@ -172,5 +173,5 @@ def _run(x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
     else:
         xf = x.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(w.shape[0], dtype=torch.float32)
-    _lib.tp_gemv(w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], kind)
+    _lib.tp_gemv(w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], kind, 0)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])

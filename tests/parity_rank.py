@@ -33,7 +33,16 @@ def main() -> None:
             for ev in llm.generate(spec["prompts"], params):
                 tokens[ev.seq].append(ev.token_id)
             counts = {op: comm.stats.count(op) for op in ("all_reduce", "all_gather", "broadcast", "barrier")}
-            results[model_dir] = {"logits": logits, "tokens": tokens, "counts": counts, "layers": llm.cfg.num_layers}
+            # each prompt alone: one sequence decodes through the fused step where it applies
+            single_tokens, single_counts = [], []
+            for prompt in spec["prompts"]:
+                comm.stats.reset()
+                single_tokens.append([ev.token_id for ev in llm.generate([prompt], params)])
+                single_counts.append({op: comm.stats.count(op) for op in ("all_reduce", "all_gather")})
+            results[model_dir] = {
+                "logits": logits, "tokens": tokens, "counts": counts, "layers": llm.cfg.num_layers,
+                "single_tokens": single_tokens, "single_counts": single_counts, "fused": llm.engine.fused_decode is not None,
+            }
         if parallel.rank == 0:
             torch.save(results, out_file)
         comm.close()

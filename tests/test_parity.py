@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_models
+from tp_runtime.kernels import cpu_gemv
 from tp_runtime.launch.spawn import spawn
 
 PROMPTS = [[1, 17, 42, 7, 99], [1, *range(3, 19)], [1, 250, 3, 8, 5, 77, 31, 64, 2, 11, 13]]  # mixed lengths, one batch
@@ -50,6 +51,11 @@ def test_float32_parity_with_transformers(tp, hf_checkpoints, references, tmp_pa
         assert got["counts"]["all_reduce"] == want_ar, f"{name} tp={tp}: {got['counts']}"
         assert got["counts"]["all_gather"] == want_ag, f"{name} tp={tp}: {got['counts']}"
         assert got["counts"]["broadcast"] == 0 and got["counts"]["barrier"] == 0
+        # each prompt alone (the fused decode step on CPU): the same tokens and collectives
+        assert got["fused"] == cpu_gemv.available(), f"{name} tp={tp}: fused decode step used: {got['fused']}"
+        assert got["single_tokens"] == ref_tokens, f"{name} tp={tp}: greedy tokens of single prompts differ from transformers"
+        for counts in got["single_counts"]:
+            assert counts == {"all_reduce": want_ar, "all_gather": want_ag}, f"{name} tp={tp}: {counts}"
 
 
 # bfloat16 rounds every activation to 8 bits of mantissa: logits (O(1)) stay within 0.25 of
@@ -68,7 +74,9 @@ def test_bfloat16_parity(hf_checkpoints, references, tmp_path):
         for i, (mine, ref) in enumerate(zip(got["logits"], ref_logits)):
             err = (mine - ref).abs().max().item()
             assert err < BF16_ATOL, f"bf16 tp={tp} prompt {i}: max |logit diff| {err:.3f} vs fp32 transformers"
-        for i, (mine, ref) in enumerate(zip(got["tokens"], ref_tokens)):
+        # batched (eager decode) and each prompt alone (the fused decode step)
+        for i, (mine, ref) in enumerate([*zip(got["tokens"], ref_tokens), *zip(got["single_tokens"], ref_tokens)]):
+            i %= len(PROMPTS)
             j = next((j for j, (a, b) in enumerate(zip(mine, ref)) if a != b), None)
             if j is None:
                 continue

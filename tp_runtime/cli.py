@@ -93,6 +93,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 linears (per-channel scales), quantised per shard at load")
     p.add_argument("--compile-gemv", action="store_true", help="compile the decode GEMVs with inductor (CPU; ~20 s of compiling on first use, cached)")
     p.add_argument("--gemv", choices=("auto", "kernel", "blas"), default="auto", help="decode GEMV on CPU: the built-in C kernel (auto: when a C compiler can build it) or BLAS via F.linear")
+    p.add_argument(
+        "--decode-step", choices=("auto", "fused", "eager"), default="auto",
+        help="decode of a single prompt on CPU: fused kernel calls on buffers allocated once (auto: wherever it applies) or the eager model",
+    )
     p.add_argument("--weight-layout", choices=("auto", "row", "col"), default="auto", help="memory order of the weights under --gemv blas (auto: column-major for float32 on CPU, where BLAS measures faster)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences the KV cache holds (default: the number of prompts)")
@@ -121,6 +125,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         compile_gemv=args.compile_gemv,
         gemv=args.gemv,
         weight_layout=args.weight_layout,
+        decode_step=args.decode_step,
         max_device_memory=args.max_device_memory,
         max_host_memory=args.max_host_memory,
         offload_dir=args.offload_dir,

@@ -23,8 +23,10 @@ class Communicator(Protocol):
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         """Sum over ranks, in place where the transport allows; returns the result."""
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str) -> torch.Tensor:
-        """Concatenate every rank's equally shaped `t` along `dim`, in rank order."""
+    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate every rank's equally shaped `t` along `dim`, in rank order; into `out`
+        (returned) when given, which the shared-memory and torch.distributed transports fill
+        without allocating (the fused decode step's logits)."""
 
     def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         """Split dim 0 into world_size chunks; chunk i goes to rank i."""

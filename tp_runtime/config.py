@@ -250,6 +250,9 @@ class RuntimeConfig:
     gemv: str = "auto"  # decode GEMV on CPU: "kernel" (kernels/cpu_gemv.c), "blas" (F.linear), "auto": kernel if it builds
     weight_layout: str = "auto"  # "row" | "col" | "auto" (model/layout.py: col for float32 on CPU)
     offload_dir: str | None = None  # streamed layers written here once, in the runtime's layout
+    # decode of one sequence on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
+    # buffers), "eager" (the model's forward), "auto": fused wherever it applies
+    decode_step: str = "auto"
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None
@@ -260,6 +263,11 @@ class RuntimeConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
         if self.gemv not in ("auto", "kernel", "blas"):
             raise ConfigError(f"gemv {self.gemv!r} is not one of auto, kernel, blas")
+        if self.decode_step not in ("auto", "fused", "eager"):
+            raise ConfigError(f"decode step {self.decode_step!r} is not one of auto, fused, eager")
+        if self.decode_step == "fused" and (self.gemv == "blas" or self.compile_gemv):
+            other = "--gemv blas asks for BLAS" if self.gemv == "blas" else "--compile-gemv asks for inductor's GEMVs"
+            raise ConfigError(f"--decode-step fused multiplies with the C kernel, and {other}: drop one of the two")
         if self.weight_layout not in ("auto", "row", "col"):
             raise ConfigError(f"weight layout {self.weight_layout!r} is not one of auto, row, col")
         if self.quantize not in (None, "int8"):

@@ -20,8 +20,8 @@ class LocalCommunicator:
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         return t
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str) -> torch.Tensor:
-        return t
+    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return t if out is None else out.copy_(t)
 
     def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         return t

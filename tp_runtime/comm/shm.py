@@ -132,11 +132,12 @@ class ShmCommunicator:
             t += self._peer(r, nbytes, t)
         return t
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str) -> torch.Tensor:
+    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
         nbytes = self._publish(t)
         if nbytes is None:
-            return self.fallback.all_gather(t, dim, site=site)
-        return torch.cat([self._peer(r, nbytes, t) for r in range(self.world_size)], dim=dim)
+            return self.fallback.all_gather(t, dim, site=site, out=out)
+        parts = [self._peer(r, nbytes, t) for r in range(self.world_size)]
+        return torch.cat(parts, dim=dim) if out is None else torch.cat(parts, dim=dim, out=out)
 
     def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         return self.fallback.all_to_all(t, site=site)

@@ -246,8 +246,8 @@ class TimedCommunicator:
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         return self._timed("all_reduce", site, _nbytes(t), self.inner.all_reduce, t, site=site)
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str) -> torch.Tensor:
-        return self._timed("all_gather", site, _nbytes(t), self.inner.all_gather, t, dim, site=site)
+    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._timed("all_gather", site, _nbytes(t), self.inner.all_gather, t, dim, site=site, out=out)
 
     def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         return self._timed("all_to_all", site, _nbytes(t), self.inner.all_to_all, t, site=site)

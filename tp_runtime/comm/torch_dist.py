@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Any
 
 import torch
@@ -43,8 +44,14 @@ class TorchDistCommunicator:
         dist.all_reduce(t, group=self.group)
         return t
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str) -> torch.Tensor:
+    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
         t = t.contiguous()
+        if out is not None and out.is_contiguous() and math.prod(t.shape[: dim % t.dim()]) == 1:
+            # nothing before `dim`: the concatenation is the ranks' pieces back to back
+            dist.all_gather_into_tensor(out.view(-1), t.view(-1), group=self.group)
+            return out
+        if out is not None:
+            return out.copy_(self.all_gather(t, dim, site=site))
         if self.backend == "nccl":
             out = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
             dist.all_gather_into_tensor(out, t, group=self.group)

@@ -210,8 +210,9 @@ class ZmqCommunicator:
             t.copy_(flat.view_as(t))
         return t
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str) -> torch.Tensor:
-        return torch.cat(self._exchange(t.detach().contiguous(), self._next_seq()), dim=dim)
+    def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        parts = self._exchange(t.detach().contiguous(), self._next_seq())
+        return torch.cat(parts, dim=dim) if out is None else torch.cat(parts, dim=dim, out=out)
 
     def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         seq = self._next_seq()

@@ -43,13 +43,17 @@ class Engine:
         dtype: torch.dtype,
         fault: tuple[int, int] | None = None,
         decode_context: Callable[[], ContextManager] = nullcontext,
+        fused_decode: Callable[[int, int], torch.Tensor] | None = None,
     ) -> None:
-        """decode_context: entered around the decode loop (the CPU GEMV kernel's thread handover)."""
+        """decode_context: entered around the decode loop (the CPU GEMV kernel's thread handover).
+        fused_decode: (token, position) -> logits, the allocation-free step for one sequence
+        (model/fused_decode.py) that replaces the eager step when the batch is one prompt."""
         self.model, self.comm, self.cfg = model, comm, cfg
         self.max_seq_len, self.max_batch, self.device = max_seq_len, max_batch, device
         self.cache = KVCache(cfg.num_layers, max_batch, model.heads.num_kv_local, max_seq_len, cfg.head_dim, dtype, device)
         self.fault = fault
         self.decode_context = decode_context
+        self.fused_decode = fused_decode
         self.last_stats = RunStats()
 
     def _check(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -132,6 +136,7 @@ class Engine:
 
         yield from emit(tokens_host)
 
+        fused = self.fused_decode if b == 1 else None
         pos = torch.tensor(lens, dtype=torch.long, device=dev)  # where each sequence's next token goes
         cache_lens = pos + 1
         host_pos = list(lens)
@@ -142,10 +147,15 @@ class Engine:
             while not all(finished):
                 if self.fault is not None and self.fault == (self.comm.rank, step_no):
                     raise RuntimeError(f"injected fault on rank {self.comm.rank} at decode step {step_no} (test hook)")
-                # finished sequences keep a slot in the batch; their positions stop at the context end
-                max_len = min(max(host_pos), self.max_seq_len - 1) + 1
-                step = StepInfo(pos.clamp(max=self.max_seq_len - 1)[:, None], prefill=False, cache_lens=cache_lens.clamp(max=self.max_seq_len), max_len=max_len)
-                logits = self.model(tokens[:, None], step, self.cache)
+                if fused is not None:  # one sequence, which stops before the context's end
+                    logits = fused(tokens_host[0], host_pos[0])
+                else:
+                    # finished sequences keep a slot in the batch; their positions stop at the context end
+                    max_len = min(max(host_pos), self.max_seq_len - 1) + 1
+                    step = StepInfo(pos.clamp(max=self.max_seq_len - 1)[:, None], prefill=False, cache_lens=cache_lens.clamp(max=self.max_seq_len), max_len=max_len)
+                    logits = self.model(tokens[:, None], step, self.cache)
+                    pos += 1
+                    cache_lens += 1
                 tokens = sampler(logits)
                 tokens_host = tokens.tolist()
                 step_no += 1
@@ -154,8 +164,6 @@ class Engine:
                 comm_stats.span("decode step", t0, now, step=step_no)
                 stats.decode_tokens += sum(1 for f in finished if not f)
                 events = list(emit(tokens_host))
-                pos += 1
-                cache_lens += 1
                 host_pos = [p + 1 for p in host_pos]
                 yield from events
                 t0 = time.perf_counter()  # the consumer's time (printing) is not decode time

@@ -30,6 +30,7 @@ from tp_runtime.engine.offload import attach_streaming
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import ConfigError
 from tp_runtime.kernels import cpu_gemv
+from tp_runtime.model import fused_decode
 from tp_runtime.model.layout import column_major_, resolve_layout
 from tp_runtime.model.linear import use_compiled_gemv_, use_cpu_gemv_
 from tp_runtime.model.quant import quantize_int8_
@@ -87,6 +88,19 @@ def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, de
     elif resolve_layout(runtime.weight_layout, dtype, device) == "col":
         column_major_(model)
     return nullcontext
+
+
+def _fused_step(model: torch.nn.Module, cache, runtime: RuntimeConfig, device: torch.device):
+    """The fused decode step (model/fused_decode.py) where --decode-step allows and it applies."""
+    if runtime.decode_step == "eager" or runtime.gemv == "blas" or runtime.compile_gemv:
+        return None  # (RuntimeConfig refuses these with "fused")
+    why = fused_decode.unsupported(model, device)
+    if why is None:
+        return fused_decode.FusedDecodeStep(model, cache)
+    if runtime.decode_step == "fused":
+        raise ConfigError(f"--decode-step fused: the fused step cannot run here: {why}")
+    log.debug("decode step: eager (the fused step does not apply: %s)", why)
+    return None
 
 
 class LLM:
@@ -149,6 +163,7 @@ class LLM:
         model.eval()
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
         engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault, decode_context)
+        engine.fused_decode = _fused_step(model, engine.cache, runtime, device)
         llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
         llm.plan, llm.streamer, llm.rss_at_start = plan, streamer, rss_at_start
         llm.memory_at_load = llm.memory()

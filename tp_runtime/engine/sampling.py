@@ -42,12 +42,21 @@ class Sampler:
         self.params = params
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed)
+        self._greedy: torch.Tensor | None = None  # the greedy tokens, one buffer reused every step
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        # logits: [batch, vocab] float32 -> token ids [batch]
+        """logits: [batch, vocab] float32 -> token ids [batch]; greedy tokens come in the same
+        buffer every call (valid until the next call)."""
         p = self.params
         if p.temperature == 0:
-            return logits.argmax(dim=-1)
+            out = self._greedy
+            if out is None or out.shape[0] != logits.shape[0] or out.device != logits.device:
+                out = self._greedy = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+            return torch.argmax(logits, dim=-1, out=out)
+        return self._sample(logits)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
         x = logits / p.temperature
         if 0 < p.top_k < x.shape[-1]:
             kth = torch.topk(x, p.top_k, dim=-1).values[:, -1:]

@@ -1,0 +1,211 @@
+"""The fused CPU decode step (model/fused_decode.py) and its C ops (kernels/cpu_decode.py).
+
+Every op against its torch reference; the whole step against the eager step on the same
+model and cache (logits every step); and the claim it exists for: after warm-up a decode step
+creates no tensor storage (every aten op it runs writes into an existing buffer), at tp=1 and
+at tp=2 over shared memory. Tokens against transformers, and the collectives per token, are
+checked by test_parity.py (each prompt alone there takes this step).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tp_runtime.config import ParallelConfig, RuntimeConfig
+from tp_runtime.engine.llm import LLM
+from tp_runtime.engine.sampling import Sampler, SamplingParams
+from tp_runtime.kernels import cpu_decode, cpu_gemv, reference
+from tp_runtime.model.step import StepInfo
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler: the fused step needs the CPU kernel")
+
+# float32: the ops sum in another order than torch (a few ulp); bfloat16: the same roundings
+# as the eager ops, so at most one bfloat16 ulp apart (attention sums many products: 2)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _rand(g, *shape, dtype):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_and_without_the_residual_add(dtype):
+    g = torch.Generator().manual_seed(0)
+    h, res, w = (_rand(g, 200, dtype=dtype) for _ in range(3))
+    want, want_res = reference.rms_norm_residual(h[None], res[None], w, 1e-5)
+    for out_dtype in (dtype, torch.float32):  # the next GEMV's input format
+        r = res.clone()
+        out = cpu_decode.rms_norm_(r, w, 1e-5, torch.empty(200, dtype=out_dtype), h)
+        assert torch.equal(r, want_res[0])  # h + res, rounded as torch rounds
+        torch.testing.assert_close(out.to(dtype), want[0], **TOL[dtype])
+    alone = cpu_decode.rms_norm_(res.clone(), w, 1e-6, torch.empty(200, dtype=dtype))
+    torch.testing.assert_close(alone, reference.rms_norm(res[None], w, 1e-6)[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_qkv_rope_rotates_q_in_place_and_writes_k_v_to_the_cache_slot(dtype, with_bias):
+    g = torch.Generator().manual_seed(1)
+    nq, nkv, hd, max_seq, pos = 6, 2, 16, 12, 5
+    qkv = _rand(g, (nq + 2 * nkv) * hd, dtype=dtype)
+    bias = _rand(g, qkv.numel(), dtype=dtype) if with_bias else None
+    cos, sin = torch.randn(max_seq, hd, generator=g), torch.randn(max_seq, hd, generator=g)
+    k_cache, v_cache = torch.zeros(nkv, max_seq, hd, dtype=dtype), torch.zeros(nkv, max_seq, hd, dtype=dtype)
+
+    x = qkv + bias if with_bias else qkv
+    q = x[: nq * hd].view(1, nq, 1, hd).clone()
+    k = x[nq * hd : (nq + nkv) * hd].view(1, nkv, 1, hd).clone()
+    c, s = (t[pos].to(dtype)[None, None, None] for t in (cos, sin))
+    reference.apply_rope_qk_(q, k, c, s)
+
+    got = qkv.clone()
+    cpu_decode.qkv_rope_(got, bias, cos, sin, k_cache, v_cache, pos, nq, nkv)
+    torch.testing.assert_close(got[: nq * hd], q.flatten(), **TOL[dtype])
+    torch.testing.assert_close(k_cache[:, pos], k.view(nkv, hd), **TOL[dtype])
+    assert torch.equal(v_cache[:, pos], x[(nq + nkv) * hd :].view(nkv, hd))
+    others = [p for p in range(max_seq) if p != pos]
+    assert not k_cache[:, others].any() and not v_cache[:, others].any()  # only slot pos written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_map", [None, [1, 0, 1, 1, 0]])  # equal groups, or a split-cut group
+@pytest.mark.parametrize("length", [1, 9, 40])
+def test_decode_attention_over_the_first_length_keys(dtype, kv_map, length):
+    g = torch.Generator().manual_seed(length)
+    nq, nkv, hd, max_seq = len(kv_map) if kv_map else 6, 2, 32, 40
+    q = _rand(g, nq * hd, dtype=dtype)
+    k_cache, v_cache = _rand(g, nkv, max_seq, hd, dtype=dtype), _rand(g, nkv, max_seq, hd, dtype=dtype)
+    m = None if kv_map is None else torch.tensor(kv_map)
+    got = cpu_decode.decode_attention_(q, k_cache, v_cache, length, m, torch.empty(nq * hd, dtype=dtype), torch.empty(nq, max_seq))
+    want = reference.decode_attention(q.view(1, nq, hd), k_cache[None], v_cache[None], torch.tensor([length]), m, length)
+    torch.testing.assert_close(got, want.flatten(), rtol=TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gu = _rand(torch.Generator().manual_seed(2), 2 * 300, dtype=dtype)
+    got = cpu_decode.silu_mul_(gu, torch.empty(300, dtype=dtype))
+    torch.testing.assert_close(got, F.silu(gu[:300]) * gu[300:], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_into_a_buffer_of_the_model_dtype(dtype):
+    g = torch.Generator().manual_seed(3)
+    w, x = _rand(g, 70, 128, dtype=dtype), _rand(g, 128, dtype=dtype)
+    xin = x if cpu_decode.gemv_kind(w) == 2 else x.float()
+    got = cpu_decode.gemv_(w, xin, torch.empty(70, dtype=dtype))
+    assert torch.equal(got, cpu_gemv.cpu_linear(x[None], w)[0])  # the eager decode GEMV, bit for bit
+
+
+def _load(model_dir, **kw):
+    runtime = RuntimeConfig(max_seq_len=64, max_batch_size=1, show_progress=False, **kw)
+    return LLM.load(model_dir, ParallelConfig(), runtime)
+
+
+CASES = {  # runtime flags -> logits tolerance against the eager step (same weights, same cache)
+    "float32": (dict(dtype="float32"), 1e-4),
+    "bfloat16": (dict(dtype="bfloat16"), 0.05),
+    "int8": (dict(dtype="float32", quantize="int8"), 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_step_gives_the_eager_step_logits(small_model, case):
+    flags, atol = CASES[case]
+    if flags.get("quantize") and not cpu_gemv.has_int8_dot():
+        pytest.skip("the int8 GEMV needs AVX512-VNNI")
+    llm = _load(small_model, **flags)
+    eng = llm.engine
+    assert eng.fused_decode is not None
+    prompt = [5, 9, 2, 7, 11]
+    tok, pos = int(eng.prompt_logits([prompt])[0][-1].argmax()), len(prompt)
+    for _ in range(10):
+        step = StepInfo(torch.tensor([[pos]]), prefill=False, cache_lens=torch.tensor([pos + 1]), max_len=pos + 1)
+        eager = eng.model(torch.tensor([[tok]]), step, eng.cache).float()  # writes cache slot pos ...
+        fused = eng.fused_decode(tok, pos)  # ... and so does this, with the same k, v
+        assert fused.shape == eager.shape == (1, llm.cfg.vocab_size) and fused.dtype == torch.float32
+        err = (fused - eager).abs().max().item()
+        assert err < atol, f"{case}: step at {pos}: max |logit diff| {err:.2e}"
+        assert int(fused.argmax()) == int(eager.argmax())
+        tok, pos = int(eager.argmax()), pos + 1
+    llm.close()
+
+
+class NewStorages(TorchDispatchMode):
+    """Counts the aten ops whose output tensors have storage none of their inputs had: the
+    allocations a step makes (views, in-place and out= ops reuse an input's storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        made = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen]
+        if made:
+            self.ops.append(str(func))
+        return out
+
+
+def test_decode_step_allocates_nothing_after_warm_up(small_model):
+    llm = _load(small_model, dtype="bfloat16")
+    eng = llm.engine
+    sampler = Sampler(SamplingParams(), torch.device("cpu"))
+    prompt = [5, 9, 2, 7]
+    eng.prompt_logits([prompt])
+    tok, pos = 3, len(prompt)
+    ptrs = set()
+    for i in range(6):
+        mode = NewStorages()
+        with mode:
+            logits = eng.fused_decode(tok, pos)
+            tok = sampler(logits).tolist()[0]
+        if i >= 1:  # the first step is warm-up (the sampler's token buffer)
+            assert mode.ops == [], f"step {i} allocated in {mode.ops}"
+            ptrs.add(logits.data_ptr())
+        pos += 1
+    assert len(ptrs) == 1  # the same logits buffer every step
+    # the checker sees allocations where there are some: the eager step makes plenty
+    mode = NewStorages()
+    with mode:
+        step = StepInfo(torch.tensor([[pos]]), prefill=False, cache_lens=torch.tensor([pos + 1]), max_len=pos + 1)
+        eng.model(torch.tensor([[tok]]), step, eng.cache)
+    assert len(mode.ops) > 10
+    llm.close()
+
+
+def test_decode_step_allocates_nothing_at_tp2_over_shared_memory(small_model, tmp_path):
+    from tp_runtime.launch.spawn import spawn
+
+    spawn([str(small_model), str(tmp_path)], 2, threads=1, program=[sys.executable, str(Path(__file__).with_name("fused_rank.py"))])
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["transport"] == "shm"
+        assert got["new_storages"] == [], f"rank {rank}: {got['new_storages']}"
+        assert got["logits_buffers"] == 1
+        assert got["tokens"] == got["eager_tokens"]
+
+
+@pytest.mark.parametrize(
+    "flags, why",
+    [
+        (["--gemv", "blas"], "--gemv blas"),
+        (["--dtype", "float16"], "float16"),
+        (["--compile-gemv"], "--compile-gemv"),
+    ],
+)
+def test_forcing_the_fused_step_where_it_cannot_run_names_why(small_model, flags, why):
+    from conftest import run_cli
+
+    p = run_cli(["generate", "--model", str(small_model), "--prompt-ids", "5,9", "--max-new-tokens", "2", "--quiet", "--decode-step", "fused", *flags])
+    assert p.returncode == 1
+    assert "--decode-step fused" in p.stderr and why in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
