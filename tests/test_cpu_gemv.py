@@ -23,6 +23,19 @@ def test_single_row_matches_float64(dtype, rtol, n, k):
     assert ((y.double() - want).abs().max() / scale) < rtol
 
 
+@pytest.mark.parametrize("n, k", [(5, 63), (300, 768), (64, 2048)])
+def test_bfloat16_weight_with_float32_row(n, k):
+    """The path for CPUs without AVX512-BF16 (bfloat16 weight, float32 x), taken on any CPU when
+    x is float32."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g)
+    y = cpu_gemv.cpu_linear(x, w)
+    want = (w.double() @ x.double()[0])[None]
+    scale = (w.double().abs() @ x.double().abs()[0]).max()
+    assert y.dtype == torch.float32 and ((y.double() - want).abs().max() / scale) < 1e-5
+
+
 def test_batched_leading_dims_and_fallbacks_agree_with_f_linear():
     w = torch.randn(64, 48)
     x = torch.randn(1, 1, 48)
