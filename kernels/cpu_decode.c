@@ -135,15 +135,17 @@ int tp_decode_attn(const void* q, const void* kc, const void* vc, void* out, con
     return 0;
 }
 
-/* out = silu(gate) * up for gu = gate|up [2n] (model dtype); out stored per out_bf */
-INLINE void silu_mul_impl(const void* gu, void* out, int64_t n, int out_bf, const int mbf) {
+/* out = silu(gate) * up for gu = gate|up [2n] (model dtype; `bias` [2n] or 0 added first);
+   out stored per out_bf */
+INLINE void silu_mul_impl(const void* gu, const void* bias, void* out, int64_t n, int out_bf, const int mbf) {
     for (int64_t i = 0; i < n; i++) {
-        float g = ld(gu, i, mbf);
-        st(out, i, rnd(rnd(g / (1.0f + expf(-g)), mbf) * ld(gu, n + i, mbf), mbf), out_bf);
+        float g = ld(gu, i, mbf), u = ld(gu, n + i, mbf);
+        if (bias) { g = rnd(g + ld(bias, i, mbf), mbf); u = rnd(u + ld(bias, n + i, mbf), mbf); }
+        st(out, i, rnd(rnd(g / (1.0f + expf(-g)), mbf) * u, mbf), out_bf);
     }
 }
 
-void tp_silu_mul(const void* gu, void* out, int64_t n, int out_bf, int mbf) {
-    if (mbf) silu_mul_impl(gu, out, n, out_bf, 1);
-    else silu_mul_impl(gu, out, n, out_bf, 0);
+void tp_silu_mul(const void* gu, const void* bias, void* out, int64_t n, int out_bf, int mbf) {
+    if (mbf) silu_mul_impl(gu, bias, out, n, out_bf, 1);
+    else silu_mul_impl(gu, bias, out, n, out_bf, 0);
 }

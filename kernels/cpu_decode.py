@@ -26,21 +26,19 @@ _SIGNATURES = {
     "tp_rmsnorm": (None, [_P, _P, _P, _P, _I64, _F, _I, _I, _I]),
     "tp_qkv_rope": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I, _I, _I, _I, _I64]),
     "tp_decode_attn": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _I, _I, _I, _I, _I, _I64]),
-    "tp_silu_mul": (None, [_P, _P, _I64, _I, _I]),
+    "tp_silu_mul": (None, [_P, _P, _P, _I64, _I, _I]),
 }
-_bound: list = []
 
 
 def lib() -> ctypes.CDLL | None:
-    """The kernel library with the decode ops' signatures set, or None (no compiler)."""
-    if _bound:
-        return _bound[0]
+    """The kernel library with the decode ops' signatures set, or None: no compiler, or a forked
+    child, where cpu_gemv gives the library up (its pool threads did not come along)."""
     lib = cpu_gemv.load()
-    if lib is not None:
+    if lib is not None and not getattr(lib, "_tp_decode_ops", False):
         for name, (res, args) in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
-    _bound.append(lib)
+        lib._tp_decode_ops = True
     return lib
 
 
@@ -82,9 +80,9 @@ def decode_attention_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
-def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = silu(gate) * up for gate_up = gate|up [2n]."""
-    lib().tp_silu_mul(gate_up.data_ptr(), out.data_ptr(), out.numel(), is_bf16(out), is_bf16(gate_up))
+def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = silu(gate) * up for gate_up = gate|up [2n] (plus bias [2n])."""
+    lib().tp_silu_mul(gate_up.data_ptr(), _ptr(bias), out.data_ptr(), out.numel(), is_bf16(out), is_bf16(gate_up))
     return out
 
 

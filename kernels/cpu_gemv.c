@@ -165,7 +165,9 @@ static int quantize_x(const float* x, int64_t K) {
     return 0;
 }
 
-/* a tiny persistent pool: worker t computes its share of the rows of the current job */
+/* a tiny persistent pool: worker t computes its share of the rows of the current job. One
+   caller at a time (a rank's main thread): `job`, `y_bf16` and the int8 activation buffer are
+   shared state, and ctypes releases the GIL during a call. */
 #define MAXT 64
 static int nthreads = 1;  /* threads created (the caller's included) */
 static int active = 1;    /* threads that share a call's rows: tp_gemv_start sets it */

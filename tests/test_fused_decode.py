@@ -8,6 +8,7 @@ checked by test_parity.py (each prompt alone there takes this step).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,10 +89,14 @@ def test_decode_attention_over_the_first_length_keys(dtype, kv_map, length):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul(dtype):
-    gu = _rand(torch.Generator().manual_seed(2), 2 * 300, dtype=dtype)
-    got = cpu_decode.silu_mul_(gu, torch.empty(300, dtype=dtype))
-    torch.testing.assert_close(got, F.silu(gu[:300]) * gu[300:], **TOL[dtype])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_silu_mul(dtype, with_bias):
+    g = torch.Generator().manual_seed(2)
+    gu = _rand(g, 2 * 300, dtype=dtype)
+    bias = _rand(g, 2 * 300, dtype=dtype) if with_bias else None
+    got = cpu_decode.silu_mul_(gu, torch.empty(300, dtype=dtype), bias)
+    x = gu + bias if with_bias else gu
+    torch.testing.assert_close(got, F.silu(x[:300]) * x[300:], **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -104,23 +109,34 @@ def test_gemv_into_a_buffer_of_the_model_dtype(dtype):
 
 
 def _load(model_dir, **kw):
-    runtime = RuntimeConfig(max_seq_len=64, max_batch_size=1, show_progress=False, **kw)
+    runtime = RuntimeConfig(**{"max_seq_len": 64, "max_batch_size": 1, "show_progress": False, **kw})
     return LLM.load(model_dir, ParallelConfig(), runtime)
 
 
-CASES = {  # runtime flags -> logits tolerance against the eager step (same weights, same cache)
-    "float32": (dict(dtype="float32"), 1e-4),
-    "bfloat16": (dict(dtype="bfloat16"), 0.05),
-    "int8": (dict(dtype="float32", quantize="int8"), 1e-4),
+@pytest.fixture(scope="module")
+def biased_model(tmp_path_factory):
+    """Every linear with a bias (Llama's attention_bias and mlp_bias), 6 q over 2 kv heads."""
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+
+    cfg = llama_config_dict(hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2, intermediate_size=128, vocab_size=300, attention_bias=True, mlp_bias=True)
+    return write_checkpoint(tmp_path_factory.mktemp("biased") / "llama", cfg, seed=5, tokenizer_vocab=300)
+
+
+CASES = {  # model, runtime flags -> logits tolerance against the eager step (same weights, same cache)
+    "float32": ("small", dict(dtype="float32"), 1e-4),
+    "bfloat16": ("small", dict(dtype="bfloat16"), 0.05),
+    "int8": ("small", dict(dtype="float32", quantize="int8"), 1e-4),
+    "biases float32": ("biased", dict(dtype="float32"), 1e-4),
+    "biases bfloat16": ("biased", dict(dtype="bfloat16"), 0.05),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_step_gives_the_eager_step_logits(small_model, case):
-    flags, atol = CASES[case]
+def test_fused_step_gives_the_eager_step_logits(small_model, biased_model, case):
+    model, flags, atol = CASES[case]
     if flags.get("quantize") and not cpu_gemv.has_int8_dot():
         pytest.skip("the int8 GEMV needs AVX512-VNNI")
-    llm = _load(small_model, **flags)
+    llm = _load(small_model if model == "small" else biased_model, **flags)
     eng = llm.engine
     assert eng.fused_decode is not None
     prompt = [5, 9, 2, 7, 11]
@@ -180,6 +196,44 @@ def test_decode_step_allocates_nothing_after_warm_up(small_model):
         eng.model(torch.tensor([[tok]]), step, eng.cache)
     assert len(mode.ops) > 10
     llm.close()
+
+
+def test_generate_decodes_one_prompt_through_the_fused_step_without_allocating(small_model):
+    llm = _load(small_model, dtype="float32", max_batch_size=2)
+    eng = llm.engine
+    step, calls, made = eng.fused_decode, [], []
+
+    def watched(token, pos):
+        mode = NewStorages()
+        with mode:
+            logits = step(token, pos)
+        calls.append(pos)
+        made.extend(mode.ops)
+        return logits
+
+    eng.fused_decode = watched
+    prompt, params = [5, 9, 2, 7], SamplingParams(max_new_tokens=8, ignore_eos=True)
+    tokens = [ev.token_id for ev in llm.generate([prompt], params)]
+    assert calls == list(range(len(prompt), len(prompt) + 7))  # every decode step, at its position
+    assert made == []
+    calls.clear()
+    two = list(llm.generate([prompt, prompt[:2]], params))  # a batch: the eager step
+    assert calls == [] and [ev.token_id for ev in two if ev.seq == 0] == tokens
+    llm.close()
+
+
+def test_a_forked_child_does_not_take_the_fused_step():
+    """The kernel's pool threads do not survive fork: the child must not call into it (it would
+    wait for them forever), so the fused step says it cannot run there."""
+    from tp_runtime.model import fused_decode
+
+    assert cpu_decode.lib() is not None
+    pid = os.fork()
+    if pid == 0:
+        why = fused_decode.unsupported_setup(torch.device("cpu"), torch.float32)
+        os._exit(0 if cpu_decode.lib() is None and why and "forked" in why else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_decode_step_allocates_nothing_at_tp2_over_shared_memory(small_model, tmp_path):

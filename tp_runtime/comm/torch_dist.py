@@ -12,6 +12,11 @@ import torch.distributed as dist
 from tp_runtime.config import CommConfig, ParallelConfig
 from tp_runtime.errors import LaunchError
 
+# the ranks' equal pieces into one tensor; torch 2.13 names it all_gather_single (and warns on
+# the older all_gather_into_tensor), which older torch builds lack
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class TorchDistCommunicator:
     def __init__(self, group: Any, rank: int, world_size: int, backend: str) -> None:
         self.group = group
@@ -48,13 +53,13 @@ class TorchDistCommunicator:
         t = t.contiguous()
         if out is not None and out.is_contiguous() and math.prod(t.shape[: dim % t.dim()]) == 1:
             # nothing before `dim`: the concatenation is the ranks' pieces back to back
-            dist.all_gather_into_tensor(out.view(-1), t.view(-1), group=self.group)
+            _gather_single(out.view(-1), t.view(-1), group=self.group)
             return out
         if out is not None:
             return out.copy_(self.all_gather(t, dim, site=site))
         if self.backend == "nccl":
             out = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-            dist.all_gather_into_tensor(out, t, group=self.group)
+            _gather_single(out, t, group=self.group)
             parts = out.chunk(self.world_size, dim=0)
         else:
             parts = [torch.empty_like(t) for _ in range(self.world_size)]

@@ -137,6 +137,8 @@ class LLM:
         index = open_index(model_dir)
         entries = validate(index, cfg, parallel.world_size, parallel.rank)
         tokenizer = load_tokenizer(model_dir)
+        if runtime.decode_step == "fused" and (why := fused_decode.unsupported_setup(device, dtype)):
+            raise ConfigError(f"--decode-step fused: the fused step cannot run here: {why}")
         plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len)
         if plan.streamed and runtime.quantize:
             raise ConfigError(

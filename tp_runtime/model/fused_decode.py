@@ -30,15 +30,22 @@ from tp_runtime.model.quant import Int8ColumnParallelLinear, Int8RowParallelLine
 _LINEARS = (ColumnParallelLinear, RowParallelLinear, Int8ColumnParallelLinear, Int8RowParallelLinear)
 
 
-def unsupported(model: nn.Module, device: torch.device) -> str | None:
-    """Why the fused step cannot run this model here, or None."""
+def unsupported_setup(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused step cannot run on this device at this dtype (known before loading), or None."""
     if device.type != "cpu":
-        return f"runs on CPU (this model is on {device})"
-    if cpu_decode.lib() is None:
-        return "the CPU kernel did not build"
-    dtype = model.norm.weight.dtype
+        return f"it runs on CPU (this model is on {device})"
     if dtype not in (torch.float32, torch.bfloat16):
-        return f"takes float32 and bfloat16 models, not {dtype}"
+        return f"it takes float32 and bfloat16 models, not {str(dtype).removeprefix('torch.')}"
+    if cpu_decode.lib() is None:
+        return "the CPU kernel is not loaded (no C compiler, see the warning above; or a forked process)"
+    return None
+
+
+def unsupported(model: nn.Module, device: torch.device) -> str | None:
+    """Why the fused step cannot run this loaded model here, or None."""
+    why = unsupported_setup(device, model.norm.weight.dtype)
+    if why:
+        return why
     if model.cfg.head_dim > 1024 or model.cfg.head_dim % 2:
         return f"takes even head sizes up to 1024, not {model.cfg.head_dim}"
     for i, layer in enumerate(model.layers):
@@ -61,21 +68,21 @@ def unsupported(model: nn.Module, device: torch.device) -> str | None:
 class _Gemv:
     """One linear layer's GEMV bound to its input and output buffers."""
 
-    def __init__(self, lib, module: nn.Module, out: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, lib, module: nn.Module, out: torch.Tensor, dtype: torch.dtype, ptr) -> None:
         self.out = out
         ybf = int(dtype == torch.bfloat16)
         if hasattr(module, "qweight"):
             q = module.qweight
-            self.scales = module.scales.float()  # what the eager int8 path hands the kernel
+            scales = module.scales.float()  # what the eager int8 path hands the kernel
             self.x = torch.zeros(q.shape[1], dtype=torch.float32)
-            self.call = partial(lib.tp_gemv_q8, q.data_ptr(), module.block_sums.data_ptr(), self.scales.data_ptr(), self.x.data_ptr(), out.data_ptr(), q.shape[1], q.shape[0], ybf)
+            self.call = partial(lib.tp_gemv_q8, ptr(q), ptr(module.block_sums), ptr(scales), ptr(self.x), ptr(out), q.shape[1], q.shape[0], ybf)
             if self.call():  # sizes the kernel's activation buffer now, not in a token step
                 raise MemoryError("int8 GEMV: the activation buffer could not be allocated")
         else:
             w = module.weight
             kind = cpu_decode.gemv_kind(w)
             self.x = torch.zeros(w.shape[1], dtype=torch.bfloat16 if kind == 2 else torch.float32)
-            self.call = partial(lib.tp_gemv, w.data_ptr(), self.x.data_ptr(), out.data_ptr(), w.shape[1], w.shape[0], kind, ybf)
+            self.call = partial(lib.tp_gemv, ptr(w), ptr(self.x), ptr(out), w.shape[1], w.shape[0], kind, ybf)
         self.x_bf16 = int(self.x.dtype == torch.bfloat16)
 
 
@@ -83,30 +90,29 @@ class _Layer:
     """Decoder layer i's calls, in order, and its collectives' sites and biases."""
 
     def __init__(self, lib, layer: nn.Module, i: int, step: FusedDecodeStep, cache: KVCache) -> None:
-        attn, mlp, dtype = layer.attn, layer.mlp, step.dtype
+        attn, mlp, dtype, ptr = layer.attn, layer.mlp, step.dtype, step.ptr
         mbf = int(dtype == torch.bfloat16)
         hidden = step.res.numel()
-        self.qkv = _Gemv(lib, attn.qkv_proj, torch.zeros(attn.qkv_proj.out_features_local, dtype=dtype), dtype)
-        self.o = _Gemv(lib, attn.o_proj, step.h, dtype)
-        self.gate_up = _Gemv(lib, mlp.gate_up_proj, torch.zeros(2 * mlp.inter_local, dtype=dtype), dtype)
-        self.down = _Gemv(lib, mlp.down_proj, step.h, dtype)
+        self.qkv = _Gemv(lib, attn.qkv_proj, torch.zeros(attn.qkv_proj.out_features_local, dtype=dtype), dtype, ptr)
+        self.o = _Gemv(lib, attn.o_proj, step.h, dtype, ptr)
+        self.gate_up = _Gemv(lib, mlp.gate_up_proj, torch.zeros(2 * mlp.inter_local, dtype=dtype), dtype, ptr)
+        self.down = _Gemv(lib, mlp.down_proj, step.h, dtype, ptr)
         norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
         # layer 0's input is the embedding, already in the residual buffer: no add
-        self.norm_in = partial(lib.tp_rmsnorm, step.h.data_ptr(), step.res.data_ptr(), norm_in.weight.data_ptr(), self.qkv.x.data_ptr(), hidden, norm_in.eps, int(i > 0), self.qkv.x_bf16, mbf)
-        self.norm_post = partial(lib.tp_rmsnorm, step.h.data_ptr(), step.res.data_ptr(), norm_post.weight.data_ptr(), self.gate_up.x.data_ptr(), hidden, norm_post.eps, 1, self.gate_up.x_bf16, mbf)
+        self.norm_in = partial(lib.tp_rmsnorm, ptr(step.h), ptr(step.res), ptr(norm_in.weight), ptr(self.qkv.x), hidden, norm_in.eps, int(i > 0), self.qkv.x_bf16, mbf)
+        self.norm_post = partial(lib.tp_rmsnorm, ptr(step.h), ptr(step.res), ptr(norm_post.weight), ptr(self.gate_up.x), hidden, norm_post.eps, 1, self.gate_up.x_bf16, mbf)
         k, v = cache.layer(attn.layer, 1)  # [1, kv_local, max_seq, hd]
         hd, nq, nkv = attn.head_dim, attn.q_heads_local, attn.kv_heads_local
-        bias = attn.qkv_proj.bias
         rotary = step.rotary
         # call with pos: q and k rotated, k and v into slot pos of this layer's cache
-        self.rope = partial(lib.tp_qkv_rope, self.qkv.out.data_ptr(), None if bias is None else bias.data_ptr(), rotary.cos.data_ptr(), rotary.sin.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(1), nq, nkv, hd, mbf)
+        self.rope = partial(lib.tp_qkv_rope, ptr(self.qkv.out), ptr(attn.qkv_proj.bias), ptr(rotary.cos), ptr(rotary.sin), ptr(k), ptr(v), k.stride(1), nq, nkv, hd, mbf)
         kv_map = attn.kv_head_of_q if attn._kv_of_q else None
         # call with the number of cached keys
         self.attend = partial(
-            lib.tp_decode_attn, self.qkv.out.data_ptr(), k.data_ptr(), v.data_ptr(), self.o.x.data_ptr(), None if kv_map is None else kv_map.data_ptr(),
-            step.scratch.data_ptr(), step.scratch.shape[1], k.stride(1), hd**-0.5, nq, nkv, hd, self.o.x_bf16, mbf,
+            lib.tp_decode_attn, ptr(self.qkv.out), ptr(k), ptr(v), ptr(self.o.x), ptr(kv_map),
+            ptr(step.scratch), step.scratch.shape[1], k.stride(1), hd**-0.5, nq, nkv, hd, self.o.x_bf16, mbf,
         )
-        self.silu_mul = partial(lib.tp_silu_mul, self.gate_up.out.data_ptr(), self.down.x.data_ptr(), mlp.inter_local, self.down.x_bf16, mbf)
+        self.silu_mul = partial(lib.tp_silu_mul, ptr(self.gate_up.out), ptr(mlp.gate_up_proj.bias), ptr(self.down.x), mlp.inter_local, self.down.x_bf16, mbf)
         self.attn_site, self.attn_bias = attn.o_proj.site, attn.o_proj.bias
         self.mlp_site, self.mlp_bias = mlp.down_proj.site, mlp.down_proj.bias
 
@@ -121,6 +127,7 @@ class FusedDecodeStep:
             raise ValueError(f"fused decode step: {why}")
         lib = cpu_decode.lib()
         cfg = model.cfg
+        self._bound: list[torch.Tensor] = []  # every tensor whose address a call holds, kept alive here
         self.dtype = dtype = model.norm.weight.dtype
         self.comm = model.embed_tokens.comm
         self.embed, self.head = model.embed_tokens, model.lm_head
@@ -132,11 +139,18 @@ class FusedDecodeStep:
         self.layers = [_Layer(lib, layer, i, self, cache) for i, layer in enumerate(model.layers)]
         mbf = int(dtype == torch.bfloat16)
         w = self.head.weight
-        self.lm = _Gemv(lib, self.head, torch.zeros(1, w.shape[0], dtype=dtype), dtype)
-        self.norm = partial(lib.tp_rmsnorm, self.h.data_ptr(), self.res.data_ptr(), model.norm.weight.data_ptr(), self.lm.x.data_ptr(), cfg.hidden_size, model.norm.eps, 1, self.lm.x_bf16, mbf)
+        self.lm = _Gemv(lib, self.head, torch.zeros(1, w.shape[0], dtype=dtype), dtype, self.ptr)
+        self.norm = partial(lib.tp_rmsnorm, self.ptr(self.h), self.ptr(self.res), self.ptr(model.norm.weight), self.ptr(self.lm.x), cfg.hidden_size, model.norm.eps, 1, self.lm.x_bf16, mbf)
         self.gathered = torch.zeros(1, self.comm.world_size * w.shape[0], dtype=dtype)
         self.kept = torch.zeros(1, cfg.vocab_size, dtype=dtype) if self.head.uneven else self.gathered
         self.logits = self.kept if dtype == torch.float32 else torch.zeros(1, cfg.vocab_size, dtype=torch.float32)
+
+    def ptr(self, t: torch.Tensor | None) -> int | None:
+        """t's address for a bound call (None for no tensor); t stays alive as long as this step."""
+        if t is None:
+            return None
+        self._bound.append(t)
+        return t.data_ptr()
 
     def _embed(self, token: int) -> None:
         e = self.embed
