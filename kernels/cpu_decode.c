@@ -43,9 +43,16 @@ INLINE void rmsnorm_impl(const void* h, void* res, const void* w, void* out, int
     for (int64_t i = 0; i < n; i++) st(out, i, rnd(ld(w, i, mbf) * rnd(ld(res, i, mbf) * r, mbf), mbf), out_bf);
 }
 
-void tp_rmsnorm(const void* h, void* res, const void* w, void* out, int64_t n, float eps, int add, int out_bf, int mbf) {
-    if (mbf) rmsnorm_impl(h, res, w, out, n, eps, add, out_bf, 1);
-    else rmsnorm_impl(h, res, w, out, n, eps, add, out_bf, 0);
+/* nb rows of n: h, res [nb, n] (model dtype), out [nb, n] */
+void tp_rmsnorm(const void* h, void* res, const void* w, void* out, int64_t n, float eps, int add, int out_bf, int mbf, int64_t nb) {
+    const int64_t e = mbf ? 2 : 4, eo = out_bf ? 2 : 4;
+    for (int64_t b = 0; b < nb; b++) {
+        const char* hb = (const char*)h + b * n * e;
+        char* rb = (char*)res + b * n * e;
+        char* ob = (char*)out + b * n * eo;
+        if (mbf) rmsnorm_impl(hb, rb, w, ob, n, eps, add, out_bf, 1);
+        else rmsnorm_impl(hb, rb, w, ob, n, eps, add, out_bf, 0);
+    }
 }
 
 /* One token's q|k|v (model dtype, the GEMV output; `bias` or 0 added first): rotate-half RoPE
@@ -74,12 +81,20 @@ INLINE void qkv_rope_impl(void* qkv, const void* bias, const float* cos_t, const
     }
 }
 
-/* returns -1 (nothing done) for a head size the stack buffer does not hold */
-int tp_qkv_rope(void* qkv, const void* bias, const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t head_stride,
-                int nq, int nkv, int hd, int mbf, int64_t pos) {
+/* nb sequences: qkv [nb, (nq + 2 nkv) hd], sequence b at position pos[b] into its cache rows
+   kc/vc + b * batch_stride. Returns -1 (nothing done) for a head size the stack buffer does not
+   hold. */
+int tp_qkv_rope(void* qkv, const void* bias, const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t head_stride, int64_t batch_stride,
+                int nq, int nkv, int hd, int mbf, int64_t nb, const int64_t* pos) {
     if (hd > 1024 || hd % 2) return -1;
-    if (mbf) qkv_rope_impl(qkv, bias, cos_t, sin_t, kc, vc, head_stride, pos, nq, nkv, hd, 1);
-    else qkv_rope_impl(qkv, bias, cos_t, sin_t, kc, vc, head_stride, pos, nq, nkv, hd, 0);
+    const int64_t e = mbf ? 2 : 4, row = (int64_t)(nq + 2 * nkv) * hd;
+    for (int64_t b = 0; b < nb; b++) {
+        char* q = (char*)qkv + b * row * e;
+        char* k = (char*)kc + b * batch_stride * e;
+        char* v = (char*)vc + b * batch_stride * e;
+        if (mbf) qkv_rope_impl(q, bias, cos_t, sin_t, k, v, head_stride, pos[b], nq, nkv, hd, 1);
+        else qkv_rope_impl(q, bias, cos_t, sin_t, k, v, head_stride, pos[b], nq, nkv, hd, 0);
+    }
     return 0;
 }
 
@@ -87,20 +102,22 @@ int tp_qkv_rope(void* qkv, const void* bias, const float* cos_t, const float* si
    softmax(q k^T * scale) v, in float32; out [nq * hd] stored per out_bf. */
 typedef struct {
     const void* q; const void* kc; const void* vc; void* out; const int64_t* kv_of_q; float* scratch;
-    int64_t len, head_stride, scratch_stride; float scale; int nq, nkv, hd, out_bf, mbf;
+    const int64_t* lens; int64_t q_row, head_stride, batch_stride, scratch_stride; float scale; int nq, nkv, hd, out_bf, mbf;
 } attn_args;
 
-INLINE void attn_heads(const attn_args* a, int64_t h0, int64_t h1, const int mbf) {
+/* items [t0, t1) of nb * nq: item t is q head t % nq of sequence t / nq */
+INLINE void attn_heads(const attn_args* a, int64_t t0, int64_t t1, const int mbf) {
     const int hd = a->hd;
     const int group = a->nq / a->nkv;
-    for (int64_t h = h0; h < h1; h++) {
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t b = t / a->nq, h = t % a->nq, len = a->lens[b];
         int64_t kv = a->kv_of_q ? a->kv_of_q[h] : h / group;
-        float* sc = a->scratch + h * a->scratch_stride;
+        float* sc = a->scratch + t * a->scratch_stride;
         float q[1024], acc[1024];
-        for (int i = 0; i < hd; i++) { q[i] = ld(a->q, h * hd + i, mbf); acc[i] = 0; }
+        for (int i = 0; i < hd; i++) { q[i] = ld(a->q, b * a->q_row + h * hd + i, mbf); acc[i] = 0; }
         float m = -INFINITY;
-        for (int64_t j = 0; j < a->len; j++) {
-            int64_t base = kv * a->head_stride + j * hd;
+        for (int64_t j = 0; j < len; j++) {
+            int64_t base = b * a->batch_stride + kv * a->head_stride + j * hd;
             float d = 0;
             for (int i = 0; i < hd; i++) d += q[i] * ld(a->kc, base + i, mbf);
             d *= a->scale;
@@ -108,14 +125,14 @@ INLINE void attn_heads(const attn_args* a, int64_t h0, int64_t h1, const int mbf
             m = d > m ? d : m;
         }
         float sum = 0;
-        for (int64_t j = 0; j < a->len; j++) { float e = expf(sc[j] - m); sc[j] = e; sum += e; }
-        for (int64_t j = 0; j < a->len; j++) {
-            int64_t base = kv * a->head_stride + j * hd;
+        for (int64_t j = 0; j < len; j++) { float e = expf(sc[j] - m); sc[j] = e; sum += e; }
+        for (int64_t j = 0; j < len; j++) {
+            int64_t base = b * a->batch_stride + kv * a->head_stride + j * hd;
             float p = sc[j];
             for (int i = 0; i < hd; i++) acc[i] += p * ld(a->vc, base + i, mbf);
         }
         float inv = 1.0f / sum;
-        for (int i = 0; i < hd; i++) st(a->out, h * hd + i, rnd(acc[i] * inv, mbf), a->out_bf);
+        for (int i = 0; i < hd; i++) st(a->out, t * hd + i, rnd(acc[i] * inv, mbf), a->out_bf);
     }
 }
 
@@ -125,13 +142,17 @@ static void attn_slice(void* ctx, int64_t h0, int64_t h1) {
     else attn_heads(a, h0, h1, 0);
 }
 
-/* kv_of_q: the kv head of each q head, or 0 for equal consecutive groups; scratch: nq rows of
-   scratch_stride >= len floats. Returns -1 (nothing done) for a head size over 1024. */
-int tp_decode_attn(const void* q, const void* kc, const void* vc, void* out, const int64_t* kv_of_q, float* scratch, int64_t scratch_stride,
-                   int64_t head_stride, float scale, int nq, int nkv, int hd, int out_bf, int mbf, int64_t len) {
-    if (hd > 1024 || len > scratch_stride) return -1;
-    attn_args a = {q, kc, vc, out, kv_of_q, scratch, len, head_stride, scratch_stride, scale, nq, nkv, hd, out_bf, mbf};
-    tp_pool_for(attn_slice, &a, nq);
+/* nb sequences: q rows of q_row values (its first nq * hd are the heads: a qkv row), out
+   [nb, nq * hd]; sequence b reads the first lens[b] keys of its cache rows
+   kc/vc + b * batch_stride. kv_of_q: the kv head of each q head, or 0 for equal consecutive
+   groups; scratch: nb * nq rows of scratch_stride >= every lens[b] floats. Returns -1 (nothing
+   done) for a head size over 1024 or a length over the scratch. */
+int tp_decode_attn(const void* q, int64_t q_row, const void* kc, const void* vc, void* out, const int64_t* kv_of_q, float* scratch, int64_t scratch_stride,
+                   int64_t head_stride, int64_t batch_stride, float scale, int nq, int nkv, int hd, int out_bf, int mbf, int64_t nb, const int64_t* lens) {
+    if (hd > 1024) return -1;
+    for (int64_t b = 0; b < nb; b++) if (lens[b] < 1 || lens[b] > scratch_stride) return -1;
+    attn_args a = {q, kc, vc, out, kv_of_q, scratch, lens, q_row, head_stride, batch_stride, scratch_stride, scale, nq, nkv, hd, out_bf, mbf};
+    tp_pool_for(attn_slice, &a, nb * nq);
     return 0;
 }
 
@@ -145,7 +166,13 @@ INLINE void silu_mul_impl(const void* gu, const void* bias, void* out, int64_t n
     }
 }
 
-void tp_silu_mul(const void* gu, const void* bias, void* out, int64_t n, int out_bf, int mbf) {
-    if (mbf) silu_mul_impl(gu, bias, out, n, out_bf, 1);
-    else silu_mul_impl(gu, bias, out, n, out_bf, 0);
+/* nb rows: gu [nb, 2n], out [nb, n] */
+void tp_silu_mul(const void* gu, const void* bias, void* out, int64_t n, int out_bf, int mbf, int64_t nb) {
+    const int64_t e = mbf ? 2 : 4, eo = out_bf ? 2 : 4;
+    for (int64_t b = 0; b < nb; b++) {
+        const char* g = (const char*)gu + b * 2 * n * e;
+        char* o = (char*)out + b * n * eo;
+        if (mbf) silu_mul_impl(g, bias, o, n, out_bf, 1);
+        else silu_mul_impl(g, bias, o, n, out_bf, 0);
+    }
 }

@@ -16,6 +16,7 @@ called with shapes the fused step derived from the model.
 from __future__ import annotations
 
 import ctypes
+from typing import Sequence
 
 import torch
 
@@ -23,10 +24,10 @@ from tp_runtime.kernels import cpu_gemv
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "tp_rmsnorm": (None, [_P, _P, _P, _P, _I64, _F, _I, _I, _I]),
-    "tp_qkv_rope": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I, _I, _I, _I, _I64]),
-    "tp_decode_attn": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _I, _I, _I, _I, _I, _I64]),
-    "tp_silu_mul": (None, [_P, _P, _P, _I64, _I, _I]),
+    "tp_rmsnorm": (None, [_P, _P, _P, _P, _I64, _F, _I, _I, _I, _I64]),
+    "tp_qkv_rope": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I, _I, _I, _I64, _P]),
+    "tp_decode_attn": (_I, [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F, _I, _I, _I, _I, _I, _I64, _P]),
+    "tp_silu_mul": (None, [_P, _P, _P, _I64, _I, _I, _I64]),
 }
 
 
@@ -50,46 +51,64 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def int64_array(values: Sequence[int]) -> ctypes.Array:
+    """Per-sequence positions or lengths as the C ops read them."""
+    return (ctypes.c_int64 * len(values))(*values)
+
+
 def rms_norm_(res: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-    """out = rms_norm(h + res) with res = h + res written back (h given), else rms_norm(res):
-    reference.rms_norm_residual / rms_norm for one row [hidden]."""
-    lib().tp_rmsnorm(_ptr(h), res.data_ptr(), weight.data_ptr(), out.data_ptr(), res.numel(), eps, int(h is not None), is_bf16(out), is_bf16(res))
+    """Per row of res [nb, hidden] (or [hidden]): out = rms_norm(h + res) with res = h + res
+    written back (h given), else rms_norm(res): reference.rms_norm_residual / rms_norm."""
+    n = weight.numel()
+    lib().tp_rmsnorm(_ptr(h), res.data_ptr(), weight.data_ptr(), out.data_ptr(), n, eps, int(h is not None), is_bf16(out), is_bf16(res), res.numel() // n)
     return out
 
 
-def qkv_rope_(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, nq: int, nkv: int) -> None:
-    """One token's q|k|v [(nq + 2 nkv) * hd] (plus bias): RoPE at `pos` (cos, sin: the float32
-    tables [max_seq, hd]) on q in place and on k; k and v written to slot `pos` of the caches
-    [nkv, max_seq, hd] (one layer, one sequence)."""
+def qkv_rope_(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              positions: Sequence[int], nq: int, nkv: int) -> None:
+    """Each sequence's token q|k|v, qkv [nb, (nq + 2 nkv) * hd] (plus bias): RoPE at its position
+    (cos, sin: the float32 tables [max_seq, hd]) on q in place and on k; k and v written to that
+    slot of its caches k_cache, v_cache [nb, nkv, max_seq, hd]."""
     hd = cos.shape[-1]
-    if lib().tp_qkv_rope(qkv.data_ptr(), _ptr(bias), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), nq, nkv, hd, is_bf16(qkv), pos):
+    kc = k_cache if k_cache.dim() == 4 else k_cache[None]
+    err = lib().tp_qkv_rope(
+        qkv.data_ptr(), _ptr(bias), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kc.stride(1), kc.stride(0),
+        nq, nkv, hd, is_bf16(qkv), len(positions), int64_array(positions),
+    )
+    if err:
         raise ValueError(f"qkv_rope_: head size {hd} (the kernel takes even sizes up to 1024)")
 
 
-def decode_attention_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int, kv_head_of_q: torch.Tensor | None, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """reference.decode_attention for one sequence: q [nq * hd] over the first `length` keys of
-    k_cache, v_cache [nkv, max_seq, hd]; out [nq * hd]; scratch float32 [nq, >= length]."""
-    nkv, _, hd = k_cache.shape
-    nq = q.numel() // hd
+def decode_attention_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: Sequence[int], kv_head_of_q: torch.Tensor | None,
+                      out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """reference.decode_attention: each sequence's query q [nb, nq * hd] (or the q part of each
+    row of q [nb, >= nq * hd], the qkv projection's output) over the first
+    lengths[b] keys of its caches k_cache, v_cache [nb, nkv, max_seq, hd]; out [nb, nq * hd];
+    scratch float32 [nb * nq, >= max(lengths)]."""
+    kc = k_cache if k_cache.dim() == 4 else k_cache[None]
+    _, nkv, _, hd = kc.shape
+    nq = out.numel() // (hd * len(lengths))
     err = lib().tp_decode_attn(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(kv_head_of_q), scratch.data_ptr(), scratch.shape[1],
-        k_cache.stride(0), hd**-0.5, nq, nkv, hd, is_bf16(out), is_bf16(q), length,
+        q.data_ptr(), q.numel() // len(lengths), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(kv_head_of_q), scratch.data_ptr(), scratch.shape[1],
+        kc.stride(1), kc.stride(0), hd**-0.5, nq, nkv, hd, is_bf16(out), is_bf16(q), len(lengths), int64_array(lengths),
     )
     if err:
-        raise ValueError(f"decode_attention_: head size {hd} over 1024 or {length} keys over the scratch's {scratch.shape[1]}")
+        raise ValueError(f"decode_attention_: head size {hd} over 1024, or a length in {list(lengths)} outside 1..{scratch.shape[1]} (the scratch)")
     return out
 
 
 def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """out = silu(gate) * up for gate_up = gate|up [2n] (plus bias [2n])."""
-    lib().tp_silu_mul(gate_up.data_ptr(), _ptr(bias), out.data_ptr(), out.numel(), is_bf16(out), is_bf16(gate_up))
+    """out = silu(gate) * up per row, gate_up = gate|up [nb, 2n] (plus bias [2n]); out [nb, n]."""
+    n = out.shape[-1]
+    lib().tp_silu_mul(gate_up.data_ptr(), _ptr(bias), out.data_ptr(), n, is_bf16(out), is_bf16(gate_up), out.numel() // n)
     return out
 
 
 def gemv_(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = weight @ x for a row-major float32 / bfloat16 weight [n, k]: x float32, or
-    bfloat16 against a bfloat16 weight where the CPU has AVX512-BF16 (`gemv_kind`)."""
-    lib().tp_gemv(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[1], weight.shape[0], gemv_kind(weight), is_bf16(out))
+    """out [nb, n] = x [nb, k] @ weight^T for a row-major float32 / bfloat16 weight [n, k]: x
+    float32, or bfloat16 against a bfloat16 weight where the CPU has AVX512-BF16 (`gemv_kind`)."""
+    n, k = weight.shape
+    lib().tp_gemv(weight.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, gemv_kind(weight), is_bf16(out), x.numel() // k)
     return out
 
 
@@ -102,7 +121,8 @@ def gemv_kind(weight: torch.Tensor) -> int:
 
 
 def int8_gemv_(qweight: torch.Tensor, block_sums: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = (qweight * scales[:, None]) @ x, x float32 quantised per 64 values (cpu_gemv.int8_linear)."""
-    if lib().tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), qweight.shape[1], qweight.shape[0], is_bf16(out)):
+    """out = x @ (qweight * scales[:, None])^T, x float32 [nb, k] quantised per 64 values (cpu_gemv.int8_linear)."""
+    n, k = qweight.shape
+    if lib().tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, is_bf16(out), x.numel() // k):
         raise MemoryError("int8 GEMV: the activation buffer could not be allocated")
     return out

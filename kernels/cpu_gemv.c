@@ -139,7 +139,7 @@ static void rows_q8(const int8_t* restrict W, const int16_t* restrict wsum, cons
 
 int tp_gemv_has_int8_dot(void) { return HAS_INT8_DOT; }
 
-/* x [K] (K % 64 == 0) -> offset-128 int8 per 64-block and the blocks' scales */
+/* x [n] (n % 64 == 0) -> offset-128 int8 per 64-block and the blocks' scales, row after row */
 static uint8_t* xu_buf = 0;
 static float* d_buf = 0;
 static int64_t cap = 0;
@@ -173,7 +173,7 @@ static int nthreads = 1;  /* threads created (the caller's included) */
 static int active = 1;    /* threads that share a call's rows: tp_gemv_start sets it */
 static pthread_t threads[MAXT];
 static struct {
-    const void* W; const void* x; float* y; int64_t K, N; int kind; const int16_t* wsum; const float* scales;
+    const void* W; const void* x; float* y; int64_t K, N, nb; int kind; const int16_t* wsum; const float* scales;
     void (*fn)(void*, int64_t, int64_t); void* ctx;  /* kind 4: a parallel for over [0, N) */
 } job;
 static atomic_long generation = 0;
@@ -181,6 +181,16 @@ static atomic_int pending = 0;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static atomic_int sleepers = 0;  /* seq_cst with `generation`: no wake-up is lost */
+
+/* rows [r0, r1) of the current job against its x row i, into y row i */
+static void rows(int64_t i, int64_t r0, int64_t r1) {
+    float* y = (float*)((char*)job.y + i * job.N * (y_bf16 ? 2 : 4));
+    const int64_t K = job.K;
+    if (job.kind == 1) rows_bf16((const uint16_t*)job.W, (const float*)job.x + i * K, y, K, r0, r1);
+    else if (job.kind == 2) rows_bf16x((const uint16_t*)job.W, (const uint16_t*)job.x + i * K, y, K, r0, r1);
+    else if (job.kind == 3) rows_q8((const int8_t*)job.W, job.wsum, job.scales, xu_buf + i * K, d_buf + i * (K / 64), y, K, r0, r1);
+    else rows_f32((const float*)job.W, (const float*)job.x + i * K, y, K, r0, r1);
+}
 
 static void share(int t) {
     if (job.kind == 4) {
@@ -191,10 +201,16 @@ static void share(int t) {
     int64_t N = job.N, per = ((N + active - 1) / active + 3) / 4 * 4;
     int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
     if (r0 >= r1) return;
-    if (job.kind == 1) rows_bf16((const uint16_t*)job.W, (const float*)job.x, job.y, job.K, r0, r1);
-    else if (job.kind == 2) rows_bf16x((const uint16_t*)job.W, (const uint16_t*)job.x, job.y, job.K, r0, r1);
-    else if (job.kind == 3) rows_q8((const int8_t*)job.W, job.wsum, job.scales, xu_buf, d_buf, job.y, job.K, r0, r1);
-    else rows_f32((const float*)job.W, (const float*)job.x, job.y, job.K, r0, r1);
+    if (job.nb == 1) { rows(0, r0, r1); return; }
+    /* several x rows: a tile of weight rows (~64 KB) comes from memory once, and from cache
+       for the other x rows */
+    int64_t wbytes = job.kind == 0 ? 4 : job.kind == 3 ? 1 : 2;
+    int64_t tile = 65536 / (job.K * wbytes);
+    tile = tile < 4 ? 4 : tile;
+    for (int64_t a = r0; a < r1; a += tile) {
+        int64_t b = a + tile < r1 ? a + tile : r1;
+        for (int64_t i = 0; i < job.nb; i++) rows(i, a, b);
+    }
 }
 
 static void* worker(void* arg) {
@@ -235,10 +251,10 @@ int tp_gemv_start(int n) {
 
 static void run(void);
 
-/* kind: 0 float32 W and x, 1 bfloat16 W and float32 x, 2 bfloat16 W and x; y float32, or
-   bfloat16 when ybf16 */
-void tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16) {
-    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = kind; y_bf16 = ybf16;
+/* y [nb, N] = x [nb, K] W^T. kind: 0 float32 W and x, 1 bfloat16 W and float32 x, 2 bfloat16
+   W and x; y float32, or bfloat16 when ybf16 */
+void tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16, int64_t nb) {
+    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = kind; y_bf16 = ybf16;
     run();
 }
 
@@ -250,9 +266,9 @@ void tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n) {
 
 /* int8 W with per-row `scales` and 64-block sums `wsum` [N, K/64]; float32 x; K % 64 == 0.
    Returns -1 (nothing computed) if the activation buffer cannot be allocated. */
-int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const float* x, void* y, int64_t K, int64_t N, int ybf16) {
-    if (quantize_x(x, K)) return -1;
-    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.kind = 3; job.wsum = wsum; job.scales = scales; y_bf16 = ybf16;
+int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const float* x, void* y, int64_t K, int64_t N, int ybf16, int64_t nb) {
+    if (quantize_x(x, K * nb)) return -1;  /* 64-blocks never straddle rows: K % 64 == 0 */
+    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = 3; job.wsum = wsum; job.scales = scales; y_bf16 = ybf16;
     run();
     return 0;
 }

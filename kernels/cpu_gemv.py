@@ -85,11 +85,11 @@ def load() -> ctypes.CDLL | None:
         if path is not None:
             lib = ctypes.CDLL(str(path))
             lib.tp_gemv_start.argtypes = [ctypes.c_int]
-            lib.tp_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+            lib.tp_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
             _pool_threads = lib.tp_gemv_start(torch.get_num_threads())
             _bf16_dot = bool(lib.tp_gemv_has_bf16_dot())
             _int8_dot = bool(lib.tp_gemv_has_int8_dot())
-            lib.tp_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+            lib.tp_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
             _lib = lib
     except OSError as e:
         log.warning("loading the CPU GEMV kernel failed (%s): decode GEMVs use F.linear", e)
@@ -162,7 +162,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, block_sums: torch.Tensor
     xf = x.reshape(-1).to(torch.float32).contiguous()
     sc = scales.to(torch.float32).contiguous()
     y = torch.empty(n, dtype=torch.float32)
-    if _lib.tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), sc.data_ptr(), xf.data_ptr(), y.data_ptr(), k, n, 0):
+    if _lib.tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), sc.data_ptr(), xf.data_ptr(), y.data_ptr(), k, n, 0, 1):
         return None
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
@@ -173,5 +173,5 @@ def _run(x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
     else:
         xf = x.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(w.shape[0], dtype=torch.float32)
-    _lib.tp_gemv(w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], kind, 0)
+    _lib.tp_gemv(w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], kind, 0, 1)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])

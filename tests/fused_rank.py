@@ -35,7 +35,7 @@ def main() -> None:
             for i in range(len(eager_tokens) - 1):
                 mode = NewStorages()
                 with mode:
-                    logits = eng.fused_decode(tok, len(prompt) + i)
+                    logits = eng.fused_decode([tok], [len(prompt) + i])
                     tok = sampler(logits).tolist()[0]
                 tokens.append(tok)
                 if i >= 1:  # the first step is warm-up

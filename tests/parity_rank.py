@@ -6,6 +6,7 @@ argv: OUT_FILE JSON_SPEC  with spec {"models": [dirs], "prompts": [[ids]], "new_
 
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -33,15 +34,22 @@ def main() -> None:
             for ev in llm.generate(spec["prompts"], params):
                 tokens[ev.seq].append(ev.token_id)
             counts = {op: comm.stats.count(op) for op in ("all_reduce", "all_gather", "broadcast", "barrier")}
-            # each prompt alone: one sequence decodes through the fused step where it applies
+            # each prompt alone
             single_tokens, single_counts = [], []
             for prompt in spec["prompts"]:
                 comm.stats.reset()
                 single_tokens.append([ev.token_id for ev in llm.generate([prompt], params)])
                 single_counts.append({op: comm.stats.count(op) for op in ("all_reduce", "all_gather")})
+            fused = llm.engine.fused_decode is not None
+            llm.close()
+            # the batch again through the eager decode step (the default above is the fused one on CPU)
+            llm = LLM.load(model_dir, parallel, replace(runtime, decode_step="eager"), comm=comm)
+            eager_tokens = [[] for _ in spec["prompts"]]
+            for ev in llm.generate(spec["prompts"], params):
+                eager_tokens[ev.seq].append(ev.token_id)
             results[model_dir] = {
                 "logits": logits, "tokens": tokens, "counts": counts, "layers": llm.cfg.num_layers,
-                "single_tokens": single_tokens, "single_counts": single_counts, "fused": llm.engine.fused_decode is not None,
+                "single_tokens": single_tokens, "single_counts": single_counts, "fused": fused, "eager_tokens": eager_tokens,
             }
         if parallel.rank == 0:
             torch.save(results, out_file)

@@ -66,7 +66,7 @@ def test_qkv_rope_rotates_q_in_place_and_writes_k_v_to_the_cache_slot(dtype, wit
     reference.apply_rope_qk_(q, k, c, s)
 
     got = qkv.clone()
-    cpu_decode.qkv_rope_(got, bias, cos, sin, k_cache, v_cache, pos, nq, nkv)
+    cpu_decode.qkv_rope_(got, bias, cos, sin, k_cache, v_cache, [pos], nq, nkv)
     torch.testing.assert_close(got[: nq * hd], q.flatten(), **TOL[dtype])
     torch.testing.assert_close(k_cache[:, pos], k.view(nkv, hd), **TOL[dtype])
     assert torch.equal(v_cache[:, pos], x[(nq + nkv) * hd :].view(nkv, hd))
@@ -83,9 +83,38 @@ def test_decode_attention_over_the_first_length_keys(dtype, kv_map, length):
     q = _rand(g, nq * hd, dtype=dtype)
     k_cache, v_cache = _rand(g, nkv, max_seq, hd, dtype=dtype), _rand(g, nkv, max_seq, hd, dtype=dtype)
     m = None if kv_map is None else torch.tensor(kv_map)
-    got = cpu_decode.decode_attention_(q, k_cache, v_cache, length, m, torch.empty(nq * hd, dtype=dtype), torch.empty(nq, max_seq))
+    got = cpu_decode.decode_attention_(q, k_cache, v_cache, [length], m, torch.empty(nq * hd, dtype=dtype), torch.empty(nq, max_seq))
     want = reference.decode_attention(q.view(1, nq, hd), k_cache[None], v_cache[None], torch.tensor([length]), m, length)
     torch.testing.assert_close(got, want.flatten(), rtol=TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_rope_and_attention_each_sequence_at_its_own_position(dtype):
+    """Three sequences' qkv rows: RoPE + cache write at positions 2, 9, 5, then attention of each
+    q (read from its qkv row) over its own cache rows up to its position."""
+    g = torch.Generator().manual_seed(4)
+    nb, nq, nkv, hd, max_seq = 3, 4, 2, 16, 12
+    positions = [2, 9, 5]
+    qkv = _rand(g, nb, (nq + 2 * nkv) * hd, dtype=dtype)
+    cos, sin = torch.randn(max_seq, hd, generator=g), torch.randn(max_seq, hd, generator=g)
+    k_cache, v_cache = _rand(g, nb, nkv, max_seq, hd, dtype=dtype), _rand(g, nb, nkv, max_seq, hd, dtype=dtype)
+    k_want, v_want, q_want = k_cache.clone(), v_cache.clone(), []
+    for b, pos in enumerate(positions):
+        q = qkv[b, : nq * hd].view(1, nq, 1, hd).clone()
+        k = qkv[b, nq * hd : (nq + nkv) * hd].view(1, nkv, 1, hd).clone()
+        reference.apply_rope_qk_(q, k, cos[pos].to(dtype)[None, None, None], sin[pos].to(dtype)[None, None, None])
+        k_want[b, :, pos], v_want[b, :, pos] = k.view(nkv, hd), qkv[b, (nq + nkv) * hd :].view(nkv, hd)
+        q_want.append(q.view(nq, hd))
+
+    got = qkv.clone()
+    cpu_decode.qkv_rope_(got, None, cos, sin, k_cache, v_cache, positions, nq, nkv)
+    torch.testing.assert_close(k_cache, k_want, **TOL[dtype])
+    assert torch.equal(v_cache, v_want)
+    out = cpu_decode.decode_attention_(got, k_cache, v_cache, [p + 1 for p in positions], None, torch.empty(nb, nq * hd, dtype=dtype), torch.empty(nb * nq, max_seq))
+    for b, pos in enumerate(positions):
+        torch.testing.assert_close(got[b, : nq * hd], q_want[b].flatten(), **TOL[dtype])
+        want = reference.decode_attention(q_want[b][None], k_want[b : b + 1], v_want[b : b + 1], torch.tensor([pos + 1]), None, pos + 1)
+        torch.testing.assert_close(out[b], want.flatten(), rtol=TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -106,6 +135,29 @@ def test_gemv_into_a_buffer_of_the_model_dtype(dtype):
     xin = x if cpu_decode.gemv_kind(w) == 2 else x.float()
     got = cpu_decode.gemv_(w, xin, torch.empty(70, dtype=dtype))
     assert torch.equal(got, cpu_gemv.cpu_linear(x[None], w)[0])  # the eager decode GEMV, bit for bit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k", [(70, 128), (3000, 64), (40, 4096)])  # one tile; many tiles; 4-row tiles
+def test_gemv_of_several_rows_gives_each_row_alone(dtype, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    w, x = _rand(g, n, k, dtype=dtype), _rand(g, 5, k, dtype=dtype)
+    xin = x if cpu_decode.gemv_kind(w) == 2 else x.float()
+    got = cpu_decode.gemv_(w, xin, torch.empty(5, n, dtype=dtype))
+    for i in range(5):
+        assert torch.equal(got[i], cpu_decode.gemv_(w, xin[i], torch.empty(n, dtype=dtype)))
+
+
+@pytest.mark.skipif(not cpu_gemv.has_int8_dot(), reason="the int8 GEMV needs AVX512-VNNI")
+def test_int8_gemv_of_several_rows_gives_each_row_alone():
+    from tp_runtime.model.quant import quantize_per_channel
+
+    g = torch.Generator().manual_seed(6)
+    q, scales = quantize_per_channel(torch.randn(300, 256, generator=g))
+    sums, x = cpu_gemv.int8_block_sums(q), torch.randn(4, 256, generator=g)
+    got = cpu_decode.int8_gemv_(q, sums, scales, x, torch.empty(4, 300))
+    for i in range(4):
+        assert torch.equal(got[i], cpu_gemv.int8_linear(x[i : i + 1], q, sums, scales)[0])
 
 
 def _load(model_dir, **kw):
@@ -144,12 +196,33 @@ def test_fused_step_gives_the_eager_step_logits(small_model, biased_model, case)
     for _ in range(10):
         step = StepInfo(torch.tensor([[pos]]), prefill=False, cache_lens=torch.tensor([pos + 1]), max_len=pos + 1)
         eager = eng.model(torch.tensor([[tok]]), step, eng.cache).float()  # writes cache slot pos ...
-        fused = eng.fused_decode(tok, pos)  # ... and so does this, with the same k, v
+        fused = eng.fused_decode([tok], [pos])  # ... and so does this, with the same k, v
         assert fused.shape == eager.shape == (1, llm.cfg.vocab_size) and fused.dtype == torch.float32
         err = (fused - eager).abs().max().item()
         assert err < atol, f"{case}: step at {pos}: max |logit diff| {err:.2e}"
         assert int(fused.argmax()) == int(eager.argmax())
         tok, pos = int(eager.argmax()), pos + 1
+    llm.close()
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_fused_step_over_a_batch_gives_the_eager_batch_logits(small_model, dtype, atol):
+    """Three sequences at different positions (prompts of different lengths), one step each
+    way, as the engine's batched decode runs them."""
+    llm = _load(small_model, dtype=dtype, max_batch_size=3)
+    eng = llm.engine
+    prompts = [[5, 9, 2, 7, 11], [3, 4], [8, 1, 6]]
+    last = eng.prompt_logits(prompts)
+    toks, pos = [int(lg[-1].argmax()) for lg in last], [len(p) for p in prompts]
+    for _ in range(6):
+        step = StepInfo(torch.tensor(pos)[:, None], prefill=False, cache_lens=torch.tensor(pos) + 1, max_len=max(pos) + 1)
+        eager = eng.model(torch.tensor(toks)[:, None], step, eng.cache).float()
+        fused = eng.fused_decode(toks, pos)
+        assert fused.shape == eager.shape == (3, llm.cfg.vocab_size)
+        err = (fused - eager).abs().max().item()
+        assert err < atol, f"positions {pos}: max |logit diff| {err:.2e}"
+        assert fused.argmax(-1).tolist() == eager.argmax(-1).tolist()
+        toks, pos = eager.argmax(-1).tolist(), [p + 1 for p in pos]
     llm.close()
 
 
@@ -182,7 +255,7 @@ def test_decode_step_allocates_nothing_after_warm_up(small_model):
     for i in range(6):
         mode = NewStorages()
         with mode:
-            logits = eng.fused_decode(tok, pos)
+            logits = eng.fused_decode([tok], [pos])
             tok = sampler(logits).tolist()[0]
         if i >= 1:  # the first step is warm-up (the sampler's token buffer)
             assert mode.ops == [], f"step {i} allocated in {mode.ops}"
@@ -198,27 +271,28 @@ def test_decode_step_allocates_nothing_after_warm_up(small_model):
     llm.close()
 
 
-def test_generate_decodes_one_prompt_through_the_fused_step_without_allocating(small_model):
+def test_generate_decodes_through_the_fused_step_without_allocating(small_model):
     llm = _load(small_model, dtype="float32", max_batch_size=2)
     eng = llm.engine
     step, calls, made = eng.fused_decode, [], []
 
-    def watched(token, pos):
+    def watched(tokens, positions):
         mode = NewStorages()
         with mode:
-            logits = step(token, pos)
-        calls.append(pos)
+            logits = step(tokens, positions)
+        calls.append(list(positions))
         made.extend(mode.ops)
         return logits
 
     eng.fused_decode = watched
     prompt, params = [5, 9, 2, 7], SamplingParams(max_new_tokens=8, ignore_eos=True)
     tokens = [ev.token_id for ev in llm.generate([prompt], params)]
-    assert calls == list(range(len(prompt), len(prompt) + 7))  # every decode step, at its position
-    assert made == []
+    assert calls == [[p] for p in range(len(prompt), len(prompt) + 7)]  # every decode step, at its position
     calls.clear()
-    two = list(llm.generate([prompt, prompt[:2]], params))  # a batch: the eager step
-    assert calls == [] and [ev.token_id for ev in two if ev.seq == 0] == tokens
+    two = list(llm.generate([prompt, prompt[:2]], params))  # a batch: each sequence at its own position
+    assert calls == [[len(prompt) + i, 2 + i] for i in range(7)]
+    assert made == []
+    assert [ev.token_id for ev in two if ev.seq == 0] == tokens
     llm.close()
 
 

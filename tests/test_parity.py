@@ -51,8 +51,9 @@ def test_float32_parity_with_transformers(tp, hf_checkpoints, references, tmp_pa
         assert got["counts"]["all_reduce"] == want_ar, f"{name} tp={tp}: {got['counts']}"
         assert got["counts"]["all_gather"] == want_ag, f"{name} tp={tp}: {got['counts']}"
         assert got["counts"]["broadcast"] == 0 and got["counts"]["barrier"] == 0
-        # each prompt alone (the fused decode step on CPU): the same tokens and collectives
+        # the batch through the eager decode step, and each prompt alone: the same tokens and collectives
         assert got["fused"] == cpu_gemv.available(), f"{name} tp={tp}: fused decode step used: {got['fused']}"
+        assert got["eager_tokens"] == ref_tokens, f"{name} tp={tp}: greedy tokens of the eager decode step differ from transformers"
         assert got["single_tokens"] == ref_tokens, f"{name} tp={tp}: greedy tokens of single prompts differ from transformers"
         for counts in got["single_counts"]:
             assert counts == {"all_reduce": want_ar, "all_gather": want_ag}, f"{name} tp={tp}: {counts}"
@@ -74,8 +75,9 @@ def test_bfloat16_parity(hf_checkpoints, references, tmp_path):
         for i, (mine, ref) in enumerate(zip(got["logits"], ref_logits)):
             err = (mine - ref).abs().max().item()
             assert err < BF16_ATOL, f"bf16 tp={tp} prompt {i}: max |logit diff| {err:.3f} vs fp32 transformers"
-        # batched (eager decode) and each prompt alone (the fused decode step)
-        for i, (mine, ref) in enumerate([*zip(got["tokens"], ref_tokens), *zip(got["single_tokens"], ref_tokens)]):
+        # batched (fused and eager decode steps) and each prompt alone
+        decodes = [got["tokens"], got["eager_tokens"], got["single_tokens"]]
+        for i, (mine, ref) in enumerate(pair for run in decodes for pair in zip(run, ref_tokens)):
             i %= len(PROMPTS)
             j = next((j for j, (a, b) in enumerate(zip(mine, ref)) if a != b), None)
             if j is None:

@@ -43,11 +43,11 @@ class Engine:
         dtype: torch.dtype,
         fault: tuple[int, int] | None = None,
         decode_context: Callable[[], ContextManager] = nullcontext,
-        fused_decode: Callable[[int, int], torch.Tensor] | None = None,
+        fused_decode: Callable[[list[int], list[int]], torch.Tensor] | None = None,
     ) -> None:
         """decode_context: entered around the decode loop (the CPU GEMV kernel's thread handover).
-        fused_decode: (token, position) -> logits, the allocation-free step for one sequence
-        (model/fused_decode.py) that replaces the eager step when the batch is one prompt."""
+        fused_decode: (tokens, positions) -> logits, the allocation-free decode step
+        (model/fused_decode.py) that replaces the eager one."""
         self.model, self.comm, self.cfg = model, comm, cfg
         self.max_seq_len, self.max_batch, self.device = max_seq_len, max_batch, device
         self.cache = KVCache(cfg.num_layers, max_batch, model.heads.num_kv_local, max_seq_len, cfg.head_dim, dtype, device)
@@ -136,7 +136,7 @@ class Engine:
 
         yield from emit(tokens_host)
 
-        fused = self.fused_decode if b == 1 else None
+        fused = self.fused_decode
         pos = torch.tensor(lens, dtype=torch.long, device=dev)  # where each sequence's next token goes
         cache_lens = pos + 1
         host_pos = list(lens)
@@ -147,10 +147,10 @@ class Engine:
             while not all(finished):
                 if self.fault is not None and self.fault == (self.comm.rank, step_no):
                     raise RuntimeError(f"injected fault on rank {self.comm.rank} at decode step {step_no} (test hook)")
-                if fused is not None:  # one sequence, which stops before the context's end
-                    logits = fused(tokens_host[0], host_pos[0])
+                # finished sequences keep a slot in the batch; their positions stop at the context end
+                if fused is not None:
+                    logits = fused(tokens_host, [min(p, self.max_seq_len - 1) for p in host_pos])
                 else:
-                    # finished sequences keep a slot in the batch; their positions stop at the context end
                     max_len = min(max(host_pos), self.max_seq_len - 1) + 1
                     step = StepInfo(pos.clamp(max=self.max_seq_len - 1)[:, None], prefill=False, cache_lens=cache_lens.clamp(max=self.max_seq_len), max_len=max_len)
                     logits = self.model(tokens[:, None], step, self.cache)
