@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -70,7 +70,9 @@ BANDWIDTH_GIB = 1
 
 
 def hf_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Loads DIR with transformers and times prefill and decode with each cache implementation."""
+    """Loads DIR with transformers and times prefill and decode with each cache implementation:
+    spec["prompt_ids"] (one prompt), or spec["prompts"] (a batch of equal-length prompts, whose
+    tokens/s are summed over the batch)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -82,7 +84,8 @@ def hf_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
     model.eval()
     load_s = time.perf_counter() - t0
-    ids = torch.tensor([spec["prompt_ids"]], dtype=torch.long)
+    ids = torch.tensor(spec.get("prompts") or [spec["prompt_ids"]], dtype=torch.long)
+    batch = ids.shape[0]
     mask = torch.ones_like(ids)
     new = spec["new_tokens"]
     eos = model.generation_config.eos_token_id
@@ -105,6 +108,7 @@ def hf_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "load_seconds": load_s,
         "threads": torch.get_num_threads(),
         "transformers": transformers.__version__,
+        "batch": batch,
         "caches": {},
     }
     with torch.inference_mode():
@@ -119,8 +123,8 @@ def hf_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 result["caches"][cache] = {
                     "prefill_seconds": prefill_s,
                     "total_seconds": total_s,
-                    "prefill_tokens_per_s": ids.shape[1] / prefill_s,
-                    "decode_tokens_per_s": new / decode_s,
+                    "prefill_tokens_per_s": ids.numel() / prefill_s,
+                    "decode_tokens_per_s": batch * new / decode_s,
                 }
             except Exception as e:  # static cache unsupported in this version/config: say why
                 result["caches"][cache] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -153,13 +157,15 @@ def run_worker(mode: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
     return _last_json(proc, mode)
 
 
-def run_ours(model: Path, tp: int, threads: int, dtype: str, quantize: str | None, prompt: list[int], new: int) -> dict[str, Any]:
+def run_ours(model: Path, tp: int, threads: int, dtype: str, quantize: str | None, prompts: list[list[int]], new: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """`tp-run generate` on a batch of prompts (one --prompt-ids each), plus `extra` flags."""
     cmd = [
         sys.executable, "-m", "tp_runtime", "generate", "--model", str(model), "--tp", str(tp),
-        "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(new), "--ignore-eos",
-        "--json", "--quiet", "--dtype", dtype, "--threads", str(threads),
-        "--max-seq-len", str(len(prompt) + new + 8),
+        "--max-new-tokens", str(new), "--ignore-eos", "--json", "--quiet", "--dtype", dtype, "--threads", str(threads),
+        "--max-seq-len", str(max(map(len, prompts)) + new + 8), "--max-batch-size", str(len(prompts)), *extra,
     ]
+    for prompt in prompts:
+        cmd += ["--prompt-ids", ",".join(map(str, prompt))]
     if quantize:
         cmd += ["--quantize", quantize]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
@@ -322,7 +328,7 @@ def main(argv=None) -> int:
                 rec = {"kind": "run", "who": "ours", "shape": shape, "dtype": dtype, "tp": tp, "quantize": q,
                        "threads_per_rank": per_rank, "thread_budget": threads, "repeat": rep}
                 try:
-                    r = run_ours(models[shape], tp, per_rank, dtype, q, prompts[shape], a.new_tokens)
+                    r = run_ours(models[shape], tp, per_rank, dtype, q, [prompts[shape]], a.new_tokens)
                     rec["result"] = r
                     results.setdefault((shape, dtype, threads, "ours", tp, q), []).append(
                         {"prefill": r["prefill_tokens_per_s"], "decode": r["decode_tokens_per_s"]})

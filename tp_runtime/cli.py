@@ -95,7 +95,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemv", choices=("auto", "kernel", "blas"), default="auto", help="decode GEMV on CPU: the built-in C kernel (auto: when a C compiler can build it) or BLAS via F.linear")
     p.add_argument(
         "--decode-step", choices=("auto", "fused", "eager"), default="auto",
-        help="decode of a single prompt on CPU: fused kernel calls on buffers allocated once (auto: wherever it applies) or the eager model",
+        help="decode on CPU: fused kernel calls on buffers allocated once (auto: wherever it applies) or the eager model",
     )
     p.add_argument("--weight-layout", choices=("auto", "row", "col"), default="auto", help="memory order of the weights under --gemv blas (auto: column-major for float32 on CPU, where BLAS measures faster)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
