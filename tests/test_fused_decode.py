@@ -138,7 +138,7 @@ def test_gemv_into_a_buffer_of_the_model_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n, k", [(70, 128), (3000, 64), (40, 4096)])  # one tile; many tiles; 4-row tiles
+@pytest.mark.parametrize("n, k", [(70, 128), (3000, 64), (40, 4096), (33, 100)])  # one tile; many tiles; 4-row tiles; tails
 def test_gemv_of_several_rows_gives_each_row_alone(dtype, n, k):
     g = torch.Generator().manual_seed(n + k)
     w, x = _rand(g, n, k, dtype=dtype), _rand(g, 5, k, dtype=dtype)
