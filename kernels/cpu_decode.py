@@ -9,8 +9,8 @@ in float32 and, for a bfloat16 model, rounded to bfloat16 where the eager ops ro
 hold the model's dtype except the GEMV inputs (`x`, `out` of norm / attention / SiLU), which
 may be float32 or bfloat16, whichever the consuming GEMV reads.
 
-The tensor functions check nothing beyond what the C code needs to stay in bounds: they are
-called with shapes the fused step derived from the model.
+The tensor functions (tests, benchmarks; the fused step binds the C calls directly) check the
+sizes the C code relies on: contiguous buffers, as many rows and values as it will touch.
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check(what: str, *tensors_and_sizes) -> None:
+    """Each (tensor, values it must hold at least) pair: contiguous and big enough for the C op."""
+    for t, need in tensors_and_sizes:
+        if t is not None and (not t.is_contiguous() or t.numel() < need):
+            raise ValueError(f"{what}: a buffer of shape {tuple(t.shape)} (contiguous: {t.is_contiguous()}) where {need} contiguous values are needed")
+
+
 def int64_array(values: Sequence[int]) -> ctypes.Array:
     """Per-sequence positions or lengths as the C ops read them."""
     return (ctypes.c_int64 * len(values))(*values)
@@ -60,6 +67,8 @@ def rms_norm_(res: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Te
     """Per row of res [nb, hidden] (or [hidden]): out = rms_norm(h + res) with res = h + res
     written back (h given), else rms_norm(res): reference.rms_norm_residual / rms_norm."""
     n = weight.numel()
+    nb = res.numel() // n
+    _check("rms_norm_", (res, nb * n), (out, nb * n), (h, nb * n), (weight, n))
     lib().tp_rmsnorm(_ptr(h), res.data_ptr(), weight.data_ptr(), out.data_ptr(), n, eps, int(h is not None), is_bf16(out), is_bf16(res), res.numel() // n)
     return out
 
@@ -71,6 +80,10 @@ def qkv_rope_(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, s
     slot of its caches k_cache, v_cache [nb, nkv, max_seq, hd]."""
     hd = cos.shape[-1]
     kc = k_cache if k_cache.dim() == 4 else k_cache[None]
+    nb, row = len(positions), (nq + 2 * nkv) * hd
+    if nb > kc.shape[0] or kc.shape[1] != nkv or v_cache.shape != k_cache.shape or not all(0 <= p < min(kc.shape[2], cos.shape[0]) for p in positions):
+        raise ValueError(f"qkv_rope_: positions {list(positions)} for caches of shape {tuple(k_cache.shape)} ({nkv} kv heads) and a table of {cos.shape[0]}")
+    _check("qkv_rope_", (qkv, nb * row), (bias, row), (k_cache, 0), (v_cache, 0), (cos, 0), (sin, 0))
     err = lib().tp_qkv_rope(
         qkv.data_ptr(), _ptr(bias), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kc.stride(1), kc.stride(0),
         nq, nkv, hd, is_bf16(qkv), len(positions), int64_array(positions),
@@ -86,8 +99,18 @@ def decode_attention_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     lengths[b] keys of its caches k_cache, v_cache [nb, nkv, max_seq, hd]; out [nb, nq * hd];
     scratch float32 [nb * nq, >= max(lengths)]."""
     kc = k_cache if k_cache.dim() == 4 else k_cache[None]
-    _, nkv, _, hd = kc.shape
-    nq = out.numel() // (hd * len(lengths))
+    _, nkv, max_seq, hd = kc.shape
+    nb = len(lengths)
+    nq = out.numel() // (hd * nb)
+    if not 0 < nb <= kc.shape[0] or v_cache.shape != k_cache.shape or not all(0 < n <= max_seq for n in lengths):
+        raise ValueError(f"decode_attention_: lengths {list(lengths)} for caches of shape {tuple(k_cache.shape)}")
+    if kv_head_of_q is not None and (kv_head_of_q.numel() != nq or not bool(((kv_head_of_q >= 0) & (kv_head_of_q < nkv)).all())):
+        raise ValueError(f"decode_attention_: a kv map {kv_head_of_q.tolist()} for {nq} q heads over {nkv} kv heads")
+    if kv_head_of_q is None and nq % nkv:
+        raise ValueError(f"decode_attention_: {nq} q heads in equal groups over {nkv} kv heads")
+    if scratch.dim() != 2 or scratch.shape[0] < nb * nq or scratch.dtype != torch.float32:
+        raise ValueError(f"decode_attention_: a scratch of shape {tuple(scratch.shape)} ({scratch.dtype}) for {nb} sequences x {nq} heads (float32 rows)")
+    _check("decode_attention_", (q, nb * nq * hd), (out, nb * nq * hd), (scratch, 0), (kv_head_of_q, 0), (k_cache, 0), (v_cache, 0))
     err = lib().tp_decode_attn(
         q.data_ptr(), q.numel() // len(lengths), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(kv_head_of_q), scratch.data_ptr(), scratch.shape[1],
         kc.stride(1), kc.stride(0), hd**-0.5, nq, nkv, hd, is_bf16(out), is_bf16(q), len(lengths), int64_array(lengths),
@@ -100,6 +123,8 @@ def decode_attention_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """out = silu(gate) * up per row, gate_up = gate|up [nb, 2n] (plus bias [2n]); out [nb, n]."""
     n = out.shape[-1]
+    nb = out.numel() // n
+    _check("silu_mul_", (gate_up, nb * 2 * n), (out, nb * n), (bias, 2 * n))
     lib().tp_silu_mul(gate_up.data_ptr(), _ptr(bias), out.data_ptr(), n, is_bf16(out), is_bf16(gate_up), out.numel() // n)
     return out
 
@@ -108,6 +133,10 @@ def gemv_(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Ten
     """out [nb, n] = x [nb, k] @ weight^T for a row-major float32 / bfloat16 weight [n, k]: x
     float32, or bfloat16 against a bfloat16 weight where the CPU has AVX512-BF16 (`gemv_kind`)."""
     n, k = weight.shape
+    nb = x.numel() // k
+    if x.numel() % k:
+        raise ValueError(f"gemv_: x of {x.numel()} values is not rows of {k}")
+    _check("gemv_", (weight, n * k), (x, nb * k), (out, nb * n))
     lib().tp_gemv(weight.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, gemv_kind(weight), is_bf16(out), x.numel() // k)
     return out
 
@@ -123,6 +152,10 @@ def gemv_kind(weight: torch.Tensor) -> int:
 def int8_gemv_(qweight: torch.Tensor, block_sums: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = x @ (qweight * scales[:, None])^T, x float32 [nb, k] quantised per 64 values (cpu_gemv.int8_linear)."""
     n, k = qweight.shape
+    nb = x.numel() // k
+    if x.numel() % k or k % 64 or x.dtype != torch.float32:
+        raise ValueError(f"int8_gemv_: x of {x.numel()} {x.dtype} values for rows of {k} (float32, rows of a multiple of 64)")
+    _check("int8_gemv_", (qweight, n * k), (block_sums, n * (k // 64)), (scales, n), (x, nb * k), (out, nb * n))
     if lib().tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, is_bf16(out), x.numel() // k):
         raise MemoryError("int8 GEMV: the activation buffer could not be allocated")
     return out

@@ -1,5 +1,5 @@
-/* Decode GEMV on CPU: y = W x for one activation row, W row-major [N, K] float32, bfloat16 or
-   int8, y float32 or bfloat16. Built at first use by kernels/cpu_gemv.py (gcc -O3 -march=native).
+/* Decode GEMV on CPU: y = W x for one activation row (or a few: a decode batch), W row-major
+   [N, K] float32, bfloat16 or int8, y float32 or bfloat16. Built at first use by kernels/cpu_gemv.py (gcc -O3 -march=native).
 
    Why: BLAS (MKL / oneDNN through F.linear) treats a single row as a tiny GEMM and streams the
    weights at ~15-20 GB/s on the 2-core Zen 4 this project measures on, where the memory gives

@@ -47,6 +47,7 @@ def main() -> None:
             eager_tokens = [[] for _ in spec["prompts"]]
             for ev in llm.generate(spec["prompts"], params):
                 eager_tokens[ev.seq].append(ev.token_id)
+            llm.close()
             results[model_dir] = {
                 "logits": logits, "tokens": tokens, "counts": counts, "layers": llm.cfg.num_layers,
                 "single_tokens": single_tokens, "single_counts": single_counts, "fused": fused, "eager_tokens": eager_tokens,

@@ -322,6 +322,37 @@ def test_decode_step_allocates_nothing_at_tp2_over_shared_memory(small_model, tm
         assert got["tokens"] == got["eager_tokens"]
 
 
+def test_a_batch_where_sequences_finish_at_different_steps_decodes_as_the_eager_step(small_model):
+    """Prompts of 3, 12 and 7 tokens in a 20-token context with 12 new tokens: the 12-token one
+    reaches the context end after 8 and keeps its (clamped) slot while the others go on."""
+    from conftest import last_json, run_cli
+
+    base = ["generate", "--model", str(small_model), "--prompt-ids", "5,9,2", "--prompt-ids", ",".join(["7"] * 12), "--prompt-ids", "1,2,3,4,5,6,8",
+            "--max-new-tokens", "12", "--max-seq-len", "20", "--max-batch-size", "4", "--ignore-eos", "--quiet", "--json"]
+    outs = {}
+    for step in ("fused", "eager"):
+        p = run_cli([*base, "--decode-step", step])
+        assert p.returncode == 0, p.stderr
+        outs[step] = last_json(p.stdout)["outputs"]
+    lengths = [len(o["output_ids"]) for o in outs["fused"]]
+    assert lengths == [12, 8, 12]
+    assert [o["finish_reason"] for o in outs["fused"]] == ["length"] * 3
+    assert [o["output_ids"] for o in outs["fused"]] == [o["output_ids"] for o in outs["eager"]]
+
+
+def test_the_tensor_entry_points_refuse_buffers_the_c_ops_would_overrun():
+    with pytest.raises(ValueError, match="positions"):  # two sequences, a one-sequence cache
+        cpu_decode.qkv_rope_(torch.zeros(2, 128), None, torch.zeros(12, 16), torch.zeros(12, 16), torch.zeros(2, 12, 16), torch.zeros(2, 12, 16), [1, 2], 4, 2)
+    with pytest.raises(ValueError, match="lengths"):  # past the cache
+        cpu_decode.decode_attention_(torch.zeros(64), torch.zeros(2, 12, 16), torch.zeros(2, 12, 16), [13], None, torch.zeros(64), torch.zeros(4, 12))
+    with pytest.raises(ValueError, match="scratch"):
+        cpu_decode.decode_attention_(torch.zeros(64), torch.zeros(2, 12, 16), torch.zeros(2, 12, 16), [5], None, torch.zeros(64), torch.zeros(2, 12))
+    with pytest.raises(ValueError, match="buffer"):  # an output of one row for two
+        cpu_decode.gemv_(torch.zeros(8, 16), torch.zeros(2, 16), torch.zeros(8))
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_decode.silu_mul_(torch.zeros(8, 2).t(), torch.zeros(4))
+
+
 @pytest.mark.parametrize(
     "flags, why",
     [

@@ -250,7 +250,7 @@ class RuntimeConfig:
     gemv: str = "auto"  # decode GEMV on CPU: "kernel" (kernels/cpu_gemv.c), "blas" (F.linear), "auto": kernel if it builds
     weight_layout: str = "auto"  # "row" | "col" | "auto" (model/layout.py: col for float32 on CPU)
     offload_dir: str | None = None  # streamed layers written here once, in the runtime's layout
-    # decode of one sequence on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
+    # decode on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
     # buffers), "eager" (the model's forward), "auto": fused wherever it applies
     decode_step: str = "auto"
     comm: CommConfig = CommConfig()
