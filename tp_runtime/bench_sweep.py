@@ -150,25 +150,28 @@ def _sweep_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
 def _calibrate_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
     """Per-rank GEMV bandwidth with every rank reading at once, collective alpha/beta, host overhead."""
     import torch
-    import torch.nn.functional as F
 
     from tp_runtime.engine.llm import LLM
     from tp_runtime.engine.sampling import SamplingParams
+    from tp_runtime.kernels import cpu_gemv
 
     comm = _communicator(spec, parallel)
     p = parallel.world_size
     out: dict[str, Any] = {}
-    # bandwidth: every rank holds its share of the weights and reads it as GEMVs, all at once
+    # bandwidth: every rank holds its share of the weights and reads it as GEMVs, all at once,
+    # through the GEMV decode uses (the C kernel where it builds, with decode's thread handover)
     rows = spec["gemv_bytes"] // 4 // p // 4096
     w = torch.randn(rows, 4096)
     x = torch.randn(1, 4096)
     times = []
-    for i in range(spec["repeats"] + 1):
-        comm.barrier(site="calibrate")
-        t0 = time.perf_counter()
-        for _ in range(4):
-            F.linear(x, w)
-        times.append(time.perf_counter() - t0)
+    cpu_gemv.load()
+    with cpu_gemv.decode_threads():
+        for i in range(spec["repeats"] + 1):
+            comm.barrier(site="calibrate")
+            t0 = time.perf_counter()
+            for _ in range(4):
+                cpu_gemv.cpu_linear(x, w)
+            times.append(time.perf_counter() - t0)
     out["mem_bandwidth_Bps"] = 4 * w.numel() * 4 / statistics.median(times[1:])
     del w
     if p > 1:
