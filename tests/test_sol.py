@@ -112,6 +112,10 @@ def test_collectives_per_step_match_the_runtime():
         "embed": ("all_reduce", 1), "attn_out": ("all_reduce", 32), "mlp_out": ("all_reduce", 32), "lm_head": ("all_gather", 1),
     }
     assert q.collectives_per_token == 2 * 32 + 2
+    # every chip looking the token's embedding row up itself (the fused CPU decode step)
+    local = sol.predict(L8B, H100, NVLINK, 4, algorithm="ring", embedding_all_reduce=False)
+    assert {c.site for c in local.collectives} == {"attn_out", "mlp_out", "lm_head"} and local.collectives_per_token == 2 * 32 + 1
+    assert local.comm_s < q.comm_s
     assert q.steps_per_token == (2 * 32 + 1) * 6 + 3  # ring at p=4: all-reduce 6 steps, all-gather 3
     ep = sol.predict(KIMI, H100, NVLINK, 16, algorithm="oneshot")
     assert ep.parallel == "ep"

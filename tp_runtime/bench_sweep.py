@@ -268,7 +268,7 @@ def calibrate_local(transport: str, ranks: list[int], width: dict[str, int] = GE
         row = _spawn(spec, p)
         row["overhead_s_per_layer"] = row["overhead_s_per_step"] = 0.0
         # what the speed-of-light model already charges (weight reads, collectives) is not host cost
-        one, three = (predict_local(_calibration_shape(width, n, dtype), {str(p): row}, p, 0.0, 40, DTYPE_BYTES[dtype]) for n in (1, 3))
+        one, three = (predict_local(_calibration_shape(width, n, dtype), {str(p): row}, p, 0.0, 40, dtype) for n in (1, 3))
         sol_per_layer = (three.seconds_per_token - one.seconds_per_token) / 2
         row["overhead_s_per_layer"] = max(row["step_s_per_layer"] - sol_per_layer, 0.0)
         row["overhead_s_per_step"] = max(row["step_s_fixed"] - (one.seconds_per_token - sol_per_layer), 0.0)
@@ -293,11 +293,20 @@ def load_local_calibration(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()).get("measured", {}).get("local_ranks")
 
 
-def predict_local(shape: sol.ModelShape, calib: dict[str, Any], p: int, latency_s: float, context_len: int, act_bytes: float) -> sol.Prediction:
+def fused_decode_applies(dtype: str) -> bool:
+    """Whether local CPU ranks decode through the fused step (model/fused_decode.py), which looks
+    embedding rows up without a collective: the C kernel builds and the dtype is one it takes."""
+    from tp_runtime.kernels import cpu_gemv
+
+    return cpu_gemv.available() and dtype in ("float32", "bfloat16")
+
+
+def predict_local(shape: sol.ModelShape, calib: dict[str, Any], p: int, latency_s: float, context_len: int, dtype: str) -> sol.Prediction:
     row = calib[str(p)]
     hw = sol.Hardware(f"local-{p}", row["mem_bandwidth_Bps"], 1e11, float("inf"))
     link = sol.Link(f"local-{p}", row.get("alpha_s", 0.0), row.get("beta_Bps", float("inf")))
-    pred = sol.predict(shape, hw, link, p, algorithm="oneshot", context_len=context_len, alpha_s=link.alpha_s + latency_s, act_bytes=act_bytes, logit_bytes=4.0)
+    pred = sol.predict(shape, hw, link, p, algorithm="oneshot", context_len=context_len, alpha_s=link.alpha_s + latency_s, act_bytes=DTYPE_BYTES[dtype],
+                       logit_bytes=4.0, embedding_all_reduce=not fused_decode_applies(dtype))
     host = row["overhead_s_per_step"] + shape.layers * row["overhead_s_per_layer"]
     seconds = pred.seconds_per_token + host
     return dataclasses.replace(pred, seconds_per_token=seconds, tokens_per_s=1.0 / seconds)
@@ -354,7 +363,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         result = _spawn(spec, tp)
         for point in result["points"]:
             decode = [r["decode_tokens_per_s"] for r in point["runs"]]
-            pred = predict_local(shape, calib, tp, point["latency_s"], context, DTYPE_BYTES[args.dtype])
+            pred = predict_local(shape, calib, tp, point["latency_s"], context, args.dtype)
             med = statistics.median(decode)
             rows.append({
                 **meta, "tp": tp, "latency_us": point["latency_s"] * 1e6,

@@ -54,7 +54,9 @@ Collectives (what this runtime issues; see tp_runtime/model/)
 - p = 1: none.
 - parallel="tp", per step: 1 all-reduce after the vocab-parallel embedding lookup ("embed"),
   per layer 2 all-reduces (after o_proj "attn_out" and after down_proj "mlp_out"), and 1
-  all-gather of the vocab-parallel logits ("lm_head"). That is 2 x layers + 2 collectives.
+  all-gather of the vocab-parallel logits ("lm_head"). That is 2 x layers + 2 collectives;
+  2 x layers + 1 with `embedding_all_reduce=False` (every chip looks the token's row up in the
+  whole table itself: the runtime's fused CPU decode step reads it from the mapped checkpoint).
 - parallel="ep" (MoE): dense layers as TP; each MoE layer 1 all-reduce ("attn_out") plus a
   dispatch and a combine all-to-all ("moe_dispatch", "moe_combine"); the TP-split shared
   expert's partial sums ride in the combine. (After the attention all-reduce every chip already
@@ -650,6 +652,7 @@ def predict(
     alpha_s: float | None = None,
     act_bytes: float = 2.0,
     logit_bytes: float = 4.0,
+    embedding_all_reduce: bool = True,
 ) -> Prediction:
     """Speed-of-light decode step of `model` on p chips of `hardware` joined by `link`.
 
@@ -696,7 +699,8 @@ def predict(
     vec = model.hidden * act_bytes * batch
     plan: list[tuple[str, str, int, float]] = []  # site, kind, count, bytes
     if p > 1:
-        plan.append(("embed", "all_reduce", 1, vec))
+        if embedding_all_reduce:
+            plan.append(("embed", "all_reduce", 1, vec))
         if mode == "tp":
             plan += [("attn_out", "all_reduce", model.layers, vec), ("mlp_out", "all_reduce", model.layers, vec)]
         else:

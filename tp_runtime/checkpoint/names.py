@@ -27,6 +27,8 @@ class TensorEntry:
         return self.target.removeprefix(f"layers.{self.layer}.")
 
 
+EMBEDDING_NAME = "model.embed_tokens.weight"
+
 # tensors some checkpoints carry that the runtime recomputes or does not need
 _IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 
@@ -34,7 +36,7 @@ _IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 def expected_tensors(cfg: ModelConfig) -> list[TensorEntry]:
     h, inter, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.q_size, cfg.kv_size
-    out = [TensorEntry("model.embed_tokens.weight", (v, h), "embed_tokens.weight", None)]
+    out = [TensorEntry(EMBEDDING_NAME, (v, h), "embed_tokens.weight", None)]
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}", f"layers.{i}"
         attn = [("q", q), ("k", kv), ("v", kv)]

@@ -19,6 +19,8 @@ import torch
 from tp_runtime import placement, sharding, sol
 from tp_runtime.checkpoint.index import open_index
 from tp_runtime.checkpoint.loader import load_shard, validate
+from tp_runtime.checkpoint.mapped import MappedCheckpoint
+from tp_runtime.checkpoint.names import EMBEDDING_NAME
 from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
 from tp_runtime.comm import create as create_communicator
 from tp_runtime.communicator import Communicator
@@ -103,6 +105,34 @@ def _fused_step(model: torch.nn.Module, cache, runtime: RuntimeConfig, device: t
     return None
 
 
+def _embedding_lookup_(step, model: torch.nn.Module, comm: Communicator, index, device: torch.device) -> MappedCheckpoint | None:
+    """Give the fused step the whole embedding table from the mapped checkpoint (each rank then
+    looks a token's row up itself: a few KB of page cache per distinct token, shared by local
+    ranks, instead of an all-reduce per token), if every rank can: all ranks must issue the same
+    collectives, and a rank may be eager (no kernel, GPU) or a worker whose cached checkpoint
+    holds only its own rows. One all-reduce at load decides. Returns the mapping to close."""
+    mapped = table = None
+    if step is not None:
+        mapped = MappedCheckpoint(index)
+        table = mapped.view(EMBEDDING_NAME)
+        if tuple(table.shape) != (model.cfg.vocab_size, model.cfg.hidden_size):
+            table = None
+    votes = torch.tensor([float(table is not None)], device=device)
+    stats = comm.stats
+    phase, stats.phase = stats.phase, "load"  # outside any generation's counts
+    try:
+        comm.all_reduce(votes, site="embedding_lookup")
+    finally:
+        stats.phase = phase
+    if table is not None and int(votes.item()) == comm.world_size:
+        step.embedding_table = table
+        return mapped
+    del table
+    if mapped is not None:
+        mapped.close()
+    return None
+
+
 class LLM:
     def __init__(self, cfg: ModelConfig, engine: Engine, tokenizer, parallel: ParallelConfig, dtype: str, load_seconds: float, owns_comm: bool) -> None:
         self.cfg, self.engine, self.tokenizer, self.parallel = cfg, engine, tokenizer, parallel
@@ -111,6 +141,7 @@ class LLM:
         self.plan: placement.RankPlan | None = None
         self.streamer = None
         self.rss_at_start = 0
+        self.embedding_map = None  # the mapped checkpoint the fused decode step reads embedding rows from
         self.memory_at_load: dict[str, int] = {}
 
     @property
@@ -166,7 +197,9 @@ class LLM:
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
         engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault, decode_context)
         engine.fused_decode = _fused_step(model, engine.cache, runtime, device)
+        embedding_map = _embedding_lookup_(engine.fused_decode, model, comm, index, device) if model.embed_tokens.split else None
         llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
+        llm.embedding_map = embedding_map
         llm.plan, llm.streamer, llm.rss_at_start = plan, streamer, rss_at_start
         llm.memory_at_load = llm.memory()
         log.info("rank %d: %.1f MB of weights read, %d of %d layers streamed, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, len(plan.streamed), cfg.num_layers, engine.cache.nbytes / 1e6, device)
@@ -208,6 +241,12 @@ class LLM:
         ]
 
     def close(self) -> None:
+        self.engine.fused_decode = None  # holds a view of the mapping
+        if self.embedding_map is not None:
+            try:
+                self.embedding_map.close()
+            except BufferError:
+                pass  # a caller still holds the step (and its view): unmapped when the process ends
         if self.streamer is not None:
             self.streamer.source_close()
         if self.owns_comm:

@@ -6,8 +6,9 @@ attention, SiLU), each a few microseconds of dispatch plus a fresh tensor; on a 
 that host time is a third of the token. Here a layer is ten calls into the C kernels
 (kernels/cpu_decode.py: norm, GEMV, RoPE + cache write, attention, GEMV, all-reduce, norm,
 GEMV, SiLU * up, GEMV, all-reduce) with every pointer bound at build time; the collectives
-are the model's own (same communicator, same sites: 2 all-reduces per layer, the embedding's
-all-reduce and the LM head's all-gather per token, written into fixed buffers).
+are the model's own (same communicator, same sites: 2 all-reduces per layer and the LM head's
+all-gather per token, written into fixed buffers; the vocab-parallel embedding's all-reduce
+too, unless the engine hands the step the whole embedding table to look rows up in).
 
 It reads the loaded model's weights and KV cache in place, so prefill (eager) and decode
 share them, and decodes any number of sequences up to the cache's batch, each at its own
@@ -130,6 +131,11 @@ class FusedDecodeStep:
     sequences, sequence b's token at position positions[b] (its k/v written to that cache slot,
     its attention over the slots up to it). The logits are a view of the same buffer every step."""
 
+    # the whole [vocab, hidden] embedding (any float dtype, e.g. a view of the mapped checkpoint),
+    # set by the engine when every rank has one: each rank then looks a token's row up itself,
+    # and a step issues no embedding all-reduce (2 all-reduces per layer + 1 all-gather per token)
+    embedding_table: torch.Tensor | None = None
+
     def __init__(self, model: nn.Module, cache: KVCache) -> None:
         why = unsupported(model, cache.k.device)
         if why:
@@ -167,6 +173,10 @@ class FusedDecodeStep:
         return t.data_ptr()
 
     def _embed(self, tokens: Sequence[int]) -> None:
+        if self.embedding_table is not None:  # every rank has every row: no collective
+            for b, token in enumerate(tokens):
+                self.res[b].copy_(self.embedding_table[token])
+            return
         e = self.embed
         for b, token in enumerate(tokens):
             if e.vocab_start <= token < e.vocab_stop:
