@@ -30,7 +30,7 @@ from tp_runtime.engine.memory import FIELDS as MEMORY_FIELDS
 from tp_runtime.engine.memory import rank_memory, rss_bytes
 from tp_runtime.engine.offload import attach_streaming
 from tp_runtime.engine.sampling import SamplingParams
-from tp_runtime.errors import ConfigError
+from tp_runtime.errors import CheckpointError, ConfigError
 from tp_runtime.kernels import cpu_gemv
 from tp_runtime.model import fused_decode
 from tp_runtime.model.layout import column_major_, resolve_layout
@@ -113,10 +113,14 @@ def _embedding_lookup_(step, model: torch.nn.Module, comm: Communicator, index, 
     holds only its own rows. One all-reduce at load decides. Returns the mapping to close."""
     mapped = table = None
     if step is not None:
-        mapped = MappedCheckpoint(index)
-        table = mapped.view(EMBEDDING_NAME)
-        if tuple(table.shape) != (model.cfg.vocab_size, model.cfg.hidden_size):
-            table = None
+        try:
+            mapped = MappedCheckpoint(index)
+        except (CheckpointError, OSError) as e:  # a file it cannot map: the vocab-parallel lookup then
+            log.debug("embedding rows from the mapped checkpoint: not possible (%s)", e)
+        else:
+            table = mapped.view(EMBEDDING_NAME)
+            if tuple(table.shape) != (model.cfg.vocab_size, model.cfg.hidden_size):
+                table = None
     votes = torch.tensor([float(table is not None)], device=device)
     stats = comm.stats
     phase, stats.phase = stats.phase, "load"  # outside any generation's counts
