@@ -42,7 +42,7 @@ for p in (REPO, HERE):  # the package, and the sibling benchmark whose helpers a
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from peers import DUMMY_SHAPES, ELEMENT_BYTES, SHAPES, dummy_checkpoint, open_jsonl, run_ours, run_worker, summarise, version  # noqa: E402
+from peers import DUMMY_SHAPES, ELEMENT_BYTES, SHAPES, dummy_checkpoint, open_jsonl, print_aligned, run_ours, run_worker, summarise, version  # noqa: E402
 
 CONFIGS = (("ours fused", "fused"), ("ours eager", "eager"), ("transformers", None))
 CACHES = ("dynamic", "static")
@@ -180,12 +180,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         table.append([r["shape"], r["dtype"], r["who"] + (f" ({r['cache']})" if r["cache"] else ""), str(r["batch"]), r["threads"],
                       f"{d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}]" if d else "failed",
                       f(r["per_sequence"], ".1f"), f(r["ratio_transformers"], ".2f"), f(r["ratio_batch1"], ".2f")])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    print()
-    for k, row in enumerate(table):
-        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(table, text_columns=3)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

@@ -429,10 +429,16 @@ def print_table(rows: list[dict[str, Any]], bandwidth: dict[int, list[float]]) -
             f(r["weight_gb_per_s"], ".1f"),
             f(r["bandwidth_share"] and 100 * r["bandwidth_share"], ".0f"),
         ])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print_aligned(table, text_columns=5)
+
+
+def print_aligned(table: list[list[str]], text_columns: int) -> None:
+    """Rows of cells (the first one the header, ruled under) in columns: the first
+    `text_columns` left-aligned, the numbers after them right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     print()
     for k, row in enumerate(table):
-        print("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print("  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
 
