@@ -42,7 +42,7 @@ for p in (REPO, HERE):  # the package, and the sibling benchmark whose helpers a
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from peers import DUMMY_SHAPES, ELEMENT_BYTES, SHAPES, dummy_checkpoint, open_jsonl, print_aligned, run_ours, run_worker, summarise, version  # noqa: E402
+from peers import DUMMY_SHAPES, ELEMENT_BYTES, SHAPES, dummy_checkpoint, open_jsonl, print_aligned, run_ours, run_worker, summarise, transformers_missing, version  # noqa: E402
 
 CONFIGS = (("ours fused", "fused"), ("ours eager", "eager"), ("transformers", None))
 CACHES = ("dynamic", "static")
@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if transformers_missing("bench/batch.py"):
+        return 2
     from tqdm import tqdm
 
     out_dir = Path(a.out)
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     write_csv(rows, out_dir / "batch.csv")
     png = out_dir / "batch.png"
     try:
-        plot(rows, png, a)
+        if not plot(rows, png, a):
+            png = None
     except Exception as e:  # the numbers are already written
         print(f"chart failed: {e}", file=sys.stderr)
         png = None
@@ -194,11 +197,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({**r, "decode_median": d.get("median"), "decode_min": d.get("min"), "decode_max": d.get("max"), "repeats": d.get("n", 0)})
 
 
-def plot(rows: list[dict[str, Any]], path: Path, a: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict[str, Any]], path: Path, a: argparse.Namespace) -> bool:
+    plt = optional.pyplot(path.name)
+    if plt is None:
+        return False
 
     panels = list(dict.fromkeys((r["shape"], r["dtype"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 5 * len(panels)), 4.5), squeeze=False)
@@ -219,6 +221,7 @@ def plot(rows: list[dict[str, Any]], path: Path, a: argparse.Namespace) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

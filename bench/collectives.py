@@ -447,11 +447,12 @@ COLORS = {"shm": "tab:red", "gloo": "tab:blue", "zmq-direct": "tab:orange", "zmq
 FLOOR_COLORS = {"tcp": "tab:blue", "zmq": "tab:orange"}
 
 
-def plot(path: Path, rows: list[dict[str, Any]], floors: dict[str, dict[int, dict[str, float]]], title: str) -> None:
-    import matplotlib
+def plot(path: Path, rows: list[dict[str, Any]], floors: dict[str, dict[int, dict[str, float]]], title: str) -> bool:
+    from tp_runtime import optional
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional.pyplot(path.name)
+    if plt is None:
+        return False
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     ops = [op for op in ("all_reduce", "all_gather") if any(r["op"] == op for r in rows)]
@@ -491,6 +492,7 @@ def plot(path: Path, rows: list[dict[str, Any]], floors: dict[str, dict[int, dic
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+    return True
 
 
 def busy_cores(window_s: float = 0.5) -> float | None:
@@ -705,8 +707,8 @@ def main(argv=None) -> int:
         title = (f"collective latency vs size on loopback ({cores} cores, ranks {'pinned' if args.pin else 'not pinned'}; torch {torch.__version__}, "
                  f"pyzmq {zmq.__version__}, git {meta['git_sha']}{', quick run' if args.quick else ''})\n"
                  f"floor: one message one way between 2 processes on different cores = half a ping-pong round trip on the same socket type")
-        plot(png_path, rows, floors, title)
-        written.append(png_path)
+        if plot(png_path, rows, floors, title):
+            written.append(png_path)
     print()
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t_start:.0f} s")
     return 1 if failures else 0

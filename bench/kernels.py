@@ -152,12 +152,10 @@ def bench_decode(args, dtype, do_bench, flash, emit) -> None:
 
 
 def plot(rows: list[dict], peaks: tuple[float, float], path: Path) -> bool:
-    try:
-        import matplotlib
+    from tp_runtime import optional
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = optional.pyplot(path.name)
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, kind, unit, peak in ((axes[0], "prefill", "TFLOP/s", peaks[0]), (axes[1], "decode", "GB/s", peaks[1])):
@@ -223,7 +221,7 @@ def main(argv=None) -> int:
         w.writerows(rows)
     png_path = args.out_dir / "kernels.png"
     plotted = plot(rows, (peak_tflops, peak_gbps), png_path)
-    print(f"wrote {csv_path}" + (f" and {png_path}" if plotted else " (matplotlib missing: no plot)"))
+    print(f"wrote {csv_path}" + (f" and {png_path}" if plotted else ""))
     return 0
 
 

@@ -67,7 +67,7 @@ for p in (REPO, HERE):  # the package, and the sibling benchmark whose helpers a
 
 from peers import _last_json, open_jsonl, summarise  # noqa: E402
 
-from tp_runtime import placement, sol  # noqa: E402
+from tp_runtime import optional, placement, sol  # noqa: E402
 from tp_runtime.bench_sweep import DUMMY_SHAPES, dummy_checkpoint  # noqa: E402
 from tp_runtime.config import ModelConfig  # noqa: E402
 
@@ -307,7 +307,8 @@ def main(argv=None) -> int:
     write_csv(rows, out_dir / "offload.csv", a)
     png = out_dir / "offload.png"
     try:
-        plot(rows, png, a, cfg)
+        if not plot(rows, png, a, cfg):
+            png = None
     except Exception as e:  # the numbers are already written
         print(f"chart failed: {e}", file=sys.stderr)
         png = None
@@ -384,11 +385,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path, a: argparse.Namespace) -> 
             })
 
 
-def plot(rows: list[dict[str, Any]], path: Path, a: argparse.Namespace, cfg: ModelConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict[str, Any]], path: Path, a: argparse.Namespace, cfg: ModelConfig) -> bool:
+    plt = optional.pyplot(path.name)
+    if plt is None:
+        return False
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -420,6 +420,7 @@ def plot(rows: list[dict[str, Any]], path: Path, a: argparse.Namespace, cfg: Mod
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

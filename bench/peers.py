@@ -57,6 +57,8 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tp_runtime import optional  # noqa: E402
+from tp_runtime.errors import ConfigError  # noqa: E402
 from tp_runtime.bench_sweep import DUMMY_SHAPES, dummy_checkpoint, git_sha  # noqa: E402
 
 SHAPES = ("small", "tinyllama")
@@ -280,8 +282,21 @@ def open_jsonl(out_dir: Path, bench: str, settings: dict[str, Any], **extra: Any
     return emit
 
 
+def transformers_missing(bench: str) -> bool:
+    """True, after one line on stderr, when transformers (the peer `bench` measures) cannot be
+    imported: said before any work, not as a traceback from the first worker."""
+    try:
+        optional.require("transformers", f"{bench} (transformers is the peer it measures)")
+    except ConfigError as e:
+        print(f"{bench}: error: {e}", file=sys.stderr)
+        return True
+    return False
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if transformers_missing("bench/peers.py"):
+        return 2
     from tqdm import tqdm
 
     out_dir = Path(a.out)
@@ -367,7 +382,8 @@ def main(argv=None) -> int:
     print_table(rows, bandwidth)
     png = out_dir / "peers.png"
     try:
-        plot(rows, png)
+        if not plot(rows, png):
+            png = None
     except Exception as e:  # the numbers are already written
         print(f"chart failed: {e}", file=sys.stderr)
         png = None
@@ -443,11 +459,10 @@ def print_aligned(table: list[list[str]], text_columns: int) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    plt = optional.pyplot(path.name)
+    if plt is None:
+        return False
 
     groups: list[tuple] = []
     series: list[str] = []
@@ -485,6 +500,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -63,22 +63,29 @@ def _load_triton() -> bool:
     return True
 
 
+def backend_problem(device_type: str) -> str | None:
+    """Why the chosen backend cannot run kernels on `device_type` tensors, or None. The engine
+    asks at load, so that a forced backend fails before any weight is read, not mid-prefill."""
+    if _backend != "triton":
+        return None
+    if not _load_triton():
+        return (f"TP_RUNTIME_KERNELS=triton but triton cannot be imported ({_triton_import_error[0]!r}): "
+                "install triton, or use TP_RUNTIME_KERNELS=torch")
+    if device_type != "cuda" and not _triton_mods["prefill"].INTERPRET:
+        return (f"TP_RUNTIME_KERNELS=triton with {device_type} tensors needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 in the environment before the first kernel call (slow, for tests), "
+                "or use TP_RUNTIME_KERNELS=auto|torch")
+    return None
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     if _backend == "torch":
         return False
     if _backend == "auto":
         return t.is_cuda and _load_triton()
-    if not _load_triton():
-        raise KernelBackendError(
-            f"TP_RUNTIME_KERNELS=triton but triton cannot be imported ({_triton_import_error[0]!r}): "
-            "install triton, or use TP_RUNTIME_KERNELS=torch"
-        )
-    if not t.is_cuda and not _triton_mods["prefill"].INTERPRET:
-        raise KernelBackendError(
-            f"TP_RUNTIME_KERNELS=triton with {t.device.type} tensors needs Triton's interpreter: set "
-            "TRITON_INTERPRET=1 in the environment before the first kernel call (slow, for tests), "
-            "or use TP_RUNTIME_KERNELS=auto|torch"
-        )
+    why = backend_problem(t.device.type)
+    if why is not None:
+        raise KernelBackendError(why)
     return True
 
 

@@ -107,11 +107,7 @@ def run_with_workers(
                 "fingerprint": fp, "config": json.loads((Path(model_dir) / "config.json").read_text()),
                 "generation_config": json.loads(gen_cfg_path.read_text()) if gen_cfg_path.is_file() else None,
                 "tp": tp, "rank": rank, "names": rank_names,
-                "runtime": {
-                    "dtype": runtime.dtype, "max_seq_len": runtime.max_seq_len, "max_batch_size": runtime.max_batch_size,
-                    "max_device_memory": runtime.max_device_memory, "max_host_memory": runtime.max_host_memory,
-                },
-                "comm": {"inject_latency_s": runtime.comm.inject_latency_s, "inject_bandwidth_Bps": runtime.comm.inject_bandwidth_Bps},
+                "runtime": runtime.for_job(),  # every setting but the rank-local ones: all ranks run alike
                 "prompts": prompts, "sampling": sampling,
             })
         ports = {}

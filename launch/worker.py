@@ -34,7 +34,7 @@ from tp_runtime.comm.control import ControlServer, new_context
 from tp_runtime.comm.protocol import PROTOCOL_VERSION, Kind
 from tp_runtime.comm.timing import wrap
 from tp_runtime.comm.zmq_transport import ZmqCommunicator
-from tp_runtime.config import CommConfig, ParallelConfig, RuntimeConfig
+from tp_runtime.config import ParallelConfig, RuntimeConfig
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import TPRuntimeError, WorkerError
@@ -100,16 +100,15 @@ class Worker:
     def _run_job(self, peer: bytes, job: dict[str, Any]) -> None:
         comm = llm = None
         try:
+            runtime = RuntimeConfig.from_job(job["runtime"], num_threads=self.threads, show_progress=False)
             source = self._weights(peer, job)
             inbox, port = self.server.bind_data(self.host)
             self.server.send(peer, Kind.READY, {"data_port": port})
             start = self._await(peer, Kind.START, START_TIMEOUT_S)
             rank, peers = job["rank"], start.obj["peers"]
             raw = ZmqCommunicator(self.ctx, rank, peers, inbox, secret=self.secret, names=job.get("names"))
-            comm_cfg = CommConfig(**job.get("comm", {}))
-            comm = wrap(raw, comm_cfg, device=torch.device("cpu"))
+            comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
             parallel = ParallelConfig(world_size=len(peers), rank=rank, local_rank=0, local_world_size=1)
-            runtime = RuntimeConfig(**job["runtime"], num_threads=self.threads, show_progress=False, comm=comm_cfg)
             llm = LLM.load(source, parallel, runtime, comm=comm)
             for _ in llm.generate(job["prompts"], SamplingParams(**job["sampling"])):
                 pass

@@ -27,6 +27,15 @@ def run_cli(args, timeout=120, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "tp_runtime", *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kw)
 
 
+def block_packages(tmp_path, *names):
+    """A folder that, first on PYTHONPATH, makes `import NAME` fail as it does where NAME is not installed."""
+    root = tmp_path / "blocked"
+    for name in names:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", name={name!r})\n")
+    return root
+
+
 def last_json(stdout: str) -> dict:
     lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
     assert lines, "no output"

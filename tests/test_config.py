@@ -111,11 +111,35 @@ def test_unsupported_architecture(arch):
         assert supported in msg, msg
 
 
-def test_missing_architectures():
+def test_missing_architectures_and_model_type():
     raw = raw_config()
     del raw["architectures"]
-    with pytest.raises(ConfigError, match="architectures"):
+    raw.pop("model_type", None)
+    with pytest.raises(ConfigError, match="neither 'architectures' nor 'model_type'"):
         ModelConfig.from_dict(raw)
+
+
+def test_unsupported_model_type_without_architectures():
+    raw = raw_config()
+    del raw["architectures"]
+    raw["model_type"] = "gpt2"
+    with pytest.raises(ConfigError, match="model_type 'gpt2' is not supported.*llama, mistral, qwen2"):
+        ModelConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("config_class, arch", [("LlamaConfig", "LlamaForCausalLM"), ("MistralConfig", "MistralForCausalLM"), ("Qwen2Config", "Qwen2ForCausalLM")])
+def test_architecture_from_model_type(tmp_path, config_class, arch):
+    """A config.json as transformers writes it from a bare config object (no `architectures`,
+    as its GGUF loader and many converters leave it): the class comes from `model_type`."""
+    import transformers
+    hf_cfg = getattr(transformers, config_class)(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, intermediate_size=96, vocab_size=128)
+    hf_cfg.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert not raw.get("architectures")
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.architecture == arch and cfg.family == SUPPORTED_ARCHITECTURES[arch]
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads) == (64, 2, 2)
 
 
 @pytest.mark.parametrize("arch, family", sorted(SUPPORTED_ARCHITECTURES.items()))
@@ -325,7 +349,7 @@ ROPE_CASES = [
 
 @pytest.mark.parametrize("head_dim, rope", [c[1:] for c in ROPE_CASES], ids=[c[0] for c in ROPE_CASES])
 def test_inv_frequencies_match_transformers(head_dim, rope):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 

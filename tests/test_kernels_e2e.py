@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from conftest import block_packages
+
 pytest.importorskip("triton")
 
 from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint  # noqa: E402
@@ -61,3 +63,10 @@ def test_forced_triton_without_interpreter_fails_clearly(model_dir):
     proc = generate(model_dir, TP_RUNTIME_KERNELS="triton")
     assert proc.returncode != 0
     assert "TRITON_INTERPRET=1" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr  # refused at load, as a ConfigError, by every rank
+
+
+def test_forced_triton_without_triton_installed_fails_clearly(model_dir, tmp_path):
+    proc = generate(model_dir, TP_RUNTIME_KERNELS="triton", TRITON_INTERPRET="1", PYTHONPATH=str(block_packages(tmp_path, "triton")))
+    assert proc.returncode != 0
+    assert "TP_RUNTIME_KERNELS=triton but triton cannot be imported" in proc.stderr and "Traceback" not in proc.stderr

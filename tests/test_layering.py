@@ -52,6 +52,7 @@ LAYER_OF_COMPONENT = {
     "plan_cli": "cli",
     "errors": "errors",
     "units": "errors",  # a leaf like errors: flag-value parsing, imports only errors
+    "optional": "errors",  # a leaf like errors: optional packages imported with an install hint
     "kernels": "kernels",
     "launch": "launch",
     "__main__": "free",

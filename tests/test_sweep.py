@@ -1,29 +1,80 @@
-"""tp-bench sweep end to end on a 2-point grid: JSON lines, CSV, plot and validation table written."""
+"""tp-bench sweep end to end on small grids: JSON lines, CSV, plot and validation table written;
+the calibration measured in the run by default, a cached one used only while a probe agrees with it."""
 
 import json
 import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, block_packages
 
 REQUIRED = {"git_sha", "host", "torch", "transport", "tp", "latency_us", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_min", "decode_max",
-            "predicted_decode_tokens_per_s", "comm_share", "collectives_per_token", "bytes_per_token"}
+            "predicted_decode_tokens_per_s", "comm_share", "collectives_per_token", "bytes_per_token",
+            "calibration", "calibration_measured_at", "calibration_git_sha"}
+TINY = ["--dummy", "tiny", "--tp", "1", "--repeats", "1", "--new-tokens", "4", "--prompt-len", "8"]
 
 
-def test_two_point_sweep_writes_data_plot_and_validation(tmp_path):
-    out = tmp_path / "sweep"
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))  # its own calibration and dummy model
-    r = subprocess.run([sys.executable, "-m", "tp_runtime.bench_cli", "sweep", "--dummy", "tiny", "--tp", "1", "--latency", "0,1ms",
-                        "--repeats", "1", "--new-tokens", "4", "--prompt-len", "8", "--out", str(out)],
+def sweep(tmp_path, out_name, *extra, env=None):
+    out = tmp_path / out_name
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), **(env or {}))  # its own calibration and dummy model
+    r = subprocess.run([sys.executable, "-m", "tp_runtime.bench_cli", "sweep", *TINY, *extra, "--out", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    return r, out, rows
+
+
+def preset_path(tmp_path):
+    (path,) = (tmp_path / "cache" / "tp-runtime" / "presets").glob("this-cpu-shm-*.json")
+    return path
+
+
+def test_sweep_calibrates_in_the_run_then_checks_a_cached_calibration(tmp_path):
+    # 1. default: the calibration is measured in this run, and every output says so
+    r, out, rows = first = sweep(tmp_path, "fresh", "--latency", "0,1ms")
     assert len(rows) == 2 and REQUIRED <= set(rows[0])
     assert [row["latency_us"] for row in rows] == [0.0, 1000.0]
     assert all(row["decode_tokens_per_s"] > 0 and row["predicted_decode_tokens_per_s"] > 0 for row in rows)
     assert rows[0]["collectives_per_token"] == 0  # tp=1 issues none
+    assert {row["calibration"] for row in rows} == {"measured"}
+    assert rows[0]["calibration_git_sha"] == rows[0]["git_sha"]
     assert (out / "sweep.png").stat().st_size > 10_000
     assert (out / "sweep.csv").read_text().count("\n") == 3
-    assert "prediction error: median" in (out / "validation.txt").read_text()
-    assert list((tmp_path / "cache" / "tp-runtime" / "presets").glob("this-cpu-shm-*.json"))
+    validation = (out / "validation.txt").read_text()
+    assert "prediction error: median" in validation and "calibration: measured," in validation
+    preset = json.loads(preset_path(tmp_path).read_text())
+    assert preset["measured"]["measured_at"] == rows[0]["calibration_measured_at"]
+
+    # 2. a cached calibration that is wrong (as if measured on a busy machine: 1/50 of the
+    # bandwidth) is caught by the probe and measured again; its predictions are not used
+    poisoned = json.loads(json.dumps(preset))
+    poisoned["measured"]["local_ranks"]["1"]["mem_bandwidth_Bps"] /= 50
+    poisoned["measured"]["measured_at"] = "2020-01-01T00:00:00"
+    preset_path(tmp_path).write_text(json.dumps(poisoned))
+    r, out, rows = sweep(tmp_path, "drifted", "--latency", "0", "--cached-calibration")
+    assert "has drifted: mem_bandwidth_Bps at p=1" in r.stderr, r.stderr[-2000:]
+    assert rows[0]["calibration"] == "measured (cached one drifted)"
+    assert rows[0]["calibration_measured_at"] != "2020-01-01T00:00:00"
+    assert rows[0]["calibration_drift"]["mem_bandwidth_Bps"] > 10  # the probe saw ~49x
+    assert "calibration: measured (cached one drifted)" in (out / "validation.txt").read_text()
+    # the poisoned bandwidth would predict ~1/40 of the fresh calibration's figure (weight reads
+    # dominate the tiny model's token); the recalibrated one is the fresh one within host noise
+    fresh_prediction = first[2][0]["predicted_decode_tokens_per_s"]
+    assert fresh_prediction / 2 < rows[0]["predicted_decode_tokens_per_s"] < fresh_prediction * 2
+    assert json.loads(preset_path(tmp_path).read_text())["measured"]["measured_at"] != "2020-01-01T00:00:00"
+
+
+def test_cached_calibration_within_tolerance_is_used_and_the_sweep_runs_without_matplotlib(tmp_path):
+    sweep(tmp_path, "first", "--latency", "0")
+    measured_at = json.loads(preset_path(tmp_path).read_text())["measured"]["measured_at"]
+    # a tolerance no probe can exceed: the cached preset is used as it is (and the run finishes
+    # without matplotlib: data and table written, one line on what to install for the plot)
+    r, out, rows = sweep(tmp_path, "cached", "--latency", "0", "--cached-calibration", "--calibration-tolerance", "1000",
+                         env={"PYTHONPATH": str(block_packages(tmp_path, "matplotlib"))})
+    assert "using the cached calibration" in r.stderr
+    assert rows[0]["calibration"] == "cached" and rows[0]["calibration_measured_at"] == measured_at
+    assert "calibration: cached" in (out / "validation.txt").read_text()
+    assert not (out / "sweep.png").exists() and (out / "sweep.csv").is_file()
+    assert "sweep.png not drawn: matplotlib cannot be imported" in r.stderr and "tp-runtime[bench]" in r.stderr
+    assert "Traceback" not in r.stderr
+

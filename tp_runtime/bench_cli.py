@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tp_runtime import sol, units
+from tp_runtime import optional, sol, units
 from tp_runtime.errors import ConfigError, TPRuntimeError
 
 # ---------------------------------------------------------------------------------------------
@@ -150,16 +150,15 @@ def run_sol(args: argparse.Namespace) -> int:
                 for q in preds:
                     w.writerow(q.row())
         png_path = args.out / "sol.png"
-        plot_sol(curves, roof, model, hw, link, args, png_path)
-        print(f"\nwrote {csv_path} and {png_path}")
+        drawn = plot_sol(curves, roof, model, hw, link, args, png_path)
+        print(f"\nwrote {csv_path}" + (f" and {png_path}" if drawn else ""))
     return 0
 
 
-def plot_sol(curves: dict[float, list[sol.Prediction]], roof: list[sol.Prediction], model: sol.ModelShape, hw: sol.Hardware, link: sol.Link, args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_sol(curves: dict[float, list[sol.Prediction]], roof: list[sol.Prediction], model: sol.ModelShape, hw: sol.Hardware, link: sol.Link, args: argparse.Namespace, path: Path) -> bool:
+    plt = optional.pyplot(path.name)
+    if plt is None:
+        return False
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
@@ -216,6 +215,7 @@ def plot_sol(curves: dict[float, list[sol.Prediction]], roof: list[sol.Predictio
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tp_runtime import sol, units
+from tp_runtime import optional, sol, units
 from tp_runtime.config import CommConfig, ModelConfig, RuntimeConfig
 from tp_runtime.errors import ConfigError
 
@@ -147,45 +147,60 @@ def _sweep_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
     return {"points": points}
 
 
-def _calibrate_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
-    """Per-rank GEMV bandwidth with every rank reading at once, collective alpha/beta, host overhead."""
+def _gemv_bandwidth(comm, spec: dict[str, Any], repeats: int) -> float:
+    """Per-rank GEMV read rate with every rank reading its share at once, through the GEMV decode
+    uses (the C kernel where it builds, with decode's thread handover)."""
     import torch
 
-    from tp_runtime.engine.llm import LLM
-    from tp_runtime.engine.sampling import SamplingParams
     from tp_runtime.kernels import cpu_gemv
 
-    comm = _communicator(spec, parallel)
-    p = parallel.world_size
-    out: dict[str, Any] = {}
-    # bandwidth: every rank holds its share of the weights and reads it as GEMVs, all at once,
-    # through the GEMV decode uses (the C kernel where it builds, with decode's thread handover)
-    rows = spec["gemv_bytes"] // 4 // p // 4096
+    rows = spec["gemv_bytes"] // 4 // comm.world_size // 4096
     w = torch.randn(rows, 4096)
     x = torch.randn(1, 4096)
     times = []
     cpu_gemv.load()
     with cpu_gemv.decode_threads():
-        for i in range(spec["repeats"] + 1):
+        for _ in range(repeats + 1):
             comm.barrier(site="calibrate")
             t0 = time.perf_counter()
             for _ in range(4):
                 cpu_gemv.cpu_linear(x, w)
             times.append(time.perf_counter() - t0)
-    out["mem_bandwidth_Bps"] = 4 * w.numel() * 4 / statistics.median(times[1:])
-    del w
-    if p > 1:
-        def latency(numel: int, n: int) -> float:
-            t = torch.zeros(numel)
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                comm.all_reduce(t, site="calibrate")
-                samples.append(time.perf_counter() - t0)
-            return statistics.median(samples[n // 5:])
+    return 4 * w.numel() * 4 / statistics.median(times[1:])
 
-        small = latency(spec["hidden"], 300)
-        big = latency(1 << 18, 30)  # 1 MiB
+
+def _all_reduce_seconds(comm, numel: int, n: int) -> float:
+    import torch
+
+    t = torch.zeros(numel)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        comm.all_reduce(t, site="calibrate")
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples[n // 5:])
+
+
+def _probe_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
+    """The quick check of a cached calibration: bandwidth and one small all-reduce's latency."""
+    comm = _communicator(spec, parallel)
+    out = {"mem_bandwidth_Bps": _gemv_bandwidth(comm, spec, 3)}
+    if parallel.world_size > 1:
+        out["alpha_s"] = _all_reduce_seconds(comm, spec["hidden"], 200)
+    comm.close()
+    return out
+
+
+def _calibrate_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
+    """Per-rank GEMV bandwidth with every rank reading at once, collective alpha/beta, host overhead."""
+    from tp_runtime.engine.llm import LLM
+    from tp_runtime.engine.sampling import SamplingParams
+
+    comm = _communicator(spec, parallel)
+    out: dict[str, Any] = {"mem_bandwidth_Bps": _gemv_bandwidth(comm, spec, spec["repeats"])}
+    if parallel.world_size > 1:
+        small = _all_reduce_seconds(comm, spec["hidden"], 300)
+        big = _all_reduce_seconds(comm, 1 << 18, 30)  # 1 MiB
         out["alpha_s"] = small
         out["beta_Bps"] = (1 << 20) / max(big - small, 1e-9)
     # host cost: whole decode steps of the two calibration models (collectives included: with
@@ -209,6 +224,9 @@ def _calibrate_rank(spec: dict[str, Any], parallel) -> dict[str, Any]:
     return out
 
 
+RANK_MODES = {"sweep": _sweep_rank, "calibrate": _calibrate_rank, "probe": _probe_rank}
+
+
 def rank_main(spec_json: str) -> None:
     from tp_runtime.launch.env import parallel_from_env
     from tp_runtime.launch.spawn import record_failure, write_result
@@ -216,7 +234,7 @@ def rank_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     parallel = parallel_from_env()
     try:
-        result = (_sweep_rank if spec["mode"] == "sweep" else _calibrate_rank)(spec, parallel)
+        result = RANK_MODES[spec["mode"]](spec, parallel)
         if parallel.rank == 0:
             write_result(result)
     except BaseException as e:
@@ -278,7 +296,9 @@ def calibrate_local(transport: str, ranks: list[int], width: dict[str, int] = GE
                       source=f"tp-bench calibrate --ranks on {platform.node()} {time.strftime('%Y-%m-%d')}: GEMV read rate of one rank")
     two = table.get("2")
     link = sol.Link(name, two["alpha_s"], two["beta_Bps"], source=f"{transport} all-reduce between 2 local ranks, measured") if two else None
-    path = sol.save_preset(name, hardware=hw, link=link, extra={"transport": transport, "cores": os.cpu_count(), "width": width, "dtype": dtype, "local_ranks": table})
+    provenance = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_sha": git_sha(), "host": platform.node()}
+    path = sol.save_preset(name, hardware=hw, link=link, extra={"transport": transport, "cores": os.cpu_count(), "width": width, "dtype": dtype,
+                                                                 "local_ranks": table, **provenance})
     for p, row in table.items():
         print(f"  p={p}: {row['mem_bandwidth_Bps'] / 1e9:5.1f} GB/s per rank, alpha {row.get('alpha_s', 0) * 1e6:7.1f} us, "
               f"beta {row.get('beta_Bps', float('inf')) / 1e9:6.2f} GB/s, host {row['overhead_s_per_step'] * 1e6:6.0f} us/step + "
@@ -287,10 +307,64 @@ def calibrate_local(transport: str, ranks: list[int], width: dict[str, int] = GE
 
 
 def load_local_calibration(name: str) -> dict[str, Any] | None:
+    """The saved calibration's "measured" record (its "local_ranks" table and when, where and at
+    which commit it was measured), or None."""
     path = sol.preset_dir() / f"{name}.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("measured", {}).get("local_ranks")
+    try:
+        measured = json.loads(path.read_text()).get("measured", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # unreadable: measured afresh, like a missing one
+    return measured if isinstance(measured.get("local_ranks"), dict) else None
+
+
+# A cached calibration is used only while a quick probe agrees with it: the per-rank GEMV
+# bandwidth and one small all-reduce within this relative tolerance (the all-reduce with a floor
+# of ALPHA_FLOOR_S, below which loopback latencies jitter by more than their size).
+DEFAULT_CALIBRATION_TOLERANCE = 0.25
+ALPHA_FLOOR_S = 20e-6
+
+
+def calibration_drift(cached: dict[str, Any], probe: dict[str, Any]) -> dict[str, float]:
+    """Relative differences of the probe from the cached row: {"mem_bandwidth_Bps": ..., "alpha_s": ...}."""
+    drift = {"mem_bandwidth_Bps": abs(probe["mem_bandwidth_Bps"] / cached["mem_bandwidth_Bps"] - 1)}
+    if "alpha_s" in probe and "alpha_s" in cached:
+        drift["alpha_s"] = abs(probe["alpha_s"] - cached["alpha_s"]) / max(cached["alpha_s"], ALPHA_FLOOR_S)
+    return drift
+
+
+def sweep_calibration(transport: str, tps: list[int], width: dict[str, int], dtype: str, *, cached: bool, tolerance: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the local_ranks table, where it came from). Measured in this run unless `cached`; a cached
+    one must cover every tp and pass the probe at the largest tp, else it is measured again."""
+    name = calibration_name(transport, width, dtype)
+    saved = load_local_calibration(name) if cached else None
+    info: dict[str, Any] = {"preset": name}
+    if saved is not None and all(str(t) in saved["local_ranks"] for t in tps):
+        p = max(tps)
+        spec = {"mode": "probe", "transport": transport, "hidden": width["hidden_size"], "gemv_bytes": 256 << 20}
+        probe = _spawn(spec, p)
+        drift = calibration_drift(saved["local_ranks"][str(p)], probe)
+        worst = max(drift, key=drift.get)
+        info.update(probe_tp=p, probe=probe, drift={k: round(v, 4) for k, v in drift.items()}, tolerance=tolerance)
+        if drift[worst] <= tolerance:
+            print(f"using the cached calibration {name} (measured {saved.get('measured_at', 'at an unknown time')}): the probe at p={p} "
+                  f"is within {drift[worst]:.0%} of it (tolerance {tolerance:.0%})", file=sys.stderr)
+            info.update(source="cached", measured_at=saved.get("measured_at", "unknown"), git_sha=saved.get("git_sha", "unknown"))
+            return saved["local_ranks"], info
+        print(f"the cached calibration {name} has drifted: {worst} at p={p} is {drift[worst]:.0%} off the probe "
+              f"(tolerance {tolerance:.0%}); measuring it again", file=sys.stderr)
+        info["source"] = "measured (cached one drifted)"
+    elif cached:
+        info["source"] = "measured (no cached one for every tp)"
+    else:
+        info["source"] = "measured"
+    calibrate_local(transport, sorted(set(tps)), width, dtype)
+    fresh = load_local_calibration(name)
+    if fresh is None:
+        raise ConfigError(f"the calibration {name} was measured but cannot be read back from {sol.preset_dir()}")
+    info.update(measured_at=fresh["measured_at"], git_sha=fresh["git_sha"])
+    return fresh["local_ranks"], info
 
 
 def fused_decode_applies(dtype: str) -> bool:
@@ -325,7 +399,11 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32")
-    p.add_argument("--recalibrate", action="store_true", help="measure this machine again before the sweep")
+    p.add_argument("--cached-calibration", action="store_true",
+                   help="reuse the calibration saved by an earlier run, if a quick probe (bandwidth, one all-reduce) agrees with it "
+                        "(default: measure it in this run, a few seconds per tp)")
+    p.add_argument("--calibration-tolerance", type=float, default=DEFAULT_CALIBRATION_TOLERANCE,
+                   help=f"--cached-calibration: the largest relative drift of the probe accepted (default {DEFAULT_CALIBRATION_TOLERANCE:g})")
     p.add_argument("--out", default="bench/out/sweep")
 
 
@@ -343,16 +421,16 @@ def run_sweep(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_model_dir(model_dir)
     shape = sol.ModelShape.from_config(cfg, bytes_per_param=DTYPE_BYTES[args.dtype], name=args.dummy or model_dir.name)
     width = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, vocab_size=cfg.vocab_size)
-    name = calibration_name(args.transport, width, args.dtype)
-    calib = None if args.recalibrate else load_local_calibration(name)
-    if calib is None or any(str(t) not in calib for t in tps):
-        calibrate_local(args.transport, sorted(set(tps) | {int(k) for k in (calib or {})}), width, args.dtype)
-        calib = load_local_calibration(name)
+    if args.calibration_tolerance <= 0:
+        raise ConfigError(f"--calibration-tolerance {args.calibration_tolerance:g}: give a positive fraction (0.25 = 25%)")
+    calib, calib_info = sweep_calibration(args.transport, tps, width, args.dtype, cached=args.cached_calibration, tolerance=args.calibration_tolerance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     context = args.prompt_len + args.new_tokens // 2
     meta = {"git_sha": git_sha(), "host": platform.node(), "torch": _torch_version(), "transport": args.transport, "model": shape.name,
-            "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats}
+            "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "calibration": calib_info["source"], "calibration_measured_at": calib_info["measured_at"],
+            "calibration_git_sha": calib_info["git_sha"], "calibration_drift": calib_info.get("drift")}
     rows = []
     t_start = time.perf_counter()
     for i, tp in enumerate(tps):
@@ -374,7 +452,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 "collectives_per_token": point["runs"][0]["collectives_per_token"], "bytes_per_token": point["runs"][0]["bytes_per_token"],
                 "predicted_collectives_per_token": pred.collectives_per_token,
             })
-    write_outputs(rows, out)
+    write_outputs(rows, out, calib_info)
     return 0
 
 
@@ -384,7 +462,7 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
+def write_outputs(rows: list[dict[str, Any]], out: Path, calib_info: dict[str, Any]) -> None:
     with open(out / "sweep.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -392,11 +470,21 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table = validation_table(rows)
+    table = validation_table(rows) + "\n" + calibration_line(calib_info)
     (out / "validation.txt").write_text(table + "\n")
     print(table)
-    plot(rows, out / "sweep.png")
-    print(f"wrote {out / 'sweep.jsonl'}, {out / 'sweep.csv'}, {out / 'sweep.png'}, {out / 'validation.txt'}")
+    written = [out / "sweep.jsonl", out / "sweep.csv", out / "validation.txt"]
+    if plot(rows, out / "sweep.png"):
+        written.append(out / "sweep.png")
+    print(f"wrote {', '.join(map(str, written))}")
+
+
+def calibration_line(info: dict[str, Any]) -> str:
+    line = f"calibration: {info['source']}, preset {info['preset']}, measured {info['measured_at']} at commit {info['git_sha']}"
+    if "drift" in info:
+        drift = ", ".join(f"{k} {v:.0%}" for k, v in info["drift"].items())
+        line += f"; probe at p={info['probe_tp']}: {drift} off (tolerance {info['tolerance']:.0%})"
+    return line
 
 
 def validation_table(rows: list[dict[str, Any]]) -> str:
@@ -413,11 +501,10 @@ def validation_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    plt = optional.pyplot(path.name)
+    if plt is None:
+        return False
 
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
@@ -443,6 +530,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,14 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+}
+
+# config.json `model_type` -> architecture, for configs written without `architectures`
+# (transformers' GGUF loader, community converters); transformers infers the class the same way.
+MODEL_TYPE_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -36,6 +44,21 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+def _architecture(raw: dict[str, Any], source: str) -> str:
+    archs = raw.get("architectures") or []
+    if archs:
+        return archs[0]
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"{source}: neither 'architectures' nor 'model_type' is given; cannot tell which model this is")
+    if model_type not in MODEL_TYPE_ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: no 'architectures' entry and model_type {model_type!r} is not supported; "
+            f"supported model types: {', '.join(sorted(MODEL_TYPE_ARCHITECTURES))}"
+        )
+    return MODEL_TYPE_ARCHITECTURES[model_type]
 
 
 @dataclass(frozen=True)
@@ -79,10 +102,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
-        archs = raw.get("architectures") or []
-        if not archs:
-            raise ConfigError(f"{source}: no 'architectures' entry; cannot tell which model this is")
-        arch = archs[0]
+        arch = _architecture(raw, source)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"{source}: architecture {arch!r} is not supported; "
@@ -233,6 +253,10 @@ class CommConfig:
             raise ConfigError(f"injected latency must be >= 0, got {self.inject_latency_s}")
 
 
+# RuntimeConfig fields each rank decides for itself: its devices and cores, its own terminal
+RANK_LOCAL_FIELDS = ("device", "num_threads", "show_progress")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     dtype: str | None = None  # None: the checkpoint's, float32 on CPU if it is float16
@@ -279,6 +303,26 @@ class RuntimeConfig:
             raise ConfigError(f"max_batch_size must be positive, got {self.max_batch_size}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
+
+    def for_job(self) -> dict[str, Any]:
+        """Every setting the other ranks of a job must share, as JSON (the coordinator sends it
+        to its workers): all fields but the rank-local ones, the comm settings but the transport."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RANK_LOCAL_FIELDS and f.name != "comm"}
+        out["comm"] = {f.name: getattr(self.comm, f.name) for f in fields(CommConfig) if f.name != "transport"}
+        return out
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any], **rank_local: Any) -> RuntimeConfig:
+        """The inverse of for_job, with this rank's own `rank_local` settings (threads, ...)."""
+        job = dict(job)
+        comm = dict(job.pop("comm", {}))
+        known = {f.name for f in fields(cls)} - set(RANK_LOCAL_FIELDS) - {"comm"}
+        unknown = sorted((set(job) - known) | (set(comm) - {f.name for f in fields(CommConfig)}))
+        if unknown:
+            raise ConfigError(f"the job's runtime settings name {', '.join(unknown)}, which this version does not know; "
+                              "run the same tp-runtime version on the coordinator and every worker")
+        return cls(**job, **rank_local, comm=CommConfig(**comm))
+
 
     def resolve_max_seq_len(self, cfg: ModelConfig) -> int:
         if self.max_seq_len is None:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from tp_runtime.checkpoint.index import INDEX_FILE, SINGLE_FILE
 from tp_runtime.checkpoint.names import expected_tensors
-from tp_runtime.config import ModelConfig
+from tp_runtime.config import MODEL_TYPE_ARCHITECTURES, ModelConfig
 
 _CORPUS = """\
 Tensor parallelism splits every weight matrix of a transformer across several devices.
@@ -64,7 +64,7 @@ def llama_config_dict(
     dtype: str = "float32",
     **extra: Any,
 ) -> dict[str, Any]:
-    model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}[architecture]
+    model_type = {a: t for t, a in MODEL_TYPE_ARCHITECTURES.items()}[architecture]
     cfg = {
         "architectures": [architecture],
         "model_type": model_type,

@@ -31,6 +31,7 @@ from tp_runtime.engine.memory import rank_memory, rss_bytes
 from tp_runtime.engine.offload import attach_streaming
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import CheckpointError, ConfigError
+from tp_runtime import kernels
 from tp_runtime.kernels import cpu_gemv
 from tp_runtime.model import fused_decode
 from tp_runtime.model.layout import column_major_, resolve_layout
@@ -162,6 +163,8 @@ class LLM:
         device = pick_device(runtime, parallel)
         if device.type == "cuda":  # pinned buffers and mem_get_info act on the current device
             torch.cuda.set_device(device)
+        if why := kernels.backend_problem(device.type):
+            raise ConfigError(why)
         dtype_name = runtime.resolve_dtype(cfg, device.type)
         if dtype_name == "float16" and device.type == "cpu":
             log.warning("float16 on CPU is slow and inexact in places; bfloat16 or float32 is the usual choice")
