@@ -6,7 +6,7 @@ For the weight shapes of the SMALL and TinyLlama-1.1B benchmarks (q/k/v merged, 
 merged, o_proj, down_proj, LM head) it times y = W x for one activation row with
     kernel     kernels.cpu_linear (kernels/cpu_gemv.c, row-major weight)
     blas-row   F.linear, weight [out, in] row-major (nn.Linear's layout)
-    blas-col   F.linear, the same weight stored column-major (model/layout.py)
+    blas-col   F.linear, the same weight stored column-major (what the removed --weight-layout col did)
 cycling through 6 copies of each weight so that every call reads from memory, not cache
 (each copy set is larger than the L3 for the big shapes; small shapes partly fit and show it).
 Prints GB/s of weight read (median of --repeats) per shape, dtype and thread count, and the

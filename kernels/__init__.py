@@ -21,7 +21,6 @@ import torch
 from tp_runtime.kernels import reference
 from tp_runtime.kernels import cpu_gemv
 from tp_runtime.kernels.cpu_gemv import cpu_linear  # noqa: F401  (re-exported for the model)
-from tp_runtime.kernels.gemv import compiled_linear  # noqa: F401  (re-exported for the model)
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("TP_RUNTIME_KERNELS", "auto")

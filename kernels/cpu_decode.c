@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <math.h>
 
-void tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n); /* cpu_gemv.c */
+int tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n); /* cpu_gemv.c */
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -146,14 +146,13 @@ static void attn_slice(void* ctx, int64_t h0, int64_t h1) {
    [nb, nq * hd]; sequence b reads the first lens[b] keys of its cache rows
    kc/vc + b * batch_stride. kv_of_q: the kv head of each q head, or 0 for equal consecutive
    groups; scratch: nb * nq rows of scratch_stride >= every lens[b] floats. Returns -1 (nothing
-   done) for a head size over 1024 or a length over the scratch. */
+   done) for a head size over 1024, a size below 1 or a length over the scratch. */
 int tp_decode_attn(const void* q, int64_t q_row, const void* kc, const void* vc, void* out, const int64_t* kv_of_q, float* scratch, int64_t scratch_stride,
                    int64_t head_stride, int64_t batch_stride, float scale, int nq, int nkv, int hd, int out_bf, int mbf, int64_t nb, const int64_t* lens) {
-    if (hd > 1024) return -1;
+    if (hd < 1 || hd > 1024 || nq < 1 || nkv < 1 || nb < 1) return -1;
     for (int64_t b = 0; b < nb; b++) if (lens[b] < 1 || lens[b] > scratch_stride) return -1;
     attn_args a = {q, kc, vc, out, kv_of_q, scratch, lens, q_row, head_stride, batch_stride, scratch_stride, scale, nq, nkv, hd, out_bf, mbf};
-    tp_pool_for(attn_slice, &a, nb * nq);
-    return 0;
+    return tp_pool_for(attn_slice, &a, nb * nq);
 }
 
 /* out = silu(gate) * up for gu = gate|up [2n] (model dtype; `bias` [2n] or 0 added first);

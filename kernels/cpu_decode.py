@@ -133,11 +133,13 @@ def gemv_(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Ten
     """out [nb, n] = x [nb, k] @ weight^T for a row-major float32 / bfloat16 weight [n, k]: x
     float32, or bfloat16 against a bfloat16 weight where the CPU has AVX512-BF16 (`gemv_kind`)."""
     n, k = weight.shape
+    if k < 1 or n < 1:
+        cpu_gemv.check_rc(cpu_gemv.BAD_SIZE, "GEMV", k, n, 0)
     nb = x.numel() // k
     if x.numel() % k:
         raise ValueError(f"gemv_: x of {x.numel()} values is not rows of {k}")
     _check("gemv_", (weight, n * k), (x, nb * k), (out, nb * n))
-    lib().tp_gemv(weight.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, gemv_kind(weight), is_bf16(out), x.numel() // k)
+    cpu_gemv.check_rc(lib().tp_gemv(weight.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, gemv_kind(weight), is_bf16(out), nb), "GEMV", k, n, nb)
     return out
 
 
@@ -156,6 +158,6 @@ def int8_gemv_(qweight: torch.Tensor, block_sums: torch.Tensor, scales: torch.Te
     if x.numel() % k or k % 64 or x.dtype != torch.float32:
         raise ValueError(f"int8_gemv_: x of {x.numel()} {x.dtype} values for rows of {k} (float32, rows of a multiple of 64)")
     _check("int8_gemv_", (qweight, n * k), (block_sums, n * (k // 64)), (scales, n), (x, nb * k), (out, nb * n))
-    if lib().tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, is_bf16(out), x.numel() // k):
-        raise MemoryError("int8 GEMV: the activation buffer could not be allocated")
+    rc = lib().tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), k, n, is_bf16(out), nb)
+    cpu_gemv.check_rc(rc, "int8 GEMV", k, n, nb)
     return out

@@ -165,9 +165,10 @@ static int quantize_x(const float* x, int64_t K) {
     return 0;
 }
 
-/* a tiny persistent pool: worker t computes its share of the rows of the current job. One
-   caller at a time (a rank's main thread): `job`, `y_bf16` and the int8 activation buffer are
-   shared state, and ctypes releases the GIL during a call. */
+/* a tiny persistent pool: worker t computes its share of the rows of the current job. `job`,
+   `y_bf16` and the int8 activation buffer are shared state, and ctypes releases the GIL during
+   a call, so every entry point holds `call_mu`: a second caller (a server thread beside the
+   decode loop) waits for the first instead of running on its job. */
 #define MAXT 64
 static int nthreads = 1;  /* threads created (the caller's included) */
 static int active = 1;    /* threads that share a call's rows: tp_gemv_start sets it */
@@ -181,6 +182,8 @@ static atomic_int pending = 0;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static atomic_int sleepers = 0;  /* seq_cst with `generation`: no wake-up is lost */
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;  /* one caller at a time */
+static long start_gen[MAXT];  /* the generation current when worker t was created */
 
 /* rows [r0, r1) of the current job against its x row i, into y row i */
 static void rows(int64_t i, int64_t r0, int64_t r1) {
@@ -215,7 +218,7 @@ static void share(int t) {
 
 static void* worker(void* arg) {
     int t = (int)(intptr_t)arg;
-    long seen = 0;
+    long seen = start_gen[t];  /* jobs before its creation are not its own: none is run twice */
     for (;;) {
         long g;
         int spins = 0;
@@ -241,36 +244,74 @@ static void* worker(void* arg) {
 int tp_gemv_start(int n) {
     if (n < 1) n = 1;
     if (n > MAXT) n = MAXT;
+    pthread_mutex_lock(&call_mu);
     for (int t = nthreads; t < n; t++) {
+        start_gen[t] = atomic_load(&generation);
         if (pthread_create(&threads[t], 0, worker, (void*)(intptr_t)t)) break;
         nthreads = t + 1;
     }
     active = n < nthreads ? n : nthreads;
-    return active;
+    int a = active;
+    pthread_mutex_unlock(&call_mu);
+    return a;
 }
+
+#define BAD_SIZE (-2)  /* a size the kernels cannot take: nothing computed */
 
 static void run(void);
 
 /* y [nb, N] = x [nb, K] W^T. kind: 0 float32 W and x, 1 bfloat16 W and float32 x, 2 bfloat16
-   W and x; y float32, or bfloat16 when ybf16 */
-void tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16, int64_t nb) {
+   W and x; y float32, or bfloat16 when ybf16. Returns 0, or BAD_SIZE (nothing computed) for
+   K, N or nb below 1 or a kind this build lacks. */
+int tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16, int64_t nb) {
+    if (K < 1 || N < 1 || nb < 1 || kind < 0 || kind > 2 || (kind == 2 && !HAS_BF16_DOT)) return BAD_SIZE;
+    pthread_mutex_lock(&call_mu);
     job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = kind; y_bf16 = ybf16;
     run();
+    pthread_mutex_unlock(&call_mu);
+    return 0;
 }
 
-/* fn(ctx, i0, i1) over slices of [0, n), one per pool thread (the decode step's attention heads) */
-void tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n) {
+/* fn(ctx, i0, i1) over slices of [0, n), one per pool thread (the decode step's attention
+   heads); fn must not call back into this pool */
+int tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n) {
+    if (n < 0) return BAD_SIZE;
+    if (n == 0) return 0;
+    pthread_mutex_lock(&call_mu);
     job.fn = fn; job.ctx = ctx; job.N = n; job.kind = 4;
     run();
+    pthread_mutex_unlock(&call_mu);
+    return 0;
 }
 
-/* int8 W with per-row `scales` and 64-block sums `wsum` [N, K/64]; float32 x; K % 64 == 0.
-   Returns -1 (nothing computed) if the activation buffer cannot be allocated. */
+/* int8 W with per-row `scales` and 64-block sums `wsum` [N, K/64]; float32 x. Returns 0, -1
+   (nothing computed) if the activation buffer cannot be allocated, or BAD_SIZE for K, N or nb
+   below 1, K not a multiple of 64 (the blocks must not straddle rows) or a build without VNNI. */
 int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const float* x, void* y, int64_t K, int64_t N, int ybf16, int64_t nb) {
-    if (quantize_x(x, K * nb)) return -1;  /* 64-blocks never straddle rows: K % 64 == 0 */
-    job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = 3; job.wsum = wsum; job.scales = scales; y_bf16 = ybf16;
-    run();
-    return 0;
+    if (K < 1 || N < 1 || nb < 1 || K % 64 || !HAS_INT8_DOT) return BAD_SIZE;
+    pthread_mutex_lock(&call_mu);
+    int rc = quantize_x(x, K * nb);
+    if (rc == 0) {
+        job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = 3; job.wsum = wsum; job.scales = scales; y_bf16 = ybf16;
+        run();
+    }
+    pthread_mutex_unlock(&call_mu);
+    return rc;
+}
+
+/* Flags of the shared-memory transport (comm/shm.py): a rank publishes "my slot of collective
+   s is written" with a release store, and peers read the flags with acquire loads, so the slot's
+   bytes are visible before the flag on every CPU, not only on x86's ordered stores. */
+void tp_flag_store(int64_t* flag, int64_t value) { __atomic_store_n(flag, value, __ATOMIC_RELEASE); }
+
+/* the smallest of n flags `stride` int64s apart */
+int64_t tp_flags_min(const int64_t* flags, int64_t n, int64_t stride) {
+    int64_t m = __atomic_load_n(flags, __ATOMIC_ACQUIRE);
+    for (int64_t i = 1; i < n; i++) {
+        int64_t v = __atomic_load_n(flags + i * stride, __ATOMIC_ACQUIRE);
+        m = v < m ? v : m;
+    }
+    return m;
 }
 
 static void run(void) {

@@ -90,6 +90,8 @@ def load() -> ctypes.CDLL | None:
             _bf16_dot = bool(lib.tp_gemv_has_bf16_dot())
             _int8_dot = bool(lib.tp_gemv_has_int8_dot())
             lib.tp_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
+            lib.tp_flag_store.argtypes, lib.tp_flag_store.restype = [ctypes.c_void_p, ctypes.c_int64], None
+            lib.tp_flags_min.argtypes, lib.tp_flags_min.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64], ctypes.c_int64
             _lib = lib
     except OSError as e:
         log.warning("loading the CPU GEMV kernel failed (%s): decode GEMVs use F.linear", e)
@@ -162,8 +164,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, block_sums: torch.Tensor
     xf = x.reshape(-1).to(torch.float32).contiguous()
     sc = scales.to(torch.float32).contiguous()
     y = torch.empty(n, dtype=torch.float32)
-    if _lib.tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), sc.data_ptr(), xf.data_ptr(), y.data_ptr(), k, n, 0, 1):
-        return None
+    check_rc(_lib.tp_gemv_q8(qweight.data_ptr(), block_sums.data_ptr(), sc.data_ptr(), xf.data_ptr(), y.data_ptr(), k, n, 0, 1), "int8 GEMV", k, n, 1)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -173,5 +174,15 @@ def _run(x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
     else:
         xf = x.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(w.shape[0], dtype=torch.float32)
-    _lib.tp_gemv(w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], kind, 0, 1)
+    check_rc(_lib.tp_gemv(w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], kind, 0, 1), "GEMV", w.shape[1], w.shape[0], 1)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+BAD_SIZE = -2  # cpu_gemv.c: a size the kernels refuse (nothing computed)
+
+
+def check_rc(rc: int, what: str, k: int, n: int, rows: int) -> None:
+    if rc == BAD_SIZE:
+        raise ValueError(f"CPU {what} kernel: refused in={k}, out={n}, rows={rows} (each must be >= 1; int8 needs in % 64 == 0)")
+    if rc:
+        raise MemoryError(f"CPU {what} kernel: its activation buffer could not be allocated")

@@ -101,6 +101,7 @@ class Worker:
         comm = llm = None
         try:
             runtime = RuntimeConfig.from_job(job["runtime"], num_threads=self.threads, show_progress=False)
+            log.warning("job: rank %s of %s, settings %s", job.get("rank"), job.get("tp"), runtime.describe())
             source = self._weights(peer, job)
             inbox, port = self.server.bind_data(self.host)
             self.server.send(peer, Kind.READY, {"data_port": port})

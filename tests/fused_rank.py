@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from test_fused_decode import NewStorages
-from tp_runtime.config import RuntimeConfig
-from tp_runtime.engine.llm import LLM
+from tp_runtime.comm import create
+from tp_runtime.config import CommConfig, ModelConfig, RuntimeConfig
+from tp_runtime.engine.llm import LLM, decode_message_bytes
 from tp_runtime.engine.sampling import Sampler, SamplingParams
 from tp_runtime.launch.env import parallel_from_env
 from tp_runtime.launch.spawn import record_failure
@@ -23,11 +24,14 @@ def main() -> None:
     model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
     parallel = parallel_from_env()
     try:
-        llm = LLM.load(model_dir, parallel, RuntimeConfig(dtype="float32", max_seq_len=64, max_batch_size=1, show_progress=False, decode_step="eager"))
+        # one communicator for both models, as a job with several models shares one: a second
+        # process group on the same port could meet rank 0's first store while it is torn down
+        comm = create(parallel, torch.device("cpu"), CommConfig(), decode_message_bytes(ModelConfig.from_model_dir(model_dir), 2, 1, torch.float32))
+        llm = LLM.load(model_dir, parallel, RuntimeConfig(dtype="float32", max_seq_len=64, max_batch_size=1, show_progress=False, decode_step="eager"), comm=comm)
         prompt, params = [5, 9, 2, 7], SamplingParams(max_new_tokens=8, ignore_eos=True)
         eager_tokens = [ev.token_id for ev in llm.generate([prompt], params)]
         llm.close()
-        llm = LLM.load(model_dir, parallel, RuntimeConfig(dtype="float32", max_seq_len=64, max_batch_size=1, show_progress=False, decode_step="fused"))
+        llm = LLM.load(model_dir, parallel, RuntimeConfig(dtype="float32", max_seq_len=64, max_batch_size=1, show_progress=False, decode_step="fused"), comm=comm)
         eng, sampler = llm.engine, Sampler(params, torch.device("cpu"))
         tok = int(eng.prompt_logits([prompt])[0][-1].argmax())
         tokens, new, ptrs = [tok], [], set()
@@ -44,6 +48,7 @@ def main() -> None:
         result = {"transport": llm.comm.transport, "new_storages": new, "logits_buffers": len(ptrs), "tokens": tokens, "eager_tokens": eager_tokens}
         (out_dir / f"rank{parallel.rank}.json").write_text(json.dumps(result))
         llm.close()
+        comm.close()
     except BaseException as e:
         record_failure(parallel.rank, e)
         raise

@@ -358,7 +358,6 @@ def test_the_tensor_entry_points_refuse_buffers_the_c_ops_would_overrun():
     [
         (["--gemv", "blas"], "--gemv blas"),
         (["--dtype", "float16"], "float16"),
-        (["--compile-gemv"], "--compile-gemv"),
     ],
 )
 def test_forcing_the_fused_step_where_it_cannot_run_names_why(small_model, flags, why):

@@ -1,6 +1,7 @@
 """tp-worker daemons on loopback driven by a coordinator (pyzmq transport), end to end."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,3 +178,43 @@ def test_workers_stream_layers_under_the_coordinators_memory_budget(tmp_path, wo
     assert streamed["output_ids"] == resident["output_ids"]
     ranks = streamed["memory"]["ranks"]
     assert len(ranks) == 2 and all(r["weights_disk"] == sum(s.layers[1:]) for r in ranks)  # the worker (rank 1) streamed too
+
+
+@pytest.mark.parametrize("flags, logged", [
+    (["--quantize", "int8"], "quantize=int8"),
+    (["--decode-step", "eager"], "decode_step=eager"),
+    (["--gemv", "blas"], "gemv=blas"),
+])
+def test_workers_run_with_the_coordinators_settings(small_model, workers, flags, logged):
+    """Every runtime flag reaches the workers (it once sent only dtype, context, batch and budgets:
+    `--quantize int8` ran int8 on rank 0 and float on the worker, and crashed): the worker job
+    gives the tokens of the local tp=2 run with the same flags, and the worker says what it ran."""
+    (w,) = workers(1)
+    local = last_json(_generate(small_model, "--tp", "2", *flags).stdout)
+    r = _generate(small_model, "--workers", w.addr, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json(r.stdout)["output_ids"] == local["output_ids"]
+    assert logged in w.log.read_text()
+
+
+def test_workers_write_their_offload_dir(tmp_path, workers):
+    """--offload-dir reaches the workers: the worker (rank 1) writes its streamed layers there too."""
+    from tp_runtime import placement
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+    from tp_runtime.config import ModelConfig
+
+    model = write_checkpoint(tmp_path / "llama4", llama_config_dict(hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=2,
+                                                                     intermediate_size=320, vocab_size=300), seed=9)
+    s = placement.shard_bytes(ModelConfig.from_model_dir(model), 2, 0, "float32", 64, 1)
+    budget = s.kv_cache + s.activations + s.embedding + s.lm_head + s.norm + max(s.layers) + s.layers[0] + 64
+    offload = tmp_path / "offload"
+    (w,) = workers(1)
+    flags = ["--max-seq-len", "64", "--max-host-memory", str(budget), "--offload-dir", str(offload), "--dtype", "float32"]
+    local = last_json(_generate(model, "--tp", "2", *flags).stdout)
+    for d in offload.iterdir():
+        shutil.rmtree(d)
+    r = _generate(model, "--workers", w.addr, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json(r.stdout)["output_ids"] == local["output_ids"]
+    written = sorted(d.name.split("-", 1)[1] for d in offload.iterdir())
+    assert written == ["tp2-rank0-float32", "tp2-rank1-float32"], written

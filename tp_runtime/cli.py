@@ -91,13 +91,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 linears (per-channel scales), quantised per shard at load")
-    p.add_argument("--compile-gemv", action="store_true", help="compile the decode GEMVs with inductor (CPU; ~20 s of compiling on first use, cached)")
     p.add_argument("--gemv", choices=("auto", "kernel", "blas"), default="auto", help="decode GEMV on CPU: the built-in C kernel (auto: when a C compiler can build it) or BLAS via F.linear")
     p.add_argument(
         "--decode-step", choices=("auto", "fused", "eager"), default="auto",
         help="decode on CPU: fused kernel calls on buffers allocated once (auto: wherever it applies) or the eager model",
     )
-    p.add_argument("--weight-layout", choices=("auto", "row", "col"), default="auto", help="memory order of the weights under --gemv blas (auto: column-major for float32 on CPU, where BLAS measures faster)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences the KV cache holds (default: the number of prompts)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
@@ -122,9 +120,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size or batch,
         quantize=args.quantize,
-        compile_gemv=args.compile_gemv,
         gemv=args.gemv,
-        weight_layout=args.weight_layout,
         decode_step=args.decode_step,
         max_device_memory=args.max_device_memory,
         max_host_memory=args.max_host_memory,

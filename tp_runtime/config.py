@@ -266,13 +266,11 @@ class RuntimeConfig:
     num_threads: int | None = None
     show_progress: bool = True
     quantize: str | None = None  # "int8": weight-only int8 linears, quantised per shard at load
-    compile_gemv: bool = False  # decode GEMVs compiled by inductor (CPU); see kernels/gemv.py
     # memory budgets per rank, bytes (None: what the device / machine reports, minus headroom);
     # layers beyond them are streamed (see placement.py)
     max_device_memory: int | None = None
     max_host_memory: int | None = None
     gemv: str = "auto"  # decode GEMV on CPU: "kernel" (kernels/cpu_gemv.c), "blas" (F.linear), "auto": kernel if it builds
-    weight_layout: str = "auto"  # "row" | "col" | "auto" (model/layout.py: col for float32 on CPU)
     offload_dir: str | None = None  # streamed layers written here once, in the runtime's layout
     # decode on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
     # buffers), "eager" (the model's forward), "auto": fused wherever it applies
@@ -289,11 +287,8 @@ class RuntimeConfig:
             raise ConfigError(f"gemv {self.gemv!r} is not one of auto, kernel, blas")
         if self.decode_step not in ("auto", "fused", "eager"):
             raise ConfigError(f"decode step {self.decode_step!r} is not one of auto, fused, eager")
-        if self.decode_step == "fused" and (self.gemv == "blas" or self.compile_gemv):
-            other = "--gemv blas asks for BLAS" if self.gemv == "blas" else "--compile-gemv asks for inductor's GEMVs"
-            raise ConfigError(f"--decode-step fused multiplies with the C kernel, and {other}: drop one of the two")
-        if self.weight_layout not in ("auto", "row", "col"):
-            raise ConfigError(f"weight layout {self.weight_layout!r} is not one of auto, row, col")
+        if self.decode_step == "fused" and self.gemv == "blas":
+            raise ConfigError("--decode-step fused multiplies with the C kernel, and --gemv blas asks for BLAS: drop one of the two")
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"quantize {self.quantize!r} is not supported; the choice is int8 (weight-only)")
         for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):
@@ -310,6 +305,14 @@ class RuntimeConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RANK_LOCAL_FIELDS and f.name != "comm"}
         out["comm"] = {f.name: getattr(self.comm, f.name) for f in fields(CommConfig) if f.name != "transport"}
         return out
+
+    def describe(self) -> str:
+        """The shared settings that differ from the defaults, as `name=value` (logs)."""
+        default = RuntimeConfig().for_job()
+        mine = self.for_job()
+        diff = [f"{k}={v}" for k, v in mine.items() if k != "comm" and v != default[k]]
+        diff += [f"comm.{k}={v}" for k, v in mine["comm"].items() if v != default["comm"][k]]
+        return " ".join(diff) or "(defaults)"
 
     @classmethod
     def from_job(cls, job: dict[str, Any], **rank_local: Any) -> RuntimeConfig:

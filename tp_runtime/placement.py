@@ -94,7 +94,7 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
             rows_cols[0] += shape[0]
         else:
             merged[e.target] = list(shape)
-    vocab_rows = max(hi - lo for lo, hi in sharding.split_ranges(cfg.vocab_size, tp))
+    vocab_rows = sharding.vocab_shard_padded(cfg, tp)
     embedding = lm_head = norm = 0
     for target, shape in merged.items():
         if layer_of[target] is not None:

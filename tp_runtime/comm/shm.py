@@ -9,41 +9,102 @@ after that a collective touches no socket and no syscall:
 
     collective s on rank r:
         wait until every flags[q] >= s - 1    (peers are done reading slots[s % 2] from s - 2)
-        copy my tensor into slots[s % 2][r]; flags[r] = s      (x86 stores are not reordered)
-        wait until every flags[q] >= s; read the peers' slots (sum in rank order, or concatenate)
+        copy my tensor into slots[s % 2][r]; flags[r] = s      (a release store)
+        wait until every flags[q] >= s (acquire loads); read the peers' slots (sum in rank
+        order, or concatenate)
 
-Every rank sums the same slots in the same order, so every rank holds the same bits.
-Waiting spins for ~50 us, then yields the core, then naps, so that more ranks than cores
-still progress; a peer that makes no progress for `timeout_s` is checked
-for life and named in the error. Tensors larger than a slot, and the rarer collectives
-(broadcast of objects, all-to-all, barrier), go through the gloo group.
+Every rank sums the same slots in the same order, so every rank holds the same bits. The
+flags are stored and loaded through the CPU kernel library's atomics (release / acquire), so the
+slot's bytes are visible before its flag on any CPU; without the library, plain stores are
+ordered only on x86, and elsewhere the transport refuses to start (`ordering_available`).
+
+Waiting spins for ~50 us, then yields the core, then naps, so that more ranks than cores still
+progress. While waiting it checks every ~0.2 s that the late peers' processes live: a dead peer
+is named within that; a live one is waited for up to the configured collective timeout (a rank
+still loading from a cold disk, a server rank between requests), then named as hung.
+
+Which collectives use the slots is decided from sizes every rank shares, never by one rank
+alone: all-reduce and all-gather take equal shapes everywhere, and an all-to-all's rows differ
+per rank, so each rank first writes a header (whether its rows fit, its split sizes) beside
+them, and all fall back together when one does not fit. Tensors larger than a slot (slots are
+sized by the engine for the model's largest decode message) and the rarer collectives
+(broadcast of objects, barrier) go through the gloo group.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import mmap
 import os
+import platform
 import time
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from tp_runtime.errors import WorkerError
+from tp_runtime.communicator import check_splits
+from tp_runtime.errors import ConfigError, WorkerError
+from tp_runtime.kernels import cpu_gemv
 
 DEFAULT_SLOT_BYTES = 1 << 20  # one hidden vector is a few KiB; logits of a 128k vocab are 512 KiB
 SHM_DIR = "/dev/shm"
 _SPIN_S, _YIELD_S, _NAP_S = 50e-6, 1e-3, 50e-6
+LIVENESS_CHECK_S = 0.2  # how often a waiting rank checks that the peers it waits for live
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def ordering_available() -> bool:
+    """Whether flags can be published in order here: the kernel library's atomics, or x86."""
+    return cpu_gemv.available() or _X86
+
+
+class _Flags:
+    """flags[r] of the segment: one int64 per 64-byte line. Release stores and acquire loads
+    through the kernel library where it is loaded; plain numpy accesses on x86 otherwise."""
+
+    def __init__(self, buf: mmap.mmap, world: int) -> None:
+        self.view = np.frombuffer(buf, dtype=np.int64, count=8 * world, offset=0)[::8]
+        self.world = world
+        lib = cpu_gemv.load()
+        if lib is None and not _X86:
+            raise ConfigError(f"the shared-memory transport needs the CPU kernel library on {platform.machine()} "
+                              "(ordered flags); install a C compiler or use --transport gloo")
+        self.lib = lib
+        self._anchor = ctypes.c_char.from_buffer(buf) if lib is not None else None  # an export of the mapping, dropped in close()
+        self.base = ctypes.addressof(self._anchor) if lib is not None else 0
+
+    def min(self) -> int:
+        if self.lib is None:
+            return int(self.view.min())
+        return self.lib.tp_flags_min(self.base, self.world, 8)
+
+    def store(self, rank: int, value: int) -> None:
+        if self.lib is None:
+            self.view[rank] = value
+        else:
+            self.lib.tp_flag_store(self.base + 64 * rank, value)
+
+    def __getitem__(self, rank: int) -> int:
+        return int(self.view[rank])
+
+    def close(self) -> None:
+        self.view = self._anchor = None
+        self.base = 0
 
 
 class ShmCommunicator:
     transport = "shm"
 
-    def __init__(self, group_comm: Any, slot_bytes: int = DEFAULT_SLOT_BYTES, timeout_s: float = 30.0) -> None:
-        """group_comm: a working gloo communicator of the same ranks (setup and fallbacks)."""
+    def __init__(self, group_comm: Any, slot_bytes: int = DEFAULT_SLOT_BYTES, timeout_s: float = 120.0) -> None:
+        """group_comm: a working gloo communicator of the same ranks (setup and fallbacks).
+        slot_bytes: the largest message a rank puts in a slot (every rank must pass the same);
+        timeout_s: how long a live peer is waited for (CommConfig.timeout_s)."""
         self.fallback = group_comm
         self.rank, self.world_size = group_comm.rank, group_comm.world_size
+        slot_bytes = max(4096, -(-int(slot_bytes) // 64) * 64)  # whole cache lines: every slot stays aligned
         self.slot_bytes, self.timeout_s = slot_bytes, timeout_s
         p = self.world_size
         flags_bytes = 64 * p  # one cache line per flag: no false sharing between ranks
@@ -61,7 +122,7 @@ class ShmCommunicator:
         self.pids = self._exchange_pids(group_comm)
         if self.rank == 0:
             os.unlink(path)  # every rank has it mapped: nothing is left behind, even after a crash
-        self.flags = np.frombuffer(self.map, dtype=np.int64, count=8 * p, offset=0)[::8]
+        self.flags = _Flags(self.map, p)
         self.raw = torch.frombuffer(self.map, dtype=torch.uint8, count=2 * p * slot_bytes, offset=flags_bytes)
         self.seq = 0
 
@@ -82,22 +143,24 @@ class ShmCommunicator:
         if flags.min() >= at_least:
             return
         start = time.perf_counter()
-        deadline = start + self.timeout_s
+        next_check = start + LIVENESS_CHECK_S
         while flags.min() < at_least:
-            waited = time.perf_counter() - start
+            now = time.perf_counter()
+            waited = now - start
             if waited < _SPIN_S:
                 continue
             if waited < _YIELD_S:
                 os.sched_yield()
-            else:
-                time.sleep(_NAP_S)
-                if time.perf_counter() > deadline:
-                    self._blame(at_least)
-                    deadline = time.perf_counter() + self.timeout_s
+                continue
+            time.sleep(_NAP_S)
+            if now > next_check:
+                self._check_peers(at_least, waited)
+                next_check = now + LIVENESS_CHECK_S
 
-    def _blame(self, at_least: int) -> None:
-        for r, f in enumerate(self.flags):
-            if f >= at_least:
+    def _check_peers(self, at_least: int, waited: float) -> None:
+        """Name a late peer that died (at once) or that has made no progress for timeout_s."""
+        for r in range(self.world_size):
+            if self.flags[r] >= at_least:
                 continue
             try:
                 os.kill(self.pids[r], 0)
@@ -105,26 +168,35 @@ class ShmCommunicator:
                 raise WorkerError(f"local rank {r} (pid {self.pids[r]}) died: rank {self.rank} waited for its part of collective #{at_least}") from None
             except PermissionError:
                 pass
-            raise WorkerError(f"local rank {r} (pid {self.pids[r]}) made no progress for {self.timeout_s:.0f} s at collective #{at_least}; it hangs")
+            if waited > self.timeout_s:
+                raise WorkerError(f"local rank {r} (pid {self.pids[r]}) made no progress for {waited:.0f} s at collective #{at_least} "
+                                  f"(the collective timeout is {self.timeout_s:g} s); it hangs")
 
-    def _publish(self, t: torch.Tensor) -> int | None:
-        """Write t into this rank's slot of the next collective; None if it does not fit."""
-        nbytes = t.numel() * t.element_size()
-        if nbytes > self.slot_bytes:
-            return None
+    def _publish(self, write, nbytes: int) -> int:
+        """Open the next collective, write(slot of `nbytes`) into this rank's slot, publish it and
+        wait for every peer's; returns the collective's number."""
         self.seq += 1
         s = self.seq
         self._wait_all(s - 1)
-        self._slot(s, self.rank, nbytes).copy_(t.contiguous().view(-1).view(torch.uint8))
-        self.flags[self.rank] = s
+        write(self._slot(s, self.rank, nbytes))
+        self.flags.store(self.rank, s)
         self._wait_all(s)
+        return s
+
+    def _publish_tensor(self, t: torch.Tensor) -> int | None:
+        """t into this rank's slot of the next collective; None if it does not fit (every rank
+        passes the same shape, so every rank decides alike)."""
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self.slot_bytes:
+            return None
+        self._publish(lambda slot: slot.copy_(t.contiguous().view(-1).view(torch.uint8)), nbytes)
         return nbytes
 
     def _peer(self, r: int, nbytes: int, like: torch.Tensor) -> torch.Tensor:
         return self._slot(self.seq, r, nbytes).view(like.dtype).view(like.shape)
 
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
-        nbytes = self._publish(t)
+        nbytes = self._publish_tensor(t)
         if nbytes is None:
             return self.fallback.all_reduce(t, site=site)
         torch.add(self._peer(0, nbytes, t), self._peer(1, nbytes, t), out=t)
@@ -133,14 +205,40 @@ class ShmCommunicator:
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        nbytes = self._publish(t)
+        nbytes = self._publish_tensor(t)
         if nbytes is None:
             return self.fallback.all_gather(t, dim, site=site, out=out)
         parts = [self._peer(r, nbytes, t) for r in range(self.world_size)]
         return torch.cat(parts, dim=dim) if out is None else torch.cat(parts, dim=dim, out=out)
 
-    def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
-        return self.fallback.all_to_all(t, site=site)
+    def all_to_all(self, t: torch.Tensor, send_splits: Sequence[int] | None = None, recv_splits: Sequence[int] | None = None, *, site: str) -> torch.Tensor:
+        """Each rank's slot: a header [fits, send splits...] (int64) and, if they fit, its rows;
+        a peer reads its own rows at the offset the sender's splits give."""
+        send, recv = check_splits(t, self.world_size, send_splits, recv_splits)
+        p = self.world_size
+        header = 8 * (p + 1)
+        t = t.contiguous()
+        row_bytes = math.prod(t.shape[1:]) * t.element_size()
+        data = t.numel() * t.element_size()
+        fits = header + data <= self.slot_bytes
+
+        def write(slot: torch.Tensor) -> None:
+            slot[:header].view(torch.int64).copy_(torch.tensor([int(fits), *send], dtype=torch.int64))
+            if fits and data:
+                slot[header : header + data].copy_(t.view(-1).view(torch.uint8))
+
+        s = self._publish(write, header + data if fits else header)
+        heads = [self._slot(s, r, header).view(torch.int64).tolist() for r in range(p)]
+        if not all(h[0] for h in heads):  # one rank's rows do not fit: everyone goes through gloo
+            return self.fallback.all_to_all(t, send, recv, site=site)
+        parts = []
+        for r, (_, *splits) in enumerate(heads):
+            if splits[self.rank] != recv[r]:
+                raise WorkerError(f"all_to_all: local rank {r} sends {splits[self.rank]} rows to rank {self.rank}, which expected {recv[r]}")
+            off = header + sum(splits[: self.rank]) * row_bytes
+            n = recv[r] * row_bytes
+            parts.append(self._slot(s, r, off + n)[off:].view(t.dtype).view(recv[r], *t.shape[1:]))
+        return torch.cat(parts, dim=0)
 
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
         return self.fallback.broadcast(obj, src, site=site)
@@ -149,6 +247,8 @@ class ShmCommunicator:
         self.fallback.barrier(site=site)
 
     def close(self) -> None:
+        if self.flags is not None:
+            self.flags.close()
         self.flags = None
         self.raw = None
         try:

@@ -17,7 +17,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -249,8 +249,11 @@ class TimedCommunicator:
     def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._timed("all_gather", site, _nbytes(t), self.inner.all_gather, t, dim, site=site, out=out)
 
-    def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
-        return self._timed("all_to_all", site, _nbytes(t), self.inner.all_to_all, t, site=site)
+    def all_to_all(self, t: torch.Tensor, send_splits: Sequence[int] | None = None, recv_splits: Sequence[int] | None = None, *, site: str) -> torch.Tensor:
+        # bytes: what this rank sends to its peers (its own rows stay)
+        own = (send_splits[self.rank] if send_splits is not None else t.shape[0] // max(self.world_size, 1)) if t.dim() else 0
+        sent = _nbytes(t) - own * (_nbytes(t) // max(t.shape[0], 1) if t.dim() else 0)
+        return self._timed("all_to_all", site, sent, self.inner.all_to_all, t, send_splits, recv_splits, site=site)
 
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
         nbytes = _nbytes(obj) if isinstance(obj, torch.Tensor) else 0

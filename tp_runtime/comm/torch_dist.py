@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from tp_runtime.communicator import check_splits
 from tp_runtime.config import CommConfig, ParallelConfig
 from tp_runtime.errors import LaunchError
 
@@ -66,16 +67,11 @@ class TorchDistCommunicator:
             dist.all_gather(parts, t, group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
+    def all_to_all(self, t: torch.Tensor, send_splits: Sequence[int] | None = None, recv_splits: Sequence[int] | None = None, *, site: str) -> torch.Tensor:
+        send, recv = check_splits(t, self.world_size, send_splits, recv_splits)
         t = t.contiguous()
-        out = torch.empty_like(t)
-        if self.backend == "nccl":
-            dist.all_to_all_single(out, t, group=self.group)
-        else:  # gloo has no all_to_all: one scatter per source rank
-            chunks = list(t.chunk(self.world_size, dim=0))
-            outs = list(out.chunk(self.world_size, dim=0))
-            for src in range(self.world_size):
-                dist.scatter(outs[src], chunks if src == self.rank else None, src=src, group=self.group)
+        out = t.new_empty((sum(recv), *t.shape[1:]))
+        dist.all_to_all_single(out, t, output_split_sizes=recv, input_split_sizes=send, group=self.group)  # NCCL and gloo alike
         return out
 
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import zmq
 
 from tp_runtime.comm.protocol import Kind, ProtocolError, decode, encode
+from tp_runtime.communicator import check_splits
 from tp_runtime.errors import WorkerError
 
 log = logging.getLogger("tp_runtime.zmq")
@@ -132,11 +133,14 @@ class ZmqCommunicator:
     def _recv(self, src: int, seq: int, step: int = 0) -> Any:
         """The message of collective `seq` (sub-step `step`, for multi-step algorithms) from `src`."""
         key = (seq, step, src)
+        next_check = time.monotonic() + 0.1
         while key not in self.early:
-            events = dict(self.poller.poll(100))
-            if self.inbox in events:
+            if dict(self.poller.poll(100)).get(self.inbox):
                 self._drain()
-                continue
+                if key in self.early or time.monotonic() < next_check:
+                    continue
+            # on the clock, not only when the inbox is quiet: live peers' heartbeats keep it busy
+            next_check = time.monotonic() + 0.1
             if self.watch is not None:
                 self.watch()
             silent = time.monotonic() - self.last_seen[src]
@@ -214,12 +218,19 @@ class ZmqCommunicator:
         parts = self._exchange(t.detach().contiguous(), self._next_seq())
         return torch.cat(parts, dim=dim) if out is None else torch.cat(parts, dim=dim, out=out)
 
-    def all_to_all(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
+    def all_to_all(self, t: torch.Tensor, send_splits: Sequence[int] | None = None, recv_splits: Sequence[int] | None = None, *, site: str) -> torch.Tensor:
+        send, recv = check_splits(t, self.world_size, send_splits, recv_splits)
         seq = self._next_seq()
-        chunks = t.contiguous().chunk(self.world_size, dim=0)
+        chunks = t.contiguous().split(send, dim=0)
         for r in self.outbox:
-            self._send(r, seq, tensor=chunks[r])
-        return torch.cat([chunks[r] if r == self.rank else self._recv(r, seq).to(t.device) for r in range(self.world_size)], dim=0)
+            self._send(r, seq, tensor=chunks[r])  # empty chunks too: the peer waits for one message per rank
+        parts = []
+        for r in range(self.world_size):
+            got = chunks[r] if r == self.rank else self._recv(r, seq).to(t.device).view(-1, *t.shape[1:])
+            if got.shape[0] != recv[r]:
+                raise WorkerError(f"all_to_all: {self.names[r]} (rank {r}) sent {got.shape[0]} rows where rank {self.rank} expected {recv[r]}")
+            parts.append(got)
+        return torch.cat(parts, dim=0)
 
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
         seq = self._next_seq()

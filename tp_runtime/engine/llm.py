@@ -34,8 +34,7 @@ from tp_runtime.errors import CheckpointError, ConfigError
 from tp_runtime import kernels
 from tp_runtime.kernels import cpu_gemv
 from tp_runtime.model import fused_decode
-from tp_runtime.model.layout import column_major_, resolve_layout
-from tp_runtime.model.linear import use_compiled_gemv_, use_cpu_gemv_
+from tp_runtime.model.linear import use_cpu_gemv_
 from tp_runtime.model.quant import quantize_int8_
 from tp_runtime.model.registry import model_class
 
@@ -62,6 +61,15 @@ def device_budget(runtime: RuntimeConfig, device: torch.device) -> int | None:
     return int(free * placement.DEVICE_SHARE)
 
 
+def decode_message_bytes(cfg: ModelConfig, tp: int, batch: int, dtype: torch.dtype) -> int:
+    """The largest message a rank sends in a decode step of `batch` sequences: a row-parallel
+    all-reduce of [batch, hidden] in the model's dtype, or its float32 logits [batch, padded vocab
+    shard] all-gathered (the fused step gathers in float32)."""
+    hidden = batch * cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
+    logits = batch * sharding.vocab_shard_padded(cfg, tp) * 4
+    return max(hidden, logits)
+
+
 def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig, device: torch.device, dtype_name: str, max_seq_len: int) -> placement.RankPlan:
     """This rank's placement under the runtime's budgets (defaults: what the machine reports)."""
     if runtime.max_device_memory is not None and device.type != "cuda":
@@ -74,28 +82,24 @@ def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
 
 
 def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype):
-    """How the loaded model multiplies: int8 twins, compiled GEMVs, the CPU GEMV kernel, or
-    BLAS (column-major float32 on CPU). Returns the context the decode loop runs in."""
+    """How the loaded model multiplies: int8 twins, the CPU GEMV kernel, or BLAS. Returns the
+    context the decode loop runs in."""
     if runtime.quantize == "int8":
         quantize_int8_(model)
         if device.type == "cpu" and runtime.gemv != "blas" and cpu_gemv.available() and cpu_gemv.has_int8_dot():
             use_cpu_gemv_([model])  # the float LM head
             return cpu_gemv.decode_threads
-    elif runtime.compile_gemv and device.type == "cpu":
-        use_compiled_gemv_(model)
     elif device.type == "cpu" and runtime.gemv != "blas" and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
         use_cpu_gemv_([model, *(streamer.staging if streamer else [])])
         return cpu_gemv.decode_threads
     elif runtime.gemv == "kernel":
         raise ConfigError("--gemv kernel: the CPU GEMV kernel runs float32 and bfloat16 on CPU, and needs a C compiler (see the warning above)")
-    elif resolve_layout(runtime.weight_layout, dtype, device) == "col":
-        column_major_(model)
     return nullcontext
 
 
 def _fused_step(model: torch.nn.Module, cache, runtime: RuntimeConfig, device: torch.device):
     """The fused decode step (model/fused_decode.py) where --decode-step allows and it applies."""
-    if runtime.decode_step == "eager" or runtime.gemv == "blas" or runtime.compile_gemv:
+    if runtime.decode_step == "eager" or runtime.gemv == "blas":
         return None  # (RuntimeConfig refuses these with "fused")
     why = fused_decode.unsupported(model, device)
     if why is None:
@@ -186,7 +190,7 @@ class LLM:
 
         owns_comm = comm is None
         if comm is None:
-            comm = create_communicator(parallel, device, runtime.comm)
+            comm = create_communicator(parallel, device, runtime.comm, decode_message_bytes(cfg, parallel.world_size, runtime.max_batch_size, dtype))
         with torch.device("meta"):
             model = model_class(cfg)(cfg, comm, dtype, max_seq_len)
         # the runtime before any weight (interpreter, torch and what the meta build imports,

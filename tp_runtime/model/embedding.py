@@ -21,11 +21,12 @@ def load_vocab_rows(param: torch.Tensor, data: torch.Tensor, rows: int) -> None:
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_ranges: list[tuple[int, int]], rank: int, hidden: int, dtype: torch.dtype, comm: Communicator, site: str) -> None:
+    def __init__(self, vocab_ranges: list[tuple[int, int]], rows_padded: int, rank: int, hidden: int, dtype: torch.dtype, comm: Communicator, site: str) -> None:
+        """rows_padded: every shard's rows (sharding.vocab_shard_padded)."""
         super().__init__()
         self.comm, self.site = comm, site
         self.vocab_start, self.vocab_stop = vocab_ranges[rank]
-        self.rows_padded = max(hi - lo for lo, hi in vocab_ranges)
+        self.rows_padded = rows_padded
         self.weight = nn.Parameter(torch.empty(self.rows_padded, hidden, dtype=dtype), requires_grad=False)
         self.split = comm.world_size > 1
 

@@ -63,7 +63,7 @@ def unsupported(model: nn.Module, device: torch.device) -> str | None:
                 if m.block_sums is None or not cpu_gemv.has_int8_dot():
                     return "int8 layers need AVX512-VNNI and input sizes divisible by 64"
             elif not m.weight.is_contiguous():
-                return "weights are column-major (--weight-layout col)"
+                return f"layer {i}'s {type(m).__name__} weight is not row-major"
     if not model.lm_head.weight.is_contiguous():
         return "the LM head weight is not row-major"
     return None

@@ -36,7 +36,7 @@ class ColumnParallelLinear(nn.Module):
         lo, hi = self.slot_rows[slot] if slot is not None else (0, param.shape[0])
         copy_checked(param[lo:hi], data)
 
-    # the GEMM; kernels.cpu_linear or kernels.compiled_linear on CPU (use_cpu_gemv_, use_compiled_gemv_)
+    # the GEMM; kernels.cpu_linear on CPU (use_cpu_gemv_)
     matmul = staticmethod(F.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,21 +64,6 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y
-
-
-def use_compiled_gemv_(model: nn.Module) -> int:
-    """Route every parallel linear's single-row products through kernels.compiled_linear."""
-    from tp_runtime import kernels
-
-    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-    seen = set()
-    for m in layers:
-        m.matmul = kernels.compiled_linear
-        key = (tuple(m.weight.shape), m.weight.dtype)
-        if key not in seen:  # compile each shape now, not inside the first decode steps
-            seen.add(key)
-            m.matmul(torch.zeros(1, m.weight.shape[1], dtype=m.weight.dtype), m.weight)
-    return len(layers)
 
 
 def use_cpu_gemv_(modules) -> int:

@@ -68,7 +68,7 @@ class LlamaForCausalLM(nn.Module):
         self.heads = sharding.head_layout(cfg, tp, rank)
         lo, hi = sharding.intermediate_range(cfg, tp, rank)
         vocab_ranges = sharding.split_ranges(cfg.vocab_size, tp)
-        self.embed_tokens = VocabParallelEmbedding(vocab_ranges, rank, cfg.hidden_size, dtype, comm, site="embed")
+        self.embed_tokens = VocabParallelEmbedding(vocab_ranges, sharding.vocab_shard_padded(cfg, tp), rank, cfg.hidden_size, dtype, comm, site="embed")
         self._layer_args = (cfg, self.heads, hi - lo)
         self._dtype, self._comm = dtype, comm
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_layers))
