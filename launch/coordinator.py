@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import socket
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +23,8 @@ from safetensors import safe_open
 from tp_runtime import sharding
 from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint, open_index
 from tp_runtime.checkpoint.loader import read_slice, validate
-from tp_runtime.comm.control import ControlClient, new_context
+from tp_runtime.comm.control import ControlClient
+from tp_runtime.comm.sockets import new_context
 from tp_runtime.comm.protocol import Kind
 from tp_runtime.comm.timing import wrap
 from tp_runtime.comm.zmq_transport import ZmqCommunicator, bind_inbox
@@ -102,11 +104,12 @@ def run_with_workers(
         my_addr = advertise or _local_address_towards(workers[0][0])
         inbox, my_port = bind_inbox(ctx, my_addr)
         streamed = 0
+        epoch = secrets.randbits(32)  # this job's: a late frame of an earlier one is dropped
         for rank, c in enumerate(clients, start=1):
             c.send(Kind.JOB, {
                 "fingerprint": fp, "config": json.loads((Path(model_dir) / "config.json").read_text()),
                 "generation_config": json.loads(gen_cfg_path.read_text()) if gen_cfg_path.is_file() else None,
-                "tp": tp, "rank": rank, "names": rank_names,
+                "tp": tp, "rank": rank, "names": rank_names, "epoch": epoch,
                 "runtime": runtime.for_job(),  # every setting but the rank-local ones: all ranks run alike
                 "prompts": prompts, "sampling": sampling,
             })
@@ -127,7 +130,7 @@ def run_with_workers(
             for c in clients:
                 c.check()
 
-        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=rank_names, watch=watch)
+        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=rank_names, watch=watch, epoch=epoch)
         comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
         result = run_rank0(ParallelConfig(world_size=tp, rank=0), comm, {"weights_streamed_bytes": streamed})
         for c in clients:

@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from tp_runtime.checkpoint.index import SLICES_FILE, SLICES_META, fingerprint
-from tp_runtime.comm.control import ControlServer, new_context
+from tp_runtime.comm.control import ControlServer
+from tp_runtime.comm.sockets import new_context
 from tp_runtime.comm.protocol import PROTOCOL_VERSION, Kind
 from tp_runtime.comm.timing import wrap
 from tp_runtime.comm.zmq_transport import ZmqCommunicator
@@ -107,7 +108,7 @@ class Worker:
             self.server.send(peer, Kind.READY, {"data_port": port})
             start = self._await(peer, Kind.START, START_TIMEOUT_S)
             rank, peers = job["rank"], start.obj["peers"]
-            raw = ZmqCommunicator(self.ctx, rank, peers, inbox, secret=self.secret, names=job.get("names"))
+            raw = ZmqCommunicator(self.ctx, rank, peers, inbox, secret=self.secret, names=job.get("names"), epoch=int(job.get("epoch", 0)))
             comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
             parallel = ParallelConfig(world_size=len(peers), rank=rank, local_rank=0, local_world_size=1)
             llm = LLM.load(source, parallel, runtime, comm=comm)

@@ -92,3 +92,21 @@ def test_shared_memory_transport_is_the_local_default_and_matches_gloo(small_mod
         assert auto["transport"] == "shm" and gloo["transport"] == "gloo"
         assert auto["output_ids"] == gloo["output_ids"]
         assert auto["comm"]["collectives_per_token"] == gloo["comm"]["collectives_per_token"]
+
+
+def test_site_stats_stay_bounded_in_a_long_running_process():
+    """A server records collectives for days: counts and totals stay exact, latency samples are
+    kept for the last WINDOW calls only (what the percentiles read)."""
+    from tp_runtime.comm.timing import WINDOW
+
+    stats = CommStats()
+    comm = TimedCommunicator(LocalCommunicator(), stats)
+    with stats.in_phase("decode"):
+        for _ in range(WINDOW * 3):
+            comm.all_reduce(torch.zeros(4), site="layer.0.attn_out")
+    assert stats.phase == "prefill"  # restored after the block
+    (s,) = stats.by_key.values()
+    assert s.count == WINDOW * 3 and s.bytes == WINDOW * 3 * 16
+    assert len(s.latencies) == WINDOW and s.measured >= sum(s.latencies)
+    summary = stats.summary(decode_seconds=1.0, decode_steps=WINDOW * 3)
+    assert summary["sites"][0]["count"] == WINDOW * 3 and summary["measured_s"] == s.measured

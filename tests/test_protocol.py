@@ -1,11 +1,12 @@
 """The wire protocol: round trips, and every kind of bad message rejected with a reason."""
 
 import struct
+import time
 
 import pytest
 import torch
 
-from tp_runtime.comm.protocol import Kind, ProtocolError, decode, encode
+from tp_runtime.comm.protocol import _FIXED, Kind, ProtocolError, decode, encode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
@@ -59,7 +60,7 @@ def test_size_lies_rejected_without_a_secret():
         decode([header, bytes(payload)[:12], mac], secret=None)
     # shape says 8 floats, payload holds 4, and the length field is made consistent
     lying = bytearray(header)
-    struct.pack_into("<Q", lying, 32, 8)
+    struct.pack_into("<Q", lying, _FIXED.size, 8)  # the first dimension
     with pytest.raises(ProtocolError, match="does not hold"):
         decode([bytes(lying), payload, mac], secret=None)
     with pytest.raises(ProtocolError, match="limit"):
@@ -75,3 +76,44 @@ def test_unknown_kind_and_garbage_json():
     header, _, _ = encode(Kind.HELLO, secret=None, obj={"x": 1})
     with pytest.raises(ProtocolError, match="not JSON"):
         decode([header, b"{nojson", b""], secret=None)  # same length as {"x":1}
+
+
+def test_frame_of_another_epoch_is_refused():
+    """A data frame names its job's epoch; a late frame of an earlier job (or of a group that has
+    re-formed) is refused, and the control channel (epoch None) does not check."""
+    frames = encode(Kind.TENSOR, secret=b"k", src=1, seq=4, tensor=torch.ones(3), epoch=77)
+    assert decode(frames, secret=b"k", epoch=77).epoch == 77
+    assert decode(frames, secret=b"k").epoch == 77
+    with pytest.raises(ProtocolError, match="a frame of epoch 77, this job is epoch 78"):
+        decode(frames, secret=b"k", epoch=78)
+
+
+def test_zmq_ranks_drop_frames_of_another_epoch():
+    """A replayed frame of another job reaches a rank's inbox between two collectives: it is
+    dropped with a log line, and the next collective sums only this job's tensors."""
+    import zmq
+
+    from tp_runtime.comm.zmq_transport import ZmqCommunicator
+    from tp_runtime.launch.spawn import free_port
+
+    ports = [free_port(), free_port()]
+    comms = [ZmqCommunicator.on_loopback(r, ports, epoch=5) for r in range(2)]
+    try:
+        ctx = zmq.Context()
+        stale = ctx.socket(zmq.PUSH)
+        stale.connect(f"tcp://127.0.0.1:{ports[0]}")
+        stale.send_multipart(encode(Kind.TENSOR, secret=None, src=1, seq=1, tensor=torch.full((2,), 100.0), epoch=4))
+        import threading
+
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault(1, comms[1].all_reduce(torch.full((2,), 2.0), site="x")))
+        t.start()
+        time.sleep(0.2)  # the stale frame arrives first
+        got = comms[0].all_reduce(torch.full((2,), 1.0), site="x")
+        t.join(10)
+        assert got.tolist() == [3.0, 3.0] and out[1].tolist() == [3.0, 3.0]
+        stale.close(0)
+        ctx.term()
+    finally:
+        for c in comms:
+            c.close()

@@ -41,8 +41,13 @@ def test_int8_logits_and_tokens_follow_float(hf_checkpoints):
 
 def test_int8_runs_sharded(small_model):
     base = ["generate", "--model", str(small_model), "--prompt-ids", "1,2,3", "--max-new-tokens", "16", "--ignore-eos", "--json", "--quiet", "--threads", "1"]
-    out = last_json(run_cli([*base, "--tp", "2", "--quantize", "int8"]).stdout)
-    assert len(out["output_ids"]) == 16
+    one, two = (last_json(run_cli([*base, "--tp", str(tp), "--quantize", "int8"]).stdout) for tp in (1, 2))
+    assert len(two["output_ids"]) == 16
+    # each rank quantises its own shard with per-output-channel scales: the column-parallel
+    # weights get tp=1's scales, the row-parallel halves their own, and the int8 activations are
+    # blocked per shard, so the sums round apart; this random model's near-tied logits then part
+    # after 15 identical greedy tokens (deterministic: same shards, same order)
+    assert two["output_ids"][:12] == one["output_ids"][:12]
 
 
 def test_int8_linear_matches_dequantised_weights_at_every_shape():

@@ -37,10 +37,6 @@ class CheckpointIndex:
     tensors: dict[str, TensorMeta]
     sliced_for: tuple[int, int] | None = None  # (tp, rank) when the files hold one rank's slices only
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
-
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
     if (model_dir / SLICES_META).is_file():

@@ -14,14 +14,11 @@ import torch
 import zmq
 
 from tp_runtime.comm.protocol import DEFAULT_MAX_PAYLOAD, Kind, Message, ProtocolError, decode, encode
+from tp_runtime.comm.sockets import make_socket
 from tp_runtime.comm.zmq_transport import bind_inbox
 from tp_runtime.errors import WorkerError
 
 log = logging.getLogger("tp_runtime.control")
-
-
-def new_context() -> zmq.Context:
-    return zmq.Context()
 
 
 class ControlClient:
@@ -29,8 +26,7 @@ class ControlClient:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, secret: bytes | None, name: str) -> None:
         self.endpoint, self.secret, self.name = endpoint, secret, name
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock = make_socket(ctx, zmq.DEALER)
         self.sock.connect(endpoint)
 
     def send(self, kind: Kind, obj: Any = None, tensor: torch.Tensor | None = None, seq: int = 0) -> None:
@@ -72,10 +68,7 @@ class ControlServer:
 
     def __init__(self, ctx: zmq.Context, listen: str, secret: bytes | None, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.ctx, self.secret, self.max_payload = ctx, secret, max_payload
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        # a frame bigger than the largest weight slice is an attack or a bug: zmq drops the peer
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_payload + (1 << 20))
+        self.sock = make_socket(ctx, zmq.ROUTER, max_message_bytes=max_payload + (1 << 20))
         self.sock.bind(listen)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 

@@ -3,7 +3,7 @@
 A message is three ZeroMQ frames: [header, payload, mac].
 
     header = MAGIC "TPRT" | version u16 | kind u16 | src u16 | flags u16 | seq u64 |
-             dtype u8 | ndim u8 | reserved u16 | payload_len u64 | shape u64 x ndim
+             dtype u8 | ndim u8 | reserved u16 | epoch u32 | payload_len u64 | shape u64 x ndim
     payload: raw tensor bytes (kind TENSOR, WEIGHTS) or UTF-8 JSON (control kinds)
     mac: HMAC-SHA256(secret, header + payload) when a shared secret is set, else empty
 
@@ -11,6 +11,10 @@ Message kinds and dtypes are IntEnums with pinned numbers: a number never change
 new kinds get new numbers and a protocol version bump where old peers would misread them.
 `decode` checks everything (frame count, magic, version, kind, sizes against the header, the
 MAC) and raises ProtocolError, so that a receiver can drop a bad message with one log line.
+
+The epoch (version 2) names the job a data-plane frame belongs to: the coordinator draws one per
+job, and a rank drops a frame of another epoch (a late frame of an earlier job, or of a group
+that has re-formed since). Control messages carry epoch 0 and are not checked.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import torch
 from tp_runtime.errors import TPRuntimeError
 
 MAGIC = b"TPRT"
-PROTOCOL_VERSION = 1
-_FIXED = struct.Struct("<4sHHHHQBBHQ")
+PROTOCOL_VERSION = 2  # 2: the epoch field
+_FIXED = struct.Struct("<4sHHHHQBBHIQ")
 MAX_NDIM = 8
 DEFAULT_MAX_PAYLOAD = 4 << 30  # 4 GiB: the largest weight slice we expect in one frame
 NO_RANK = 0xFFFF
@@ -86,6 +90,7 @@ class Message:
     src: int = NO_RANK
     seq: int = 0
     flags: int = 0
+    epoch: int = 0
     tensor: torch.Tensor | None = None
     obj: Any = None
 
@@ -99,7 +104,7 @@ def _mac(secret: bytes | None, header: bytes, payload: bytes | memoryview) -> by
 
 
 def encode(kind: Kind, *, secret: bytes | None, src: int = NO_RANK, seq: int = 0, flags: int = 0,
-           tensor: torch.Tensor | None = None, obj: Any = None, version: int = PROTOCOL_VERSION) -> list[bytes | memoryview]:
+           tensor: torch.Tensor | None = None, obj: Any = None, version: int = PROTOCOL_VERSION, epoch: int = 0) -> list[bytes | memoryview]:
     if tensor is not None:
         t = tensor.detach().contiguous().cpu()
         code = _CODE.get(t.dtype)
@@ -110,18 +115,19 @@ def encode(kind: Kind, *, secret: bytes | None, src: int = NO_RANK, seq: int = 0
     else:
         code, shape = DType.NONE, ()
         payload = json.dumps(obj if obj is not None else {}, separators=(",", ":")).encode()
-    header = _FIXED.pack(MAGIC, version, int(kind), src, flags, seq, int(code), len(shape), 0, len(payload)) + struct.pack(f"<{len(shape)}Q", *shape)
+    header = _FIXED.pack(MAGIC, version, int(kind), src, flags, seq, int(code), len(shape), 0, epoch, len(payload)) + struct.pack(f"<{len(shape)}Q", *shape)
     return [header, payload, _mac(secret, header, payload)]
 
 
-def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message:
+def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAULT_MAX_PAYLOAD, epoch: int | None = None) -> Message:
+    """epoch: the job's; a frame of another one is refused (None: not checked, the control channel)."""
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames, got {len(frames)}")
     header, payload, mac = (f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames)
     header = bytes(header)
     if len(header) < _FIXED.size:
         raise ProtocolError(f"header of {len(header)} bytes is truncated")
-    magic, version, kind, src, flags, seq, code, ndim, _, length = _FIXED.unpack_from(header)
+    magic, version, kind, src, flags, seq, code, ndim, _, frame_epoch, length = _FIXED.unpack_from(header)
     if magic != MAGIC:
         raise ProtocolError("bad magic: not a tp-runtime message")
     if version != PROTOCOL_VERSION:
@@ -131,6 +137,8 @@ def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAUL
             raise ProtocolError("message not authenticated: missing or wrong MAC (the peer uses another secret, or none)")
     elif len(mac):
         raise ProtocolError("message carries a MAC but this side has no secret configured")
+    if epoch is not None and frame_epoch != epoch:
+        raise ProtocolError(f"a frame of epoch {frame_epoch}, this job is epoch {epoch} (left over from another job)")
     try:
         kind = Kind(kind)
         code = DType(code)
@@ -141,7 +149,7 @@ def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAUL
     if length != len(payload) or length > max_payload:
         raise ProtocolError(f"payload of {len(payload)} bytes, header says {length} (limit {max_payload})")
     shape = struct.unpack_from(f"<{ndim}Q", header, _FIXED.size)
-    msg = Message(kind, src, seq, flags)
+    msg = Message(kind, src, seq, flags, frame_epoch)
     if code is DType.NONE:
         try:
             msg.obj = json.loads(bytes(payload).decode()) if length else None

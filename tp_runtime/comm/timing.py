@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import time
-from array import array
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,16 +29,26 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# latency samples kept per site for percentiles: the most recent ones, so that a process that
+# runs for days (a server) holds a bounded amount; counts and totals stay exact
+WINDOW = 4096
+
+
 @dataclass
 class SiteStats:
     count: int = 0
     bytes: int = 0
-    latencies: array = field(default_factory=lambda: array("d"))  # measured seconds per call
+    measured: float = 0.0  # seconds, every call
     injected: float = 0.0
+    latencies: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # the last WINDOW calls' seconds
+
+    def add(self, seconds: float) -> None:
+        self.measured += seconds
+        self.latencies.append(seconds)
 
     @property
     def seconds(self) -> float:
-        return sum(self.latencies) + self.injected
+        return self.measured + self.injected
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -69,7 +80,7 @@ class CommStats:
         s = self._site(op, site)
         s.count += 1
         s.bytes += nbytes
-        s.latencies.append(seconds)
+        s.add(seconds)
         s.injected += injected
         if self.trace_events is not None:
             self.trace_events.append(
@@ -89,12 +100,22 @@ class CommStats:
         if self.trace_events is not None:
             self.trace_events.append({"name": name, "cat": "step", "ph": "X", "ts": (start - self._t0) * 1e6, "dur": (end - start) * 1e6, "args": args})
 
+    @contextmanager
+    def in_phase(self, phase: str):
+        """Collectives issued inside are counted under `phase` (prefill, decode, load, report);
+        the previous phase is back afterwards."""
+        previous, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = previous
+
     # -- reporting --
     def resolve(self) -> None:
         if self._pending:
             torch.cuda.synchronize()
             for s, e0, e1 in self._pending:
-                s.latencies.append(e0.elapsed_time(e1) / 1e3)
+                s.add(e0.elapsed_time(e1) / 1e3)
             self._pending.clear()
 
     def reset(self) -> None:
@@ -110,7 +131,7 @@ class CommStats:
         """(measured, injected) seconds spent in collectives."""
         self.resolve()
         items = [s for (ph, _, _), s in self.by_key.items() if phase is None or ph == phase]
-        return sum(sum(s.latencies) for s in items), sum(s.injected for s in items)
+        return sum(s.measured for s in items), sum(s.injected for s in items)
 
     def summary(self, decode_seconds: float, decode_steps: int) -> dict[str, Any]:
         """Decode-phase table per (op, site), plus totals; what --comm-stats prints and --json holds."""
@@ -125,8 +146,8 @@ class CommStats:
                 "op": op, "site": site, "count": s.count, "per_token": s.count / steps,
                 "bytes_per_call": s.bytes // max(s.count, 1),
                 "p50_us": _percentile(lat, 0.5) * 1e6, "p90_us": _percentile(lat, 0.9) * 1e6, "p99_us": _percentile(lat, 0.99) * 1e6,
-                "measured_s": sum(lat), "injected_s": s.injected,
-                "share_of_decode": (sum(lat) + s.injected) / decode_seconds if decode_seconds else 0.0,
+                "measured_s": s.measured, "injected_s": s.injected,
+                "share_of_decode": s.seconds / decode_seconds if decode_seconds else 0.0,
             })
         measured, injected = self.seconds("decode")
         pre_measured, pre_injected = self.seconds("prefill")

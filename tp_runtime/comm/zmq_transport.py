@@ -27,6 +27,7 @@ import torch
 import zmq
 
 from tp_runtime.comm.protocol import Kind, ProtocolError, decode, encode
+from tp_runtime.comm.sockets import make_socket, new_context
 from tp_runtime.communicator import check_splits
 from tp_runtime.errors import WorkerError
 
@@ -37,8 +38,7 @@ DEFAULT_RING_THRESHOLD = 1 << 20  # bench/collectives.py: ring wins from 1 MiB (
 
 def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = None) -> tuple[zmq.Socket, int]:
     """A PULL socket on `port` (default: a free one) of `host` (0.0.0.0: every interface); returns (socket, port)."""
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = make_socket(ctx, zmq.PULL)
     if port is None:
         port = sock.bind_to_random_port(f"tcp://{host}")
     else:
@@ -47,9 +47,9 @@ def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = Non
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, ctx: zmq.Context, rank: int, peers: list[str], secret: bytes | None, interval: float) -> None:
+    def __init__(self, ctx: zmq.Context, rank: int, peers: list[str], secret: bytes | None, interval: float, epoch: int) -> None:
         super().__init__(daemon=True, name=f"tp-heartbeat-{rank}")
-        self.ctx, self.rank, self.peers, self.secret, self.interval = ctx, rank, peers, secret, interval
+        self.ctx, self.rank, self.peers, self.secret, self.interval, self.epoch = ctx, rank, peers, secret, interval, epoch
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -57,14 +57,12 @@ class _Heartbeat(threading.Thread):
         for r, ep in enumerate(self.peers):
             if r == self.rank:
                 continue
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 4)  # a dead peer must not pile up heartbeats
+            s = make_socket(self.ctx, zmq.PUSH, send_queue=4)  # a dead peer must not pile up heartbeats
             s.connect(ep)
             socks.append(s)
         try:
             while not self.stop_event.is_set():
-                frames = encode(Kind.HEARTBEAT, secret=self.secret, src=self.rank)
+                frames = encode(Kind.HEARTBEAT, secret=self.secret, src=self.rank, epoch=self.epoch)
                 for s in socks:
                     try:
                         s.send_multipart(frames, flags=zmq.NOBLOCK)
@@ -91,26 +89,27 @@ class ZmqCommunicator:
         dead_after_s: float = 4.0,
         ring_threshold_bytes: int = DEFAULT_RING_THRESHOLD,
         watch: Callable[[], None] | None = None,
+        epoch: int = 0,
     ) -> None:
         """peers: every rank's inbox endpoint, by rank (this rank's own entry is unused).
         names: how to name each rank in errors (e.g. the worker's host:port).
-        watch: called while waiting, may raise (the coordinator checks its control channel)."""
+        watch: called while waiting, may raise (the coordinator checks its control channel).
+        epoch: the job's number (protocol.py); frames of another epoch are dropped."""
         self.ctx, self.rank, self.world_size = ctx, rank, len(peers)
         self.secret, self.inbox = secret, inbox
         self.names = names or [f"rank {r}" for r in range(self.world_size)]
         self.dead_after_s, self.ring_threshold, self.watch = dead_after_s, ring_threshold_bytes, watch
-        self.seq = 0
+        self.seq, self.epoch = 0, epoch
         self.outbox: dict[int, zmq.Socket] = {}
         for r, ep in enumerate(peers):
             if r != rank:
-                s = ctx.socket(zmq.PUSH)
-                s.setsockopt(zmq.LINGER, 0)
+                s = make_socket(ctx, zmq.PUSH)
                 s.connect(ep)
                 self.outbox[r] = s
         self.early: dict[tuple[int, int], Any] = {}
         now = time.monotonic()
         self.last_seen = {r: now for r in self.outbox}
-        self.heartbeat = _Heartbeat(ctx, rank, peers, secret, heartbeat_s)
+        self.heartbeat = _Heartbeat(ctx, rank, peers, secret, heartbeat_s, epoch)
         self.heartbeat.start()
         self.poller = zmq.Poller()
         self.poller.register(inbox, zmq.POLLIN)
@@ -118,7 +117,7 @@ class ZmqCommunicator:
     @classmethod
     def on_loopback(cls, rank: int, ports: list[int], **kw: Any) -> ZmqCommunicator:
         """Rank `rank` of local ranks whose inboxes are 127.0.0.1:ports[r] (benchmarks, tests)."""
-        ctx = zmq.Context()
+        ctx = new_context()
         inbox, _ = bind_inbox(ctx, "127.0.0.1", port=ports[rank])
         comm = cls(ctx, rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox, **kw)
         comm.owned_context = ctx
@@ -127,7 +126,7 @@ class ZmqCommunicator:
     # -- point to point --
     def _send(self, dst: int, seq: int, step: int = 0, tensor: torch.Tensor | None = None, obj: Any = None) -> None:
         kind = Kind.TENSOR if tensor is not None else Kind.OBJECT
-        frames = encode(kind, secret=self.secret, src=self.rank, seq=seq, flags=step, tensor=tensor, obj=obj)
+        frames = encode(kind, secret=self.secret, src=self.rank, seq=seq, flags=step, tensor=tensor, obj=obj, epoch=self.epoch)
         self.outbox[dst].send_multipart(frames, copy=False)
 
     def _recv(self, src: int, seq: int, step: int = 0) -> Any:
@@ -158,7 +157,7 @@ class ZmqCommunicator:
             except zmq.Again:
                 return
             try:
-                msg = decode(frames, secret=self.secret)
+                msg = decode(frames, secret=self.secret, epoch=self.epoch)
             except ProtocolError as e:
                 log.warning("rank %d: dropped a message: %s", self.rank, e)
                 continue

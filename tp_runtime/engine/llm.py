@@ -127,12 +127,8 @@ def _embedding_lookup_(step, model: torch.nn.Module, comm: Communicator, index, 
             if tuple(table.shape) != (model.cfg.vocab_size, model.cfg.hidden_size):
                 table = None
     votes = torch.tensor([float(table is not None)], device=device)
-    stats = comm.stats
-    phase, stats.phase = stats.phase, "load"  # outside any generation's counts
-    try:
+    with comm.stats.in_phase("load"):  # outside any generation's counts
         comm.all_reduce(votes, site="embedding_lookup")
-    finally:
-        stats.phase = phase
     if table is not None and int(votes.item()) == comm.world_size:
         step.embedding_table = table
         return mapped
@@ -238,13 +234,9 @@ class LLM:
         if self.comm.world_size == 1:
             table = [row]
         else:
-            stats = self.comm.stats
-            phase, stats.phase = stats.phase, "report"  # kept out of the per-token collective counts
-            try:
+            with self.comm.stats.in_phase("report"):  # kept out of the per-token collective counts
                 t = torch.tensor([row], dtype=torch.float64, device=self.engine.device)
                 table = self.comm.all_gather(t, dim=0, site="memory_report").cpu().tolist()
-            finally:
-                stats.phase = phase
         n = len(MEMORY_FIELDS)
         return [
             {**{k: int(v) for k, v in zip(MEMORY_FIELDS, r[:n])}, "at_load": {k: int(v) for k, v in zip(MEMORY_FIELDS, r[n : 2 * n])}, "streamed_layers": int(r[2 * n])}

@@ -36,9 +36,6 @@ class StreamStats:
     bytes: int = 0
     seconds: float = 0.0  # time the compute waited for copies (CPU: the copies themselves)
 
-    def as_dict(self) -> dict[str, float]:
-        return {"layer_copies": self.copies, "bytes": self.bytes, "wait_seconds": self.seconds}
-
 
 class StreamedLayer(nn.Module):
     """Stands in `model.layers[i]` for a layer that is not resident; holds no parameters."""
