@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tp_runtime.communicator import check_splits
 from tp_runtime.config import CommConfig
 
 
@@ -271,10 +272,10 @@ class TimedCommunicator:
         return self._timed("all_gather", site, _nbytes(t), self.inner.all_gather, t, dim, site=site, out=out)
 
     def all_to_all(self, t: torch.Tensor, send_splits: Sequence[int] | None = None, recv_splits: Sequence[int] | None = None, *, site: str) -> torch.Tensor:
-        # bytes: what this rank sends to its peers (its own rows stay)
-        own = (send_splits[self.rank] if send_splits is not None else t.shape[0] // max(self.world_size, 1)) if t.dim() else 0
-        sent = _nbytes(t) - own * (_nbytes(t) // max(t.shape[0], 1) if t.dim() else 0)
-        return self._timed("all_to_all", site, sent, self.inner.all_to_all, t, send_splits, recv_splits, site=site)
+        send, recv = check_splits(t, self.world_size, send_splits, recv_splits)  # a bad split: a clear error before any count
+        row_bytes = _nbytes(t) // t.shape[0] if t.shape[0] else 0
+        sent = (t.shape[0] - send[self.rank]) * row_bytes  # its own rows stay on this rank
+        return self._timed("all_to_all", site, sent, self.inner.all_to_all, t, send, recv, site=site)
 
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
         nbytes = _nbytes(obj) if isinstance(obj, torch.Tensor) else 0
