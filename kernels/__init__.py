@@ -109,11 +109,13 @@ def decode_attention(
     cache_lens: torch.Tensor,
     kv_head_of_q: torch.Tensor | None = None,
     max_len: int | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per sequence, q [batch, q_heads, hd], over its first cache_lens[b] cached keys."""
+    """One query per sequence, q [batch, q_heads, hd], over its first cache_lens[b] cached keys
+    in cache row slots[b] (None: row b)."""
     if _use_triton(q):
-        return _triton_mods["decode"].decode_attention(q, k_cache, v_cache, cache_lens, kv_head_of_q, max_len)
-    return reference.decode_attention(q, k_cache, v_cache, cache_lens, kv_head_of_q, max_len)
+        return _triton_mods["decode"].decode_attention(q, k_cache, v_cache, cache_lens, kv_head_of_q, max_len, slots=slots)
+    return reference.decode_attention(q, k_cache, v_cache, cache_lens, kv_head_of_q, max_len, slots)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

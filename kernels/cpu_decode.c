@@ -82,16 +82,17 @@ INLINE void qkv_rope_impl(void* qkv, const void* bias, const float* cos_t, const
 }
 
 /* nb sequences: qkv [nb, (nq + 2 nkv) hd], sequence b at position pos[b] into its cache rows
-   kc/vc + b * batch_stride. Returns -1 (nothing done) for a head size the stack buffer does not
-   hold. */
+   kc/vc + slot * batch_stride, slot = slots[b] (slots 0: slot b). Returns -1 (nothing done) for
+   a head size the stack buffer does not hold. */
 int tp_qkv_rope(void* qkv, const void* bias, const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t head_stride, int64_t batch_stride,
-                int nq, int nkv, int hd, int mbf, int64_t nb, const int64_t* pos) {
+                int nq, int nkv, int hd, int mbf, int64_t nb, const int64_t* pos, const int64_t* slots) {
     if (hd > 1024 || hd % 2) return -1;
     const int64_t e = mbf ? 2 : 4, row = (int64_t)(nq + 2 * nkv) * hd;
     for (int64_t b = 0; b < nb; b++) {
         char* q = (char*)qkv + b * row * e;
-        char* k = (char*)kc + b * batch_stride * e;
-        char* v = (char*)vc + b * batch_stride * e;
+        const int64_t slot = slots ? slots[b] : b;
+        char* k = (char*)kc + slot * batch_stride * e;
+        char* v = (char*)vc + slot * batch_stride * e;
         if (mbf) qkv_rope_impl(q, bias, cos_t, sin_t, k, v, head_stride, pos[b], nq, nkv, hd, 1);
         else qkv_rope_impl(q, bias, cos_t, sin_t, k, v, head_stride, pos[b], nq, nkv, hd, 0);
     }
@@ -102,7 +103,7 @@ int tp_qkv_rope(void* qkv, const void* bias, const float* cos_t, const float* si
    softmax(q k^T * scale) v, in float32; out [nq * hd] stored per out_bf. */
 typedef struct {
     const void* q; const void* kc; const void* vc; void* out; const int64_t* kv_of_q; float* scratch;
-    const int64_t* lens; int64_t q_row, head_stride, batch_stride, scratch_stride; float scale; int nq, nkv, hd, out_bf, mbf;
+    const int64_t* lens; const int64_t* slots; int64_t q_row, head_stride, batch_stride, scratch_stride; float scale; int nq, nkv, hd, out_bf, mbf;
 } attn_args;
 
 /* items [t0, t1) of nb * nq: item t is q head t % nq of sequence t / nq */
@@ -110,14 +111,14 @@ INLINE void attn_heads(const attn_args* a, int64_t t0, int64_t t1, const int mbf
     const int hd = a->hd;
     const int group = a->nq / a->nkv;
     for (int64_t t = t0; t < t1; t++) {
-        int64_t b = t / a->nq, h = t % a->nq, len = a->lens[b];
+        int64_t b = t / a->nq, h = t % a->nq, len = a->lens[b], slot = a->slots ? a->slots[b] : b;
         int64_t kv = a->kv_of_q ? a->kv_of_q[h] : h / group;
         float* sc = a->scratch + t * a->scratch_stride;
         float q[1024], acc[1024];
         for (int i = 0; i < hd; i++) { q[i] = ld(a->q, b * a->q_row + h * hd + i, mbf); acc[i] = 0; }
         float m = -INFINITY;
         for (int64_t j = 0; j < len; j++) {
-            int64_t base = b * a->batch_stride + kv * a->head_stride + j * hd;
+            int64_t base = slot * a->batch_stride + kv * a->head_stride + j * hd;
             float d = 0;
             for (int i = 0; i < hd; i++) d += q[i] * ld(a->kc, base + i, mbf);
             d *= a->scale;
@@ -127,7 +128,7 @@ INLINE void attn_heads(const attn_args* a, int64_t t0, int64_t t1, const int mbf
         float sum = 0;
         for (int64_t j = 0; j < len; j++) { float e = expf(sc[j] - m); sc[j] = e; sum += e; }
         for (int64_t j = 0; j < len; j++) {
-            int64_t base = b * a->batch_stride + kv * a->head_stride + j * hd;
+            int64_t base = slot * a->batch_stride + kv * a->head_stride + j * hd;
             float p = sc[j];
             for (int i = 0; i < hd; i++) acc[i] += p * ld(a->vc, base + i, mbf);
         }
@@ -144,14 +145,14 @@ static void attn_slice(void* ctx, int64_t h0, int64_t h1) {
 
 /* nb sequences: q rows of q_row values (its first nq * hd are the heads: a qkv row), out
    [nb, nq * hd]; sequence b reads the first lens[b] keys of its cache rows
-   kc/vc + b * batch_stride. kv_of_q: the kv head of each q head, or 0 for equal consecutive
+   kc/vc + slot * batch_stride, slot = slots[b] (slots 0: slot b). kv_of_q: the kv head of each q head, or 0 for equal consecutive
    groups; scratch: nb * nq rows of scratch_stride >= every lens[b] floats. Returns -1 (nothing
    done) for a head size over 1024, a size below 1 or a length over the scratch. */
 int tp_decode_attn(const void* q, int64_t q_row, const void* kc, const void* vc, void* out, const int64_t* kv_of_q, float* scratch, int64_t scratch_stride,
-                   int64_t head_stride, int64_t batch_stride, float scale, int nq, int nkv, int hd, int out_bf, int mbf, int64_t nb, const int64_t* lens) {
+                   int64_t head_stride, int64_t batch_stride, float scale, int nq, int nkv, int hd, int out_bf, int mbf, int64_t nb, const int64_t* lens, const int64_t* slots) {
     if (hd < 1 || hd > 1024 || nq < 1 || nkv < 1 || nb < 1) return -1;
     for (int64_t b = 0; b < nb; b++) if (lens[b] < 1 || lens[b] > scratch_stride) return -1;
-    attn_args a = {q, kc, vc, out, kv_of_q, scratch, lens, q_row, head_stride, batch_stride, scratch_stride, scale, nq, nkv, hd, out_bf, mbf};
+    attn_args a = {q, kc, vc, out, kv_of_q, scratch, lens, slots, q_row, head_stride, batch_stride, scratch_stride, scale, nq, nkv, hd, out_bf, mbf};
     return tp_pool_for(attn_slice, &a, nb * nq);
 }
 

@@ -25,8 +25,8 @@ from tp_runtime.kernels import cpu_gemv
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "tp_rmsnorm": (None, [_P, _P, _P, _P, _I64, _F, _I, _I, _I, _I64]),
-    "tp_qkv_rope": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I, _I, _I, _I64, _P]),
-    "tp_decode_attn": (_I, [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F, _I, _I, _I, _I, _I, _I64, _P]),
+    "tp_qkv_rope": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I, _I, _I, _I64, _P, _P]),
+    "tp_decode_attn": (_I, [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F, _I, _I, _I, _I, _I, _I64, _P, _P]),
     "tp_silu_mul": (None, [_P, _P, _P, _I64, _I, _I, _I64]),
 }
 
@@ -58,9 +58,14 @@ def _check(what: str, *tensors_and_sizes) -> None:
             raise ValueError(f"{what}: a buffer of shape {tuple(t.shape)} (contiguous: {t.is_contiguous()}) where {need} contiguous values are needed")
 
 
-def int64_array(values: Sequence[int]) -> ctypes.Array:
-    """Per-sequence positions or lengths as the C ops read them."""
-    return (ctypes.c_int64 * len(values))(*values)
+def int64_array(values: Sequence[int] | None) -> ctypes.Array | None:
+    """Per-sequence positions, lengths or cache slots as the C ops read them (None: none)."""
+    return None if values is None else (ctypes.c_int64 * len(values))(*values)
+
+
+def _check_slots(what: str, slots: Sequence[int] | None, nb: int, cache_rows: int) -> None:
+    if slots is not None and (len(slots) != nb or not all(0 <= s < cache_rows for s in slots)):
+        raise ValueError(f"{what}: cache slots {list(slots)} for {nb} sequences and a cache of {cache_rows} rows")
 
 
 def rms_norm_(res: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,35 +79,37 @@ def rms_norm_(res: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Te
 
 
 def qkv_rope_(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              positions: Sequence[int], nq: int, nkv: int) -> None:
+              positions: Sequence[int], nq: int, nkv: int, slots: Sequence[int] | None = None) -> None:
     """Each sequence's token q|k|v, qkv [nb, (nq + 2 nkv) * hd] (plus bias): RoPE at its position
-    (cos, sin: the float32 tables [max_seq, hd]) on q in place and on k; k and v written to that
-    slot of its caches k_cache, v_cache [nb, nkv, max_seq, hd]."""
+    (cos, sin: the float32 tables [max_seq, hd]) on q in place and on k; k and v written at that
+    position of its cache row slots[b] (default b) of k_cache, v_cache [rows, nkv, max_seq, hd]."""
     hd = cos.shape[-1]
     kc = k_cache if k_cache.dim() == 4 else k_cache[None]
     nb, row = len(positions), (nq + 2 * nkv) * hd
-    if nb > kc.shape[0] or kc.shape[1] != nkv or v_cache.shape != k_cache.shape or not all(0 <= p < min(kc.shape[2], cos.shape[0]) for p in positions):
+    _check_slots("qkv_rope_", slots, nb, kc.shape[0])
+    if (slots is None and nb > kc.shape[0]) or kc.shape[1] != nkv or v_cache.shape != k_cache.shape or not all(0 <= p < min(kc.shape[2], cos.shape[0]) for p in positions):
         raise ValueError(f"qkv_rope_: positions {list(positions)} for caches of shape {tuple(k_cache.shape)} ({nkv} kv heads) and a table of {cos.shape[0]}")
     _check("qkv_rope_", (qkv, nb * row), (bias, row), (k_cache, 0), (v_cache, 0), (cos, 0), (sin, 0))
     err = lib().tp_qkv_rope(
         qkv.data_ptr(), _ptr(bias), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kc.stride(1), kc.stride(0),
-        nq, nkv, hd, is_bf16(qkv), len(positions), int64_array(positions),
+        nq, nkv, hd, is_bf16(qkv), len(positions), int64_array(positions), int64_array(slots),
     )
     if err:
         raise ValueError(f"qkv_rope_: head size {hd} (the kernel takes even sizes up to 1024)")
 
 
 def decode_attention_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: Sequence[int], kv_head_of_q: torch.Tensor | None,
-                      out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+                      out: torch.Tensor, scratch: torch.Tensor, slots: Sequence[int] | None = None) -> torch.Tensor:
     """reference.decode_attention: each sequence's query q [nb, nq * hd] (or the q part of each
-    row of q [nb, >= nq * hd], the qkv projection's output) over the first
-    lengths[b] keys of its caches k_cache, v_cache [nb, nkv, max_seq, hd]; out [nb, nq * hd];
-    scratch float32 [nb * nq, >= max(lengths)]."""
+    row of q [nb, >= nq * hd], the qkv projection's output) over the first lengths[b] keys of
+    its cache row slots[b] (default b) of k_cache, v_cache [rows, nkv, max_seq, hd];
+    out [nb, nq * hd]; scratch float32 [nb * nq, >= max(lengths)]."""
     kc = k_cache if k_cache.dim() == 4 else k_cache[None]
     _, nkv, max_seq, hd = kc.shape
     nb = len(lengths)
     nq = out.numel() // (hd * nb)
-    if not 0 < nb <= kc.shape[0] or v_cache.shape != k_cache.shape or not all(0 < n <= max_seq for n in lengths):
+    _check_slots("decode_attention_", slots, nb, kc.shape[0])
+    if not 0 < nb or (slots is None and nb > kc.shape[0]) or v_cache.shape != k_cache.shape or not all(0 < n <= max_seq for n in lengths):
         raise ValueError(f"decode_attention_: lengths {list(lengths)} for caches of shape {tuple(k_cache.shape)}")
     if kv_head_of_q is not None and (kv_head_of_q.numel() != nq or not bool(((kv_head_of_q >= 0) & (kv_head_of_q < nkv)).all())):
         raise ValueError(f"decode_attention_: a kv map {kv_head_of_q.tolist()} for {nq} q heads over {nkv} kv heads")
@@ -113,7 +120,7 @@ def decode_attention_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _check("decode_attention_", (q, nb * nq * hd), (out, nb * nq * hd), (scratch, 0), (kv_head_of_q, 0), (k_cache, 0), (v_cache, 0))
     err = lib().tp_decode_attn(
         q.data_ptr(), q.numel() // len(lengths), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _ptr(kv_head_of_q), scratch.data_ptr(), scratch.shape[1],
-        kc.stride(1), kc.stride(0), hd**-0.5, nq, nkv, hd, is_bf16(out), is_bf16(q), len(lengths), int64_array(lengths),
+        kc.stride(1), kc.stride(0), hd**-0.5, nq, nkv, hd, is_bf16(out), is_bf16(q), len(lengths), int64_array(lengths), int64_array(slots),
     )
     if err:
         raise ValueError(f"decode_attention_: head size {hd} over 1024, or a length in {list(lengths)} outside 1..{scratch.shape[1]} (the scratch)")

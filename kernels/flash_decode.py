@@ -62,10 +62,10 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_D", "ROWS", "HAS_KV_MAP"])
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "ROWS", "HAS_KV_MAP", "HAS_SLOTS"])
 @triton.jit
 def _decode_split(
-    Q, K, V, KV_OF_Q, CACHE_LENS, ACC, M, L,
+    Q, K, V, KV_OF_Q, CACHE_LENS, SLOTS, ACC, M, L,
     qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -73,6 +73,7 @@ def _decode_split(
     q_heads, num_splits, chunk,
     GROUP: tl.constexpr,
     HAS_KV_MAP: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -93,6 +94,10 @@ def _decode_split(
         heads = kvh * GROUP + rows
         row_ok = rows < GROUP
     b64 = b.to(tl.int64)
+    if HAS_SLOTS:  # the sequence's cache row
+        row64 = tl.load(SLOTS + b).to(tl.int64)
+    else:
+        row64 = b64
     kv64 = kvh.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -100,8 +105,8 @@ def _decode_split(
 
     q_ptrs = Q + b64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_ptrs = K + b64 * stride_kb + kv64 * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
-    v_ptrs = V + b64 * stride_vb + kv64 * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    k_ptrs = K + row64 * stride_kb + kv64 * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
+    v_ptrs = V + row64 * stride_vb + kv64 * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
 
     cache_len = tl.load(CACHE_LENS + b).to(tl.int32)
     lo = split * chunk
@@ -174,17 +179,19 @@ def decode_attention(
     kv_head_of_q: torch.Tensor | None = None,
     max_len: int | None = None,
     out: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its first cache_lens[b] cached keys.
 
-    q [batch, q_heads, head_dim]; k_cache, v_cache [batch, kv_heads, max_seq, head_dim] (any
-    strides: a [:batch] slice of a bigger buffer is fine); cache_lens int [batch]; max_len,
+    q [batch, q_heads, head_dim]; k_cache, v_cache [rows, kv_heads, max_seq, head_dim] (any
+    strides), sequence b's keys in row slots[b] (int [batch]; None: row b, rows >= batch);
+    cache_lens int [batch]; max_len,
     when the caller knows max(cache_lens), saves a device->host sync. Returns
     [batch, q_heads, head_dim] in q's dtype.
     """
     batch, q_heads, head_dim = q.shape
     kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+    if k_cache.shape != v_cache.shape or (slots is None and k_cache.shape[0] < batch) or k_cache.shape[3] != head_dim:
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not match")
     check_heads("decode_attention", q_heads, kv_heads, head_dim, kv_head_of_q)
     if max_len is None:
@@ -204,12 +211,13 @@ def decode_attention(
     _decode_split[(batch, kv_heads, splits)](
         q, k_cache, v_cache,
         kv_head_of_q if kv_head_of_q is not None else cache_lens,  # unused pointer without a map
-        cache_lens, acc, m, l,
+        cache_lens, slots if slots is not None else cache_lens, acc, m, l,
         head_dim**-0.5 * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         q_heads, splits, chunk,
         GROUP=max(group, 1),
         HAS_KV_MAP=kv_head_of_q is not None,
+        HAS_SLOTS=slots is not None,
         ROWS=max(16, rows),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,

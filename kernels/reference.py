@@ -58,16 +58,22 @@ def decode_attention(
     cache_lens: torch.Tensor,
     kv_head_of_q: torch.Tensor | None = None,
     max_len: int | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its first cache_lens[b] cached keys.
 
-    q [batch, q_heads, head_dim]; k_cache, v_cache [batch, kv_heads, max_seq, head_dim];
-    cache_lens [batch] (int64). max_len, when the caller knows it, saves a device->host sync.
+    q [batch, q_heads, head_dim]; k_cache, v_cache [rows, kv_heads, max_seq, head_dim], sequence
+    b's keys in row slots[b] (int64 [batch]; None: row b); cache_lens [batch] (int64). max_len,
+    when the caller knows it, saves a device->host sync.
     """
     if max_len is None:
         max_len = int(cache_lens.max())
     k = k_cache[:, :, :max_len]
     v = v_cache[:, :, :max_len]
+    if slots is not None:
+        k, v = k.index_select(0, slots), v.index_select(0, slots)
+    else:
+        k, v = k[: q.shape[0]], v[: q.shape[0]]
     k, v, gqa = _expand_kv(q, k, v, kv_head_of_q)
     mask = None
     if q.shape[0] > 1:

@@ -21,6 +21,7 @@ from tp_runtime.config import ParallelConfig, RuntimeConfig
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.sampling import Sampler, SamplingParams
 from tp_runtime.kernels import cpu_decode, cpu_gemv, reference
+from tp_runtime.model import fused_decode
 from tp_runtime.model.step import StepInfo
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler: the fused step needs the CPU kernel")
@@ -115,6 +116,30 @@ def test_batched_rope_and_attention_each_sequence_at_its_own_position(dtype):
         torch.testing.assert_close(got[b, : nq * hd], q_want[b].flatten(), **TOL[dtype])
         want = reference.decode_attention(q_want[b][None], k_want[b : b + 1], v_want[b : b + 1], torch.tensor([pos + 1]), None, pos + 1)
         torch.testing.assert_close(out[b], want.flatten(), rtol=TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_attention_address_the_cache_by_slot(dtype):
+    """Sequences in cache rows 3 and 1 of 4: the write lands in those rows only, and attention
+    reads them, exactly as for the same rows gathered into a cache of their own."""
+    g = torch.Generator().manual_seed(6)
+    nb, nq, nkv, hd, max_seq, slots, positions = 2, 4, 2, 16, 10, [3, 1], [4, 7]
+    qkv = _rand(g, nb, (nq + 2 * nkv) * hd, dtype=dtype)
+    cos, sin = torch.randn(max_seq, hd, generator=g), torch.randn(max_seq, hd, generator=g)
+    k_cache, v_cache = _rand(g, 4, nkv, max_seq, hd, dtype=dtype), _rand(g, 4, nkv, max_seq, hd, dtype=dtype)
+    k_own, v_own = k_cache[slots].clone(), v_cache[slots].clone()
+    untouched = (k_cache[[0, 2]].clone(), v_cache[[0, 2]].clone())
+    got, want = qkv.clone(), qkv.clone()
+    cpu_decode.qkv_rope_(got, None, cos, sin, k_cache, v_cache, positions, nq, nkv, slots)
+    cpu_decode.qkv_rope_(want, None, cos, sin, k_own, v_own, positions, nq, nkv)
+    assert torch.equal(got, want) and torch.equal(k_cache[slots], k_own) and torch.equal(v_cache[slots], v_own)
+    assert torch.equal(k_cache[[0, 2]], untouched[0]) and torch.equal(v_cache[[0, 2]], untouched[1])
+    lengths = [p + 1 for p in positions]
+    out = cpu_decode.decode_attention_(got, k_cache, v_cache, lengths, None, torch.empty(nb, nq * hd, dtype=dtype), torch.empty(nb * nq, max_seq), slots)
+    own = cpu_decode.decode_attention_(want, k_own, v_own, lengths, None, torch.empty(nb, nq * hd, dtype=dtype), torch.empty(nb * nq, max_seq))
+    assert torch.equal(out, own)
+    with pytest.raises(ValueError, match="cache slots"):
+        cpu_decode.decode_attention_(got, k_cache, v_cache, lengths, None, torch.empty(nb, nq * hd, dtype=dtype), torch.empty(nb * nq, max_seq), [4, 0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -247,7 +272,7 @@ class NewStorages(TorchDispatchMode):
 def test_decode_step_allocates_nothing_after_warm_up(small_model):
     llm = _load(small_model, dtype="bfloat16")
     eng = llm.engine
-    sampler = Sampler(SamplingParams(), torch.device("cpu"))
+    sampler, params = Sampler(torch.device("cpu")), SamplingParams()
     prompt = [5, 9, 2, 7]
     eng.prompt_logits([prompt])
     tok, pos = 3, len(prompt)
@@ -256,7 +281,7 @@ def test_decode_step_allocates_nothing_after_warm_up(small_model):
         mode = NewStorages()
         with mode:
             logits = eng.fused_decode([tok], [pos])
-            tok = sampler(logits).tolist()[0]
+            tok = sampler(logits, [(params, i)])[0]
         if i >= 1:  # the first step is warm-up (the sampler's token buffer)
             assert mode.ops == [], f"step {i} allocated in {mode.ops}"
             ptrs.add(logits.data_ptr())
@@ -274,13 +299,14 @@ def test_decode_step_allocates_nothing_after_warm_up(small_model):
 def test_generate_decodes_through_the_fused_step_without_allocating(small_model):
     llm = _load(small_model, dtype="float32", max_batch_size=2)
     eng = llm.engine
-    step, calls, made = eng.fused_decode, [], []
+    step, calls, made, slots_seen = eng.fused_decode, [], [], []
 
-    def watched(tokens, positions):
+    def watched(tokens, positions, slots=None):
         mode = NewStorages()
         with mode:
-            logits = step(tokens, positions)
+            logits = step(tokens, positions, slots)
         calls.append(list(positions))
+        slots_seen.append(slots)
         made.extend(mode.ops)
         return logits
 
@@ -293,6 +319,13 @@ def test_generate_decodes_through_the_fused_step_without_allocating(small_model)
     assert calls == [[len(prompt) + i, 2 + i] for i in range(7)]
     assert made == []
     assert [ev.token_id for ev in two if ev.seq == 0] == tokens
+    # a sequence that finishes leaves the batch: the context (64) ends a 60-token prompt after 4
+    # tokens, and the other goes on alone in its slot (1)
+    calls.clear()
+    mixed = list(llm.generate([list(range(1, 61)), prompt], params))
+    assert calls == [[60 + i, len(prompt) + i] for i in range(3)] + [[len(prompt) + i] for i in range(3, 7)]
+    assert slots_seen[-1] == [1] and [ev.token_id for ev in mixed if ev.seq == 1] == tokens
+    assert made == []
     llm.close()
 
 
@@ -367,3 +400,29 @@ def test_forcing_the_fused_step_where_it_cannot_run_names_why(small_model, flags
     assert p.returncode == 1
     assert "--decode-step fused" in p.stderr and why in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_every_layer_answers_whether_it_can_bind(small_model):
+    """'Can this model be fused' is 'can every layer bind', with the layer and the reason."""
+    from tp_runtime.model.offload import StreamedLayer
+
+    llm = _load(small_model, dtype="float32")
+    model = llm.engine.model
+    assert fused_decode.unsupported(model, torch.device("cpu")) is None
+    layers = list(model.layers)
+    try:
+        model.layers[1] = StreamedLayer(1, None)
+        assert fused_decode.unsupported(model, torch.device("cpu")) == "layer 1 is streamed (not resident)"
+        model.layers[1] = torch.nn.Identity()
+        assert fused_decode.unsupported(model, torch.device("cpu")) == "layer 1 is a Identity, which has no fused binding"
+        model.layers[1] = layers[1]
+        down = layers[0].mlp.down_proj
+        weight = down.weight
+        down.weight = torch.nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
+        assert fused_decode.unsupported(model, torch.device("cpu")) == "layer 0 MLP RowParallelLinear has a weight that is not row-major"
+        down.weight = weight
+    finally:
+        for i, layer in enumerate(layers):
+            model.layers[i] = layer
+    assert fused_decode.unsupported(model, torch.device("cpu")) is None
+    llm.close()

@@ -230,6 +230,21 @@ def test_decode_uneven_kv_map(gen, kv_map):
     assert_close(out, ref_decode(q, k0, v0, cache_lens, mapping), dtype, gen, f"decode map {kv_map}")
 
 
+def test_decode_reads_each_sequence_from_its_cache_slot(gen):
+    """Sequences in cache rows 4, 0, 2 of 5: the same result as those rows gathered in order."""
+    dtype, head_dim, kv_heads, group, max_seq = torch.float32, 64, 1, 2, 80
+    slots, lens = [4, 0, 2], [80, 3, 41]
+    q = rand(gen, len(slots), kv_heads * group, head_dim, dtype=dtype)
+    k = rand(gen, 5, kv_heads, max_seq, head_dim, dtype=dtype)
+    v = rand(gen, 5, kv_heads, max_seq, head_dim, dtype=dtype)
+    cache_lens = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
+    index = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    out = flash_decode.decode_attention(q, k, v, cache_lens, None, max(lens), slots=index)
+    assert_close(out, ref_decode(q, k[index], v[index], cache_lens), dtype, gen, "decode by slot")
+    ref = reference.decode_attention(q, k, v, cache_lens, None, max(lens), index)
+    assert torch.equal(ref, reference.decode_attention(q, k[index], v[index], cache_lens, None, max(lens)))
+
+
 def test_decode_split_plan_covers_every_key():
     for batch, kv_heads, max_len in [(1, 1, 1), (1, 1, 300), (8, 8, 4096), (1, 2, 100000), (64, 8, 17)]:
         splits, chunk = flash_decode.split_plan(batch, kv_heads, max_len, torch.device(DEVICE))

@@ -54,7 +54,9 @@ def _rank_pid(marker: str, rank: int, timeout: float = 30.0) -> int:
     raise AssertionError(f"rank {rank} never started")
 
 
-LONG_RUN = ["--max-new-tokens", "4000", "--max-seq-len", "4096", "--ignore-eos", "--quiet", "--prompt-ids", "1,2,3"]
+# a run that outlasts every test below: the small model decodes 4000 tokens in about a second,
+# so each collective waits an injected 5 ms (about 25 ms a token, 100 s in all)
+LONG_RUN = ["--max-new-tokens", "4000", "--max-seq-len", "4096", "--ignore-eos", "--quiet", "--prompt-ids", "1,2,3", "--inject-latency", "5ms"]
 
 
 def test_rank_raising_mid_generation_ends_job_naming_rank(small_model):

@@ -25,7 +25,9 @@ from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
 from tp_runtime.comm import create as create_communicator
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
-from tp_runtime.engine.generate import Engine, TokenEvent
+from tp_runtime.engine.engine import Engine
+from tp_runtime.engine.generate import generate
+from tp_runtime.engine.sequence import TokenEvent
 from tp_runtime.engine.memory import FIELDS as MEMORY_FIELDS
 from tp_runtime.engine.memory import rank_memory, rss_bytes
 from tp_runtime.engine.offload import attach_streaming
@@ -216,7 +218,7 @@ class LLM:
         return encode_prompt(self.tokenizer, text)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[TokenEvent]:
-        return self.engine.generate(prompts, params)
+        return generate(self.engine, prompts, params)
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """float32 logits at every prompt position ([len_i, vocab] each), as a scoring API would return."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -49,16 +51,46 @@ class ParallelAttention(nn.Module):
         q, k = kernels.apply_rope_qk_(q, k, cos, sin)  # in place, in the qkv output
         kv_map = self.kv_head_of_q if self._kv_of_q else None
         if step.prefill:
-            cache.write_prefill(self.layer, k, v, step.start)
-            if step.start:
-                k_all, v_all = cache.layer(self.layer, b)
-                k, v = k_all[:, :, : step.start + s], v_all[:, :, : step.start + s]
+            cache.write_prefill(self.layer, k, v, step.start, step.slots)
+            if step.start:  # a later chunk of the prompt: attend over the cached start too
+                k, v = cache.layer(self.layer, b, step.slots, step.start + s)
             out = kernels.prefill_attention(q, k, v, kv_map, q_offset=step.start)  # [batch, q_local, seq, hd]
             out = out.transpose(1, 2).reshape(b, s, self.q_heads_local * hd)
         else:
             pos = step.positions[:, 0]
-            cache.write_decode(self.layer, k[:, :, 0], v[:, :, 0], pos)
-            k_cache, v_cache = cache.layer(self.layer, b)
-            out = kernels.decode_attention(q[:, :, 0], k_cache, v_cache, step.cache_lens, kv_map, step.max_len)  # [batch, q_local, hd]
+            cache.write_decode(self.layer, k[:, :, 0], v[:, :, 0], pos, step.slots)
+            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # every slot: the kernel reads its rows
+            out = kernels.decode_attention(q[:, :, 0], k_cache, v_cache, step.cache_lens, kv_map, step.max_len, step.slots)  # [batch, q_local, hd]
             out = out.reshape(b, 1, self.q_heads_local * hd)
         return self.o_proj(out)
+
+    def fused_problem(self) -> str | None:
+        for m in (self.qkv_proj, self.o_proj):
+            if why := m.fused_problem():
+                return f"attention {type(m).__name__} {why}"
+        return None
+
+    def bind_decode(self, binder):
+        """qkv GEMV, bias + RoPE + cache write at each sequence's position and slot, attention
+        over its cached keys, o GEMV + all-reduce into binder.h."""
+        b, lib, ptr = binder, binder.lib, binder.ptr
+        qkv = self.qkv_proj.bind_decode(b, b.buffer(self.qkv_proj.out_features_local))
+        o = self.o_proj.bind_decode(b, b.h)
+        k, v = b.cache.k[self.layer], b.cache.v[self.layer]  # [slots, kv_local, max_seq, hd]
+        hd, nq, nkv = self.head_dim, self.q_heads_local, self.kv_heads_local
+        rope = partial(
+            lib.tp_qkv_rope, ptr(qkv.out), ptr(self.qkv_proj.bias), ptr(b.rotary.cos), ptr(b.rotary.sin), ptr(k), ptr(v), k.stride(1), k.stride(0), nq, nkv, hd, b.mbf,
+        )
+        kv_map = self.kv_head_of_q if self._kv_of_q else None
+        attend = partial(
+            lib.tp_decode_attn, ptr(qkv.out), qkv.out.shape[1], ptr(k), ptr(v), ptr(o.x), ptr(kv_map),
+            ptr(b.scratch), b.scratch.shape[1], k.stride(1), k.stride(0), hd**-0.5, nq, nkv, hd, int(o.x.dtype == torch.bfloat16), b.mbf,
+        )
+
+        def run(nb: int) -> None:
+            qkv(nb)
+            rope(nb, b.positions, b.slots)
+            attend(nb, b.lengths, b.slots)
+            o(nb)
+
+        return b.bound(qkv.x, run)

@@ -1,37 +1,37 @@
 """The decode step on CPU as a fixed list of kernel calls on buffers allocated
 once: no eager torch op and no allocation per token.
 
-The eager model spends ~40 torch ops per layer on a decode token (norms, RoPE, views, casts,
-attention, SiLU), each a few microseconds of dispatch plus a fresh tensor; on a small model
-that host time is a third of the token. Here a layer is ten calls into the C kernels
-(kernels/cpu_decode.py: norm, GEMV, RoPE + cache write, attention, GEMV, all-reduce, norm,
-GEMV, SiLU * up, GEMV, all-reduce) with every pointer bound at build time; the collectives
-are the model's own (same communicator, same sites: 2 all-reduces per layer and the LM head's
-all-gather per token, written into fixed buffers; the vocab-parallel embedding's all-reduce
-too, unless the engine hands the step the whole embedding table to look rows up in).
+The eager model spends dozens of torch ops per layer on a decode token (norms, RoPE, views,
+casts, attention, SiLU), each a few microseconds of dispatch plus a fresh tensor; on a small
+model that host time is a large share of the token. Here every module the step drives binds its
+own calls into the C kernels (kernels/cpu_decode.py) with every pointer fixed at build time:
+each class has a `bind_decode(binder, ...)` beside its `forward`, and a `fused_problem()` that
+says why it cannot bind (None when it can). The order of a layer's calls lives once, in its
+class; a new layer kind or weight format brings its own binding. The collectives are the
+model's own (same communicator, same sites: a row-parallel linear's binding ends in its
+all-reduce, the LM head's all-gather is here), written into fixed buffers; the vocab-parallel
+embedding's all-reduce too, unless the engine hands the step the whole embedding table to look
+rows up in.
 
-It reads the loaded model's weights and KV cache in place, so prefill (eager) and decode
-share them, and decodes any number of sequences up to the cache's batch, each at its own
-position: a GEMV reads a tile of weight rows once for all of them. The numerics are the eager
-path's (see cpu_decode.c). Applies on CPU, float32 or bfloat16, resident layers, the kernel
-built; `unsupported` says why not otherwise and the engine keeps the eager step.
+It reads the loaded model's weights and KV cache in place, so prefill (eager) and decode share
+them, and decodes any number of sequences up to the cache's slots, each at its own position in
+its own slot: a GEMV reads a tile of weight rows once for all of them. The numerics are the
+eager path's (see cpu_decode.c). Applies on CPU, float32 or bfloat16, every layer bindable, the
+kernel built; `unsupported` says why not otherwise and the engine keeps the eager step.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from tp_runtime.kernels import cpu_decode, cpu_gemv
+from tp_runtime.kernels import cpu_decode
 from tp_runtime.model.kv_cache import KVCache
-from tp_runtime.model.linear import ColumnParallelLinear, RowParallelLinear
-from tp_runtime.model.quant import Int8ColumnParallelLinear, Int8RowParallelLinear
-
-_LINEARS = (ColumnParallelLinear, RowParallelLinear, Int8ColumnParallelLinear, Int8RowParallelLinear)
 
 
 def unsupported_setup(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -45,91 +45,123 @@ def unsupported_setup(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def binding_problem(module: nn.Module, what: str) -> str | None:
+    """Why `module` cannot bind into the fused step ("<what> ..."), or None."""
+    probe = getattr(module, "fused_problem", None)
+    why = probe() if probe is not None else None
+    if why:
+        return f"{what} {why}"
+    if probe is None or not hasattr(module, "bind_decode"):
+        return f"{what} is a {type(module).__name__}, which has no fused binding"
+    return None
+
+
 def unsupported(model: nn.Module, device: torch.device) -> str | None:
-    """Why the fused step cannot run this loaded model here, or None."""
+    """Why the fused step cannot run this loaded model here, or None: can every layer bind?"""
     why = unsupported_setup(device, model.norm.weight.dtype)
     if why:
         return why
     if model.cfg.head_dim > 1024 or model.cfg.head_dim % 2:
         return f"takes even head sizes up to 1024, not {model.cfg.head_dim}"
     for i, layer in enumerate(model.layers):
-        linears = [layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj] if hasattr(layer, "attn") else []
-        if not linears:
-            return f"layer {i} is streamed (not resident)"
-        for m in linears:
-            if not isinstance(m, _LINEARS):
-                return f"layer {i} has a {type(m).__name__}"
-            if isinstance(m, (Int8ColumnParallelLinear, Int8RowParallelLinear)):
-                if m.block_sums is None or not cpu_gemv.has_int8_dot():
-                    return "int8 layers need AVX512-VNNI and input sizes divisible by 64"
-            elif not m.weight.is_contiguous():
-                return f"layer {i}'s {type(m).__name__} weight is not row-major"
+        if why := binding_problem(layer, f"layer {i}"):
+            return why
     if not model.lm_head.weight.is_contiguous():
         return "the LM head weight is not row-major"
     return None
 
 
-class _Gemv:
-    """One linear layer's GEMV bound to its input and output buffers ([max batch, *] each);
-    call(nb) multiplies the first nb rows."""
+class Gemv:
+    """One weight's GEMV bound to its input and output buffers ([slots, *] each); call(nb)
+    multiplies the first nb rows. `x` is the buffer its producer writes (float32 or bfloat16,
+    whichever the kernel reads)."""
 
-    def __init__(self, lib, module: nn.Module, out: torch.Tensor, dtype: torch.dtype, ptr) -> None:
-        self.out = out
-        ybf = int(dtype == torch.bfloat16)
-        rows = out.shape[0]
-        if hasattr(module, "qweight"):
-            q = module.qweight
-            scales = module.scales.float()  # what the eager int8 path hands the kernel
-            self.x = torch.zeros(rows, q.shape[1], dtype=torch.float32)
-            self.call = partial(lib.tp_gemv_q8, ptr(q), ptr(module.block_sums), ptr(scales), ptr(self.x), ptr(out), q.shape[1], q.shape[0], ybf)
-            if self.call(rows):  # sizes the kernel's activation buffer now, not in a token step
-                raise MemoryError("int8 GEMV: the activation buffer could not be allocated")
-        else:
-            w = module.weight
-            kind = cpu_decode.gemv_kind(w)
-            self.x = torch.zeros(rows, w.shape[1], dtype=torch.bfloat16 if kind == 2 else torch.float32)
-            self.call = partial(lib.tp_gemv, ptr(w), ptr(self.x), ptr(out), w.shape[1], w.shape[0], kind, ybf)
-        self.x_bf16 = int(self.x.dtype == torch.bfloat16)
+    def __init__(self, x: torch.Tensor, out: torch.Tensor, call: Callable[[int], int]) -> None:
+        self.x, self.out, self._call = x, out, call
+        self.x_bf16 = int(x.dtype == torch.bfloat16)
+
+    def __call__(self, nb: int) -> None:
+        self._call(nb)
 
 
-class _Layer:
-    """Decoder layer i's calls, in order, and its collectives' sites and biases. Every call takes
-    the number of sequences nb as its last argument."""
+@dataclass
+class Bound:
+    """A bound block: the input buffer `x` its producer writes, and run(nb) (also its call)."""
 
-    def __init__(self, lib, layer: nn.Module, i: int, step: FusedDecodeStep, cache: KVCache) -> None:
-        attn, mlp, dtype, ptr = layer.attn, layer.mlp, step.dtype, step.ptr
-        mbf = int(dtype == torch.bfloat16)
-        rows, hidden = step.res.shape
-        self.qkv = _Gemv(lib, attn.qkv_proj, torch.zeros(rows, attn.qkv_proj.out_features_local, dtype=dtype), dtype, ptr)
-        self.o = _Gemv(lib, attn.o_proj, step.h, dtype, ptr)
-        self.gate_up = _Gemv(lib, mlp.gate_up_proj, torch.zeros(rows, 2 * mlp.inter_local, dtype=dtype), dtype, ptr)
-        self.down = _Gemv(lib, mlp.down_proj, step.h, dtype, ptr)
-        norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
-        # layer 0's input is the embedding, already in the residual buffer: no add
-        self.norm_in = partial(lib.tp_rmsnorm, ptr(step.h), ptr(step.res), ptr(norm_in.weight), ptr(self.qkv.x), hidden, norm_in.eps, int(i > 0), self.qkv.x_bf16, mbf)
-        self.norm_post = partial(lib.tp_rmsnorm, ptr(step.h), ptr(step.res), ptr(norm_post.weight), ptr(self.gate_up.x), hidden, norm_post.eps, 1, self.gate_up.x_bf16, mbf)
-        k, v = cache.layer(attn.layer, rows)  # [rows, kv_local, max_seq, hd]
-        hd, nq, nkv = attn.head_dim, attn.q_heads_local, attn.kv_heads_local
-        rotary = step.rotary
-        # q and k rotated at each sequence's position (step.positions), k and v into that slot
-        self.rope = partial(
-            lib.tp_qkv_rope, ptr(self.qkv.out), ptr(attn.qkv_proj.bias), ptr(rotary.cos), ptr(rotary.sin), ptr(k), ptr(v), k.stride(1), k.stride(0), nq, nkv, hd, mbf,
-        )
-        kv_map = attn.kv_head_of_q if attn._kv_of_q else None
-        # each sequence over its first step.lengths[b] cached keys
-        self.attend = partial(
-            lib.tp_decode_attn, ptr(self.qkv.out), self.qkv.out.shape[1], ptr(k), ptr(v), ptr(self.o.x), ptr(kv_map),
-            ptr(step.scratch), step.scratch.shape[1], k.stride(1), k.stride(0), hd**-0.5, nq, nkv, hd, self.o.x_bf16, mbf,
-        )
-        self.silu_mul = partial(lib.tp_silu_mul, ptr(self.gate_up.out), ptr(mlp.gate_up_proj.bias), ptr(self.down.x), mlp.inter_local, self.down.x_bf16, mbf)
-        self.attn_site, self.attn_bias = attn.o_proj.site, attn.o_proj.bias
-        self.mlp_site, self.mlp_bias = mlp.down_proj.site, mlp.down_proj.bias
+    x: torch.Tensor
+    run: Callable[[int], None]
+
+    def __call__(self, nb: int) -> None:
+        self.run(nb)
+
+
+class DecodeBinder:
+    """What a module's `bind_decode` binds against: the kernel library, the step's shared
+    buffers (the residual stream `res`, each block's output `h`, attention scores, per-sequence
+    positions, key counts and slots filled every step) and helpers for the common calls."""
+
+    def __init__(self, lib, dtype: torch.dtype, rows: int, hidden: int, q_heads_local: int, cache: KVCache, rotary, comm) -> None:
+        self.lib, self.dtype, self.rows, self.cache, self.rotary, self.comm = lib, dtype, rows, cache, rotary, comm
+        self.mbf = int(dtype == torch.bfloat16)
+        self._bound: list[torch.Tensor] = []  # every tensor whose address a call holds, kept alive here
+        self.res = self.buffer(hidden)
+        self.h = self.buffer(hidden)
+        self.scratch = torch.zeros(rows * q_heads_local, cache.max_seq_len, dtype=torch.float32)
+        self.positions, self.lengths = (ctypes.c_int64 * rows)(), (ctypes.c_int64 * rows)()
+        self.slot_rows = (ctypes.c_int64 * rows)()
+        self.slots: ctypes.Array | None = None  # slot_rows for a step whose slots are not 0..nb-1
+
+    def ptr(self, t: torch.Tensor | None) -> int | None:
+        """t's address for a bound call (None for no tensor); t stays alive as long as the step."""
+        if t is None:
+            return None
+        self._bound.append(t)
+        return t.data_ptr()
+
+    def buffer(self, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.zeros(self.rows, cols, dtype=dtype or self.dtype)
+
+    def float_gemv(self, weight: torch.Tensor, out: torch.Tensor) -> Gemv:
+        """out[:nb] = x[:nb] @ weight^T for a row-major float32 / bfloat16 weight."""
+        kind = cpu_decode.gemv_kind(weight)
+        x = self.buffer(weight.shape[1], torch.bfloat16 if kind == 2 else torch.float32)
+        call = partial(self.lib.tp_gemv, self.ptr(weight), self.ptr(x), self.ptr(out), weight.shape[1], weight.shape[0], kind, self.mbf)
+        return Gemv(x, out, call)
+
+    def int8_gemv(self, qweight: torch.Tensor, block_sums: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> Gemv:
+        """out[:nb] = x[:nb] @ (qweight * scales)^T, x float32 quantised per 64 values."""
+        x = self.buffer(qweight.shape[1], torch.float32)
+        scales = scales.float()  # what the eager int8 path hands the kernel
+        call = partial(self.lib.tp_gemv_q8, self.ptr(qweight), self.ptr(block_sums), self.ptr(scales), self.ptr(x), self.ptr(out), qweight.shape[1], qweight.shape[0], self.mbf)
+        if call(self.rows):  # sizes the kernel's activation buffer now, not in a token step
+            raise MemoryError("int8 GEMV: the activation buffer could not be allocated")
+        return Gemv(x, out, call)
+
+    @staticmethod
+    def bound(x: torch.Tensor, run: Callable[[int], None]) -> Bound:
+        return Bound(x, run)
+
+    def all_reduce(self, out: torch.Tensor, site: str, bias: torch.Tensor | None) -> Callable[[int], None]:
+        """The row-parallel sum of out[:nb] over the ranks (timed under `site`), then the bias."""
+
+        def reduce(nb: int) -> None:
+            h = out[:nb]
+            self.comm.all_reduce(h, site=site)  # row-parallel: partial sums -> full output
+            if bias is not None:
+                h.add_(bias)
+
+        return reduce
+
+    def rms_norm(self, weight: torch.Tensor, eps: float, out: torch.Tensor, add: bool) -> Callable[[int], None]:
+        """out[:nb] = rms_norm(h + res) with res = h + res written back (add), else rms_norm(res)."""
+        return partial(self.lib.tp_rmsnorm, self.ptr(self.h), self.ptr(self.res), self.ptr(weight), self.ptr(out), weight.numel(), eps, int(add), int(out.dtype == torch.bfloat16), self.mbf)
 
 
 class FusedDecodeStep:
-    """step(tokens, positions) -> float32 logits [nb, vocab] for nb <= the cache's batch
-    sequences, sequence b's token at position positions[b] (its k/v written to that cache slot,
-    its attention over the slots up to it). The logits are a view of the same buffer every step."""
+    """step(tokens, positions, slots) -> float32 logits [nb, vocab] for nb <= the cache's slots
+    sequences, sequence b's token at position positions[b] (its k/v written there in cache row
+    slots[b], its attention over that row's positions up to it). The logits are a view of the
+    same buffer every step."""
 
     # the whole [vocab, hidden] embedding (any float dtype, e.g. a view of the mapped checkpoint),
     # set by the engine when every rank has one: each rank then looks a token's row up itself,
@@ -140,37 +172,23 @@ class FusedDecodeStep:
         why = unsupported(model, cache.k.device)
         if why:
             raise ValueError(f"fused decode step: {why}")
-        lib = cpu_decode.lib()
         cfg = model.cfg
-        self._bound: list[torch.Tensor] = []  # every tensor whose address a call holds, kept alive here
         self.dtype = dtype = model.norm.weight.dtype
         self.comm = model.embed_tokens.comm
         self.embed, self.head = model.embed_tokens, model.lm_head
-        self.rotary = model.rotary
         rows = self.max_batch = cache.max_batch
         self.max_seq_len = cache.max_seq_len
-        self.res = torch.zeros(rows, cfg.hidden_size, dtype=dtype)  # the residual stream
-        self.h = torch.zeros(rows, cfg.hidden_size, dtype=dtype)  # each block's output, all-reduced in place
-        self.scratch = torch.zeros(rows * model.heads.num_q_local, cache.max_seq_len, dtype=torch.float32)  # attention scores
-        # per-sequence positions and key counts, read by the bound calls (filled every step)
-        self.positions, self.lengths = (ctypes.c_int64 * rows)(), (ctypes.c_int64 * rows)()
-        self.layers = [_Layer(lib, layer, i, self, cache) for i, layer in enumerate(model.layers)]
-        mbf = int(dtype == torch.bfloat16)
+        b = self.binder = DecodeBinder(cpu_decode.lib(), dtype, rows, cfg.hidden_size, model.heads.num_q_local, cache, model.rotary, self.comm)
+        self.res = b.res  # the residual stream; the embedding lands here
+        self.layers = [layer.bind_decode(b, first=i == 0) for i, layer in enumerate(model.layers)]
         w = self.head.weight
         tp = self.comm.world_size
-        self.lm = _Gemv(lib, self.head, torch.zeros(rows, w.shape[0], dtype=dtype), dtype, self.ptr)
-        self.norm = partial(lib.tp_rmsnorm, self.ptr(self.h), self.ptr(self.res), self.ptr(model.norm.weight), self.ptr(self.lm.x), cfg.hidden_size, model.norm.eps, 1, self.lm.x_bf16, mbf)
+        self.lm = b.float_gemv(w, b.buffer(w.shape[0]))
+        self.norm = b.rms_norm(model.norm.weight, model.norm.eps, self.lm.x, add=True)
         self.pieces = torch.zeros(tp * rows, w.shape[0], dtype=dtype)  # the ranks' logits, rank after rank
         self.gathered = torch.zeros(rows, tp * w.shape[0], dtype=dtype)  # ... and sequence after sequence
         self.kept = torch.zeros(rows, cfg.vocab_size, dtype=dtype) if self.head.uneven else self.gathered
         self.logits = self.kept if dtype == torch.float32 else torch.zeros(rows, cfg.vocab_size, dtype=torch.float32)
-
-    def ptr(self, t: torch.Tensor | None) -> int | None:
-        """t's address for a bound call (None for no tensor); t stays alive as long as this step."""
-        if t is None:
-            return None
-        self._bound.append(t)
-        return t.data_ptr()
 
     def _embed(self, tokens: Sequence[int]) -> None:
         if self.embedding_table is not None:  # every rank has every row: no collective
@@ -186,12 +204,6 @@ class FusedDecodeStep:
         if e.split:
             self.comm.all_reduce(self.res[: len(tokens)], site=e.site)  # vocab-parallel: one rank holds each row
 
-    def _reduce(self, nb: int, site: str, bias: torch.Tensor | None) -> None:
-        h = self.h[:nb]
-        self.comm.all_reduce(h, site=site)  # row-parallel: partial sums -> full output
-        if bias is not None:
-            h.add_(bias)
-
     def _logits(self, nb: int) -> torch.Tensor:
         head, tp = self.head, self.comm.world_size
         pieces = self.pieces[: tp * nb]
@@ -205,27 +217,25 @@ class FusedDecodeStep:
         return self.logits[:nb]
 
     @torch.inference_mode()
-    def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        nb = len(tokens)
-        if not 0 < nb <= self.max_batch or len(positions) != nb:
-            raise ValueError(f"fused decode step: {nb} tokens and {len(positions)} positions for a cache of {self.max_batch} sequences")
-        for b, pos in enumerate(positions):
+    def __call__(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int] | None = None) -> torch.Tensor:
+        """slots: each sequence's KV cache row (default: rows 0..nb-1)."""
+        nb, b = len(tokens), self.binder
+        if not 0 < nb <= self.max_batch or len(positions) != nb or (slots is not None and len(slots) != nb):
+            raise ValueError(f"fused decode step: {nb} tokens, {len(positions)} positions and {nb if slots is None else len(slots)} slots for a cache of {self.max_batch} sequences")
+        for i, pos in enumerate(positions):
             if not 0 <= pos < self.max_seq_len:
                 raise ValueError(f"decode position {pos} is outside the KV cache (0..{self.max_seq_len - 1})")
-            self.positions[b], self.lengths[b] = pos, pos + 1
+            b.positions[i], b.lengths[i] = pos, pos + 1
+        b.slots = None
+        if slots is not None:
+            if len(set(slots)) != nb or not all(0 <= r < self.max_batch for r in slots):
+                raise ValueError(f"fused decode step: cache slots {list(slots)} are not distinct rows of 0..{self.max_batch - 1}")
+            for i, r in enumerate(slots):
+                b.slot_rows[i] = r
+            b.slots = b.slot_rows
         self._embed(tokens)
-        for layer in self.layers:
-            layer.norm_in(nb)
-            layer.qkv.call(nb)
-            layer.rope(nb, self.positions)
-            layer.attend(nb, self.lengths)
-            layer.o.call(nb)
-            self._reduce(nb, layer.attn_site, layer.attn_bias)
-            layer.norm_post(nb)
-            layer.gate_up.call(nb)
-            layer.silu_mul(nb)
-            layer.down.call(nb)
-            self._reduce(nb, layer.mlp_site, layer.mlp_bias)
+        for run_layer in self.layers:
+            run_layer(nb)
         self.norm(nb)
-        self.lm.call(nb)
+        self.lm(nb)
         return self._logits(nb)

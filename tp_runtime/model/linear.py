@@ -44,6 +44,13 @@ class ColumnParallelLinear(nn.Module):
         y = self.matmul(x, self.weight)
         return y if self.bias is None else y + self.bias
 
+    def fused_problem(self) -> str | None:
+        return None if self.weight.is_contiguous() else "has a weight that is not row-major"
+
+    def bind_decode(self, binder, out: torch.Tensor):
+        """The fused step's GEMV into out (the bias is its consumer's: RoPE, SiLU)."""
+        return binder.float_gemv(self.weight, out)
+
 
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W_local^T) + b: W [out, in] split on in."""
@@ -64,6 +71,23 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+    fused_problem = ColumnParallelLinear.fused_problem
+
+    def bind_decode(self, binder, out: torch.Tensor):
+        """The fused step's GEMV into out, then its all-reduce and bias: (x, run(nb))."""
+        return bind_row_parallel(binder, binder.float_gemv(self.weight, out), self.site, self.bias)
+
+
+def bind_row_parallel(binder, gemv, site: str, bias: torch.Tensor | None):
+    """A row-parallel linear in the fused step: its GEMV, then the sum over ranks and the bias."""
+    reduce = binder.all_reduce(gemv.out, site, bias)
+
+    def run(nb: int) -> None:
+        gemv(nb)
+        reduce(nb)
+
+    return binder.bound(gemv.x, run)
 
 
 def use_cpu_gemv_(modules) -> int:

@@ -7,6 +7,8 @@ vocab-parallel (1 all-reduce per step) and the LM head ends in one all-gather of
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,27 @@ class ParallelMLP(nn.Module):
         gate, up = self.gate_up_proj(x).split(self.inter_local, dim=-1)  # [batch, seq, inter_local] each
         return self.down_proj(F.silu(gate) * up)
 
+    def fused_problem(self) -> str | None:
+        for m in (self.gate_up_proj, self.down_proj):
+            if why := m.fused_problem():
+                return f"MLP {type(m).__name__} {why}"
+        return None
+
+    def bind_decode(self, binder):
+        """gate|up GEMV, SiLU(gate) * up (plus bias), down GEMV + all-reduce into binder.h."""
+        gate_up = self.gate_up_proj.bind_decode(binder, binder.buffer(2 * self.inter_local))
+        down = self.down_proj.bind_decode(binder, binder.h)
+        silu_mul = partial(
+            binder.lib.tp_silu_mul, binder.ptr(gate_up.out), binder.ptr(self.gate_up_proj.bias), binder.ptr(down.x), self.inter_local, int(down.x.dtype == torch.bfloat16), binder.mbf
+        )
+
+        def run(nb: int) -> None:
+            gate_up(nb)
+            silu_mul(nb)
+            down(nb)
+
+        return binder.bound(gate_up.x, run)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, heads: sharding.HeadLayout, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator) -> None:
@@ -58,6 +81,24 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h, residual)
         x, residual = self.post_attention_layernorm(self.attn(x, cos, sin, cache, step), residual)
         return self.mlp(x), residual
+
+    def fused_problem(self) -> str | None:
+        return self.attn.fused_problem() or self.mlp.fused_problem()
+
+    def bind_decode(self, binder, first: bool):
+        """The layer in the fused step, in its forward's order; the residual add is fused into
+        each norm (layer 0's input is the embedding, already in the residual buffer: no add)."""
+        attn, mlp = self.attn.bind_decode(binder), self.mlp.bind_decode(binder)
+        norm_in = self.input_layernorm.bind_decode(binder, attn.x, add=not first)
+        norm_post = self.post_attention_layernorm.bind_decode(binder, mlp.x, add=True)
+
+        def run(nb: int) -> None:
+            norm_in(nb)
+            attn(nb)
+            norm_post(nb)
+            mlp(nb)
+
+        return run
 
 
 class LlamaForCausalLM(nn.Module):

@@ -19,3 +19,11 @@ class RMSNorm(nn.Module):
         if residual is None:
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.rms_norm_residual(x, residual, self.weight, self.eps)
+
+    def fused_problem(self) -> str | None:
+        return None
+
+    def bind_decode(self, binder, out: torch.Tensor, add: bool):
+        """The fused step's norm into out (the next GEMV's input): of res, or of h + res with
+        the sum written back to res (add)."""
+        return binder.rms_norm(self.weight, self.eps, out, add)

@@ -51,6 +51,9 @@ class StreamedLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"layer={self.layer}, streamed"
 
+    def fused_problem(self) -> str:
+        return "is streamed (not resident)"
+
 
 class LayerStreamer:
     """CPU: synchronous copies into one staging layer, readahead of the next one."""

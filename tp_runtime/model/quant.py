@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tp_runtime import kernels
-from tp_runtime.model.linear import ColumnParallelLinear, RowParallelLinear
+from tp_runtime.model.linear import ColumnParallelLinear, RowParallelLinear, bind_row_parallel
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +39,14 @@ class _Int8Linear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.int8_linear(x, self.qweight, self.scales, self.block_sums)
 
+    def fused_problem(self) -> str | None:
+        if self.block_sums is None or not kernels.cpu_gemv.has_int8_dot():
+            return "has int8 weights, which need AVX512-VNNI and input sizes divisible by 64"
+        return None
+
+    def _bind_gemv(self, binder, out: torch.Tensor):
+        return binder.int8_gemv(self.qweight, self.block_sums, self.scales, out)
+
 
 class Int8ColumnParallelLinear(_Int8Linear):
     def __init__(self, src: ColumnParallelLinear) -> None:
@@ -48,6 +56,9 @@ class Int8ColumnParallelLinear(_Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x)
         return y if self.bias is None else y + self.bias
+
+    def bind_decode(self, binder, out: torch.Tensor):
+        return self._bind_gemv(binder, out)
 
 
 class Int8RowParallelLinear(_Int8Linear):
@@ -59,6 +70,9 @@ class Int8RowParallelLinear(_Int8Linear):
         y = self._matmul(x)
         y = self.comm.all_reduce(y, site=self.site)  # row-parallel: partial sums -> full output
         return y if self.bias is None else y + self.bias
+
+    def bind_decode(self, binder, out: torch.Tensor):
+        return bind_row_parallel(binder, self._bind_gemv(binder, out), self.site, self.bias)
 
 
 def quantize_int8_(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ class StepInfo:
     # positions: [batch, seq] absolute position of every input token
     positions: torch.Tensor
     prefill: bool
-    # prefill: the tokens are written to cache slots start..start+seq-1 of every sequence
+    # prefill: the tokens are written to cache positions start..start+seq-1 of every sequence
     start: int = 0
     # decode (seq == 1): cache_lens [batch] = valid keys per sequence including the new one;
     # max_len = its maximum, known on the host so that no device->host sync is needed
@@ -20,3 +20,5 @@ class StepInfo:
     max_len: int = 0
     # rows of the final hidden state that need logits, [n] indices into batch*seq
     logit_rows: torch.Tensor | None = None
+    # the KV cache slot of each sequence, int64 [batch]; None: slots 0..batch-1
+    slots: torch.Tensor | None = None

@@ -1,0 +1,220 @@
+"""The engine: admit sequences into KV cache slots, run one step of a plan, release them.
+
+One loop drives every entry point: `generate()` (engine/generate.py) admits its prompts,
+prefills them in one step and decodes until each finishes; a server's scheduler admits and
+aborts between steps. A step prefills its prompt chunks (right-padded into one forward per
+distinct start position: causal attention never lets a real token see padding) and decodes
+its sequences (each at its own position, in its own slot; the fused CPU step when there is
+one), then samples one token for every sequence whose prompt is done. Finished sequences
+leave the batch and free their slot, so they cost nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence as Seq
+
+import torch
+
+from tp_runtime.communicator import Communicator
+from tp_runtime.config import ModelConfig
+from tp_runtime.engine.sampling import Sampler, SamplingParams
+from tp_runtime.engine.sequence import Chunk, Sequence, StepPlan, TokenEvent
+from tp_runtime.engine.stats import RunStats
+from tp_runtime.errors import GenerationError
+from tp_runtime.model.kv_cache import KVCache
+from tp_runtime.model.step import StepInfo
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        comm: Communicator,
+        cfg: ModelConfig,
+        max_seq_len: int,
+        max_batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        fault: tuple[int, int] | None = None,
+        decode_context: Callable[[], ContextManager] = nullcontext,
+        fused_decode: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        """decode_context: entered around a run of decode steps (the CPU GEMV kernel's thread
+        handover). fused_decode: (tokens, positions, slots) -> logits, the allocation-free decode
+        step (model/fused_decode.py) that replaces the eager one."""
+        self.model, self.comm, self.cfg = model, comm, cfg
+        self.max_seq_len, self.max_batch, self.device = max_seq_len, max_batch, device
+        self.cache = KVCache(cfg.num_layers, max_batch, model.heads.num_kv_local, max_seq_len, cfg.head_dim, dtype, device)
+        self.fault = fault
+        self.decode_context = decode_context
+        self.fused_decode = fused_decode
+        self.sampler = Sampler(device)
+        self.stats = RunStats()
+        self.free_slots = list(range(max_batch))
+        self.running: dict[int, Sequence] = {}
+
+    @property
+    def last_stats(self) -> RunStats:
+        return self.stats
+
+    def reset_stats(self) -> None:
+        """Start a new run's counts: this engine's and the communicator's."""
+        self.stats = RunStats()
+        self.comm.stats.reset()
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: Seq[int], i: int = 0) -> None:
+        if not prompt:
+            raise GenerationError(f"prompt {i} is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise GenerationError(
+                f"prompt {i} has {len(prompt)} tokens, but the context holds {self.max_seq_len} "
+                f"(--max-seq-len, at most the model's {self.cfg.max_position_embeddings}) and needs room for at least one new token"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {self.cfg.vocab_size}): {bad[:5]}")
+
+    def check_batch(self, prompts: Seq[Seq[int]]) -> None:
+        if not prompts:
+            raise GenerationError("no prompt given")
+        if len(prompts) > len(self.free_slots):
+            raise GenerationError(
+                f"{len(prompts)} prompts exceed the batch size the KV cache was sized for ({self.max_batch}, "
+                f"{len(self.free_slots)} free); raise --max-batch-size"
+            )
+        for i, p in enumerate(prompts):
+            self.check_prompt(p, i)
+
+    def add(self, seq_id: int, prompt: Seq[int], params: SamplingParams, slot: int | None = None) -> Sequence:
+        """Admit a sequence into a free KV cache slot (the lowest, unless a plan names one)."""
+        self.check_prompt(prompt, seq_id)
+        if seq_id in self.running:
+            raise GenerationError(f"sequence {seq_id} is already running")
+        if not self.free_slots or (slot is not None and slot not in self.free_slots):
+            raise GenerationError(f"no free KV cache slot for sequence {seq_id} (slot {slot}; free: {self.free_slots}; --max-batch-size {self.max_batch})")
+        slot = min(self.free_slots) if slot is None else slot
+        self.free_slots.remove(slot)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.cfg.eos_token_ids))
+        seq = Sequence(seq_id, list(prompt), params, slot, min(params.max_new_tokens, self.max_seq_len - len(prompt)), stops)
+        self.running[seq_id] = seq
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Free a sequence's slot (finished, or aborted): its cache row is then another's."""
+        if self.running.pop(seq.seq_id, None) is seq:
+            self.free_slots.append(seq.slot)
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            seq.finish_reason = "abort"
+        self.release(seq)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def step(self, plan: StepPlan) -> list[TokenEvent]:
+        """Run one step: its prefill chunks, then its decodes; one token event per sequence that
+        picked a token (a prompt's last chunk, every decode). Finished sequences are released."""
+        events: list[TokenEvent] = []
+        for chunk in plan.prefill:
+            s = chunk.seq
+            if s.seq_id not in self.running or not s.cached < chunk.stop <= len(s.prompt):
+                raise GenerationError(f"step plan: sequence {s.seq_id} cannot prefill [{s.cached}, {chunk.stop}) of its {len(s.prompt)}-token prompt")
+        for s in plan.decode:
+            if s.seq_id not in self.running or s.finished or not s.prefilled or s.cached != s.num_tokens - 1:
+                raise GenerationError(f"step plan: sequence {s.seq_id} is not ready to decode (cached {s.cached} of {s.num_tokens} tokens)")
+        starts = sorted({c.seq.cached for c in plan.prefill})
+        for start in starts:
+            events += self._prefill([c for c in plan.prefill if c.seq.cached == start], start)
+        if plan.decode:
+            events += self._decode(plan.decode)
+        return events
+
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[TokenEvent]:
+        tokens = self.sampler(logits, [(s.params, len(s.output)) for s in seqs])
+        events = [s.append(t) for s, t in zip(seqs, tokens)]
+        for s in seqs:
+            if s.finished:
+                self.release(s)
+        return events
+
+    def _slots(self, slots: list[int]) -> torch.Tensor | None:
+        """Cache rows as an index, or None when they are rows 0..n-1 in order (the cache is then
+        read as a view)."""
+        return None if slots == list(range(len(slots))) else torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def _padded(self, token_lists: Seq[Seq[int]]) -> torch.Tensor:
+        """Right-padded ids [n, longest] on the device."""
+        ids = torch.zeros(len(token_lists), max(len(t) for t in token_lists), dtype=torch.long)
+        for i, t in enumerate(token_lists):
+            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return ids.to(self.device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _prefill(self, chunks: Seq[Chunk], start: int) -> list[TokenEvent]:
+        t0 = time.perf_counter()
+        dev = self.device
+        lens = [c.stop - start for c in chunks]
+        width = max(lens)
+        ids = self._padded([c.seq.prompt[start : c.stop] for c in chunks])
+        done = [i for i, c in enumerate(chunks) if c.stop == len(c.seq.prompt)]  # rows that pick a token
+        positions = torch.arange(start, start + width, device=dev).expand(len(chunks), width)
+        logit_rows = torch.tensor([i * width + lens[i] - 1 for i in done], dtype=torch.long, device=dev)
+        step = StepInfo(positions, prefill=True, start=start, logit_rows=logit_rows, slots=self._slots([c.seq.slot for c in chunks]))
+        with self.comm.stats.in_phase("prefill"):
+            logits = self.model(ids, step, self.cache)
+        for c in chunks:
+            c.seq.cached = c.stop
+        events = self._sample(logits, [chunks[i].seq for i in done]) if done else []
+        self._sync()
+        t1 = time.perf_counter()
+        self.stats.prompt_tokens += sum(lens)
+        self.stats.prefill_seconds += t1 - t0
+        self.comm.stats.span("prefill", t0, t1, tokens=sum(lens))
+        return events
+
+    def _decode(self, seqs: Seq[Sequence]) -> list[TokenEvent]:
+        if self.fault is not None and self.fault == (self.comm.rank, self.stats.decode_steps):
+            raise RuntimeError(f"injected fault on rank {self.comm.rank} at decode step {self.stats.decode_steps} (test hook)")
+        t0 = time.perf_counter()
+        tokens = [s.output[-1] for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [s.slot for s in seqs]
+        with self.comm.stats.in_phase("decode"):
+            if self.fused_decode is not None:
+                logits = self.fused_decode(tokens, positions, None if slots == list(range(len(slots))) else slots)
+            else:
+                dev = self.device
+                pos = torch.tensor(positions, dtype=torch.long, device=dev)
+                step = StepInfo(pos[:, None], prefill=False, cache_lens=pos + 1, max_len=max(positions) + 1, slots=self._slots(slots))
+                logits = self.model(torch.tensor(tokens, dtype=torch.long, device=dev)[:, None], step, self.cache)
+        for s in seqs:
+            s.cached += 1
+        events = self._sample(logits, seqs)
+        t1 = time.perf_counter()
+        st = self.stats
+        st.decode_steps += 1
+        st.decode_tokens += len(seqs)
+        st.decode_seconds += t1 - t0
+        self.comm.stats.span("decode step", t0, t1, step=st.decode_steps)
+        return events
+
+    # ---- scoring ---------------------------------------------------------------------------
+
+    def prompt_logits(self, prompts: Seq[Seq[int]]) -> list[torch.Tensor]:
+        """float32 logits at every prompt position ([len_i, vocab] each), in free slots."""
+        self.check_batch(prompts)
+        ids = self._padded(prompts)
+        width = ids.shape[1]
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        slots = self._slots(sorted(self.free_slots)[: len(prompts)])
+        with self.comm.stats.in_phase("prefill"):
+            logits = self.model(ids, StepInfo(positions, prefill=True, start=0, slots=slots), self.cache)
+        logits = logits.view(len(prompts), width, -1)
+        return [logits[i, : len(p)] for i, p in enumerate(prompts)]
