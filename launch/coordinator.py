@@ -13,16 +13,16 @@ import json
 import logging
 import secrets
 import socket
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
 from tp_runtime import sharding
 from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint, open_index
-from tp_runtime.checkpoint.loader import read_slice, validate
+from tp_runtime.checkpoint.loader import validate
+from tp_runtime.checkpoint.mapped import MappedCheckpoint, release_pages
+from tp_runtime.checkpoint.names import TensorEntry
 from tp_runtime.comm.control import ControlClient
 from tp_runtime.comm.sockets import new_context
 from tp_runtime.comm.protocol import Kind
@@ -60,16 +60,22 @@ def _local_address_towards(host: str) -> str:
         return s.getsockname()[0]
 
 
-def _stream_slices(client: ControlClient, index: CheckpointIndex, names: list[str], cfg: ModelConfig, tp: int, rank: int) -> int:
+def _stream_slices(client: ControlClient, index: CheckpointIndex, entries: list[TensorEntry], cfg: ModelConfig, tp: int, rank: int) -> int:
     """Send worker `rank` exactly its slices; returns the bytes sent."""
-    client.send(Kind.WEIGHTS_BEGIN, {"names": names})
+    client.send(Kind.WEIGHTS_BEGIN, {"names": [e.hf_name for e in entries]})
     sent = 0
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in index.files}
-        for i, name in enumerate(names):
-            data = read_slice(handles[index.tensors[name].file], name, sharding.spec(name, cfg, tp, rank))
+    files = MappedCheckpoint(index)
+    try:
+        for i, e in enumerate(entries):
+            view = files.view(e.hf_name, sharding.spec(e.role, e.kind, cfg, tp, rank))
+            # a copy: zmq sends without copying, after the mapping may be gone
+            data = torch.empty_like(view, memory_format=torch.contiguous_format).copy_(view)
+            release_pages(view)
             client.send(Kind.WEIGHTS, tensor=data, seq=i)
             sent += data.numel() * data.element_size()
+            del data, view
+    finally:
+        files.close()
     return sent
 
 
@@ -90,7 +96,7 @@ def run_with_workers(
     sharding.check_tp(cfg, tp)
     fp = fingerprint(model_dir)
     index = open_index(model_dir)  # checked once, before any worker is contacted
-    tensor_names = [e.hf_name for e in validate(index, cfg)]
+    entries = validate(index, cfg)
     gen_cfg_path = Path(model_dir) / "generation_config.json"
     rank_names = ["coordinator"] + [f"worker {h}:{p}" for h, p in workers]
     ctx = new_context()
@@ -117,7 +123,7 @@ def run_with_workers(
         for rank, c in enumerate(clients, start=1):
             msg = c.recv(READY_TIMEOUT_S, "job set-up")
             if msg.kind is Kind.NEED_WEIGHTS:
-                streamed += _stream_slices(c, index, tensor_names, cfg, tp, rank)
+                streamed += _stream_slices(c, index, entries, cfg, tp, rank)
                 msg = c.recv(READY_TIMEOUT_S, "receiving weights")
             if msg.kind is not Kind.READY:
                 raise ConfigError(f"worker {c.name} answered {msg.kind.name} instead of READY")

@@ -20,7 +20,8 @@ from tp_runtime.cli import main
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ConfigError
 from tp_runtime.model.kv_cache import KVCache
-from tp_runtime.model.quant import quantize_int8_
+from tp_runtime.model.quant import INT8, Int8ColumnParallelLinear, Int8RowParallelLinear
+from tp_runtime.model.registry import linear_kinds
 from tp_runtime.model.registry import model_class
 from tp_runtime.placement import PlacementError, Tier
 from tp_runtime.units import format_bytes, parse_bytes
@@ -42,9 +43,7 @@ def build_meta(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: in
     """This rank's shard of the real model, on the meta device (shapes and dtypes, no data)."""
     comm = SimpleNamespace(rank=rank, world_size=tp)
     with torch.device("meta"):
-        model = model_class(cfg)(cfg, comm, TORCH_DTYPES[dtype], max_seq_len)
-        if quantize == "int8":
-            quantize_int8_(model)
+        model = model_class(cfg)(cfg, comm, TORCH_DTYPES[dtype], max_seq_len, linear_kinds(quantize))
     return model
 
 
@@ -131,11 +130,8 @@ def test_shard_bytes_int8_real_cpu_model():
     """The same on a materialised CPU model, quantised by the runtime's own code."""
     cfg = make_cfg(8, 2, architecture="Qwen2ForCausalLM")
     tp, rank, dtype = 3, 1, "bfloat16"
-    torch.manual_seed(0)
-    model = model_class(cfg)(cfg, SimpleNamespace(rank=rank, world_size=tp), torch.bfloat16, 16)
-    for p in model.parameters():
-        p.data.normal_()
-    assert quantize_int8_(model) == 4 * cfg.num_layers
+    model = model_class(cfg)(cfg, SimpleNamespace(rank=rank, world_size=tp), torch.bfloat16, 16, INT8)
+    assert sum(isinstance(m, (Int8ColumnParallelLinear, Int8RowParallelLinear)) for m in model.modules()) == 4 * cfg.num_layers
     s = placement.shard_bytes(cfg, tp, rank, dtype, 16, 1, quantize="int8")
     assert list(s.layers) == [module_bytes(layer) for layer in model.layers]
     for layer in model.layers:

@@ -60,3 +60,17 @@ def test_int8_linear_matches_dequantised_weights_at_every_shape():
         got = kernels.int8_linear(x, q, s)
         rel = ((got - want).norm() / want.norm()).item()
         assert got.shape == (rows, n) and rel < 1e-2, (rows, k, n, rel)  # bf16 activations: ~0.3% relative
+
+
+def test_int8_layers_are_built_on_meta_and_quantise_each_slice_as_it_loads(hf_checkpoints):
+    """The int8 classes are chosen when the model is built (no float weight is ever allocated
+    for them) and each q/k/v or gate/up slice is quantised as it arrives: exactly what
+    quantising the whole float shard gives, scale for scale."""
+    path, _ = hf_checkpoints["llama_gqa"]
+    f32, i8 = _load(path), _load(path, quantize="int8")
+    for name, m in i8.engine.model.named_modules():
+        if isinstance(m, (Int8ColumnParallelLinear, Int8RowParallelLinear)):
+            assert not hasattr(m, "weight") and [n for n, _ in m.named_parameters()] in ([], ["bias"])
+            float_weight = f32.engine.model.get_submodule(name).weight
+            q, s = quantize_per_channel(float_weight)
+            assert torch.equal(m.qweight, q) and torch.equal(m.scales, s.to(m.scales.dtype)), name

@@ -200,7 +200,7 @@ def test_check_tp_too_large(heads, tp):
     with pytest.raises(ShardingError):
         sharding.head_layout(cfg, tp, 0)
     with pytest.raises(ShardingError):
-        sharding.spec("model.norm.weight", cfg, tp, 0)
+        sharding.spec("norm", "weight", cfg, tp, 0)
 
 
 @pytest.mark.parametrize("tp", [0, -1])
@@ -279,10 +279,10 @@ def test_spec_reassembles_every_tensor(cfg_name, tp, weights):
     roles_seen = set()
     specs_by_name = {}
     for e in entries:
-        role, kind = sharding.role_of(e.hf_name)
+        role, kind = e.role, e.kind
         roles_seen.add((role, kind))
         full = torch.randn(e.shape, generator=gen, dtype=torch.float64)
-        specs = [sharding.spec(e.hf_name, cfg, tp, r, weights) for r in range(tp)]
+        specs = [sharding.spec(e.role, e.kind, cfg, tp, r, weights) for r in range(tp)]
         specs_by_name[e.hf_name] = specs
         pieces = [_take(full, s) for s in specs]
         where = f"{e.hf_name} tp={tp} weights={weights}"
@@ -355,12 +355,41 @@ def test_spec_reassembles_every_tensor(cfg_name, tp, weights):
             assert (emb.start, emb.stop) == (head.start, head.stop)
 
 
-def test_spec_unknown_tensor_raises():
+def test_spec_unknown_role_raises():
     cfg = make_cfg(8, 2)
     with pytest.raises(ShardingError, match="rotary_emb"):
-        sharding.spec("model.layers.0.self_attn.rotary_emb.inv_freq", cfg, 2, 0)
-    with pytest.raises(ShardingError):
-        sharding.spec("weight", cfg, 2, 0)
+        sharding.spec("rotary_emb", "inv_freq", cfg, 2, 0)
+
+
+def test_roles_come_from_the_names_table():
+    """Every expected tensor names its role; the role is the module its HF name ends in (the
+    table, not a parser, is what sharding reads)."""
+    cfg = make_cfg(8, 2, qkv_bias=True)
+    for e in expected_tensors(cfg):
+        assert e.hf_name.split(".")[-2:] == [e.role, e.kind], e
+
+
+@pytest.mark.parametrize(("total", "parts", "weights", "unit", "want"), [
+    (1024, 2, None, 256, [512, 512]),
+    (1536, 4, None, 256, [512, 512, 256, 256]),  # uneven, on blocks
+    (1536, 3, [1, 1, 2], 256, [512, 256, 768]),
+    (96, 3, None, 32, [32, 32, 32]),
+])
+def test_split_on_units(total, parts, weights, unit, want):
+    assert sharding.split_sizes(total, parts, weights, unit) == want
+    assert all(n % unit == 0 for n in want)
+
+
+def test_split_on_units_refuses_what_no_unit_split_can_do():
+    with pytest.raises(ShardingError, match="whole units of 256"):
+        sharding.split_sizes(1000, 2, unit=256)
+    cfg = make_cfg(8, 2, inter=512)
+    with pytest.raises(ShardingError, match="without any"):
+        sharding.intermediate_range(cfg, 4, 3, unit=256)  # 2 blocks for 4 ranks
+    lo, hi = sharding.intermediate_range(cfg, 2, 1, unit=256)
+    assert (lo, hi) == (256, 512)
+    s = sharding.spec("down_proj", "weight", cfg, 2, 1, unit=256)
+    assert (s.dim, s.start, s.stop) == (1, 256, 512)
 
 
 # ---------------------------------------------------------------------------------------------

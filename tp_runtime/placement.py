@@ -88,7 +88,7 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
     layer_of: dict[str, int | None] = {}
     for e in expected_tensors(cfg):
         layer_of[e.target] = e.layer
-        shape = sliced_shape(e.shape, sharding.spec(e.hf_name, cfg, tp, rank))
+        shape = sliced_shape(e.shape, sharding.spec(e.role, e.kind, cfg, tp, rank))
         if e.slot is not None:  # slots stack rows into one parameter
             rows_cols = merged.setdefault(e.target, [0, *shape[1:]])
             rows_cols[0] += shape[0]

@@ -27,16 +27,21 @@ from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ShardingError
 
 
-def split_sizes(total: int, parts: int, weights: Sequence[float] | None = None) -> list[int]:
-    """Split `total` units into `parts` contiguous sizes, proportional to `weights`.
+def split_sizes(total: int, parts: int, weights: Sequence[float] | None = None, unit: int = 1) -> list[int]:
+    """Split `total` into `parts` contiguous sizes, proportional to `weights`, each a multiple
+    of `unit` (a quantized format's block: a row-parallel weight's columns are cut on blocks).
 
-    Largest-remainder rounding: with equal weights the sizes differ by at most one and the
-    larger ones come first.
+    Largest-remainder rounding over whole units: with equal weights the sizes differ by at most
+    one unit and the larger ones come first.
     """
     if parts < 1:
         raise ShardingError(f"cannot split into {parts} parts")
     if total < 0:
         raise ShardingError(f"cannot split a negative size {total}")
+    if unit < 1 or total % unit:
+        raise ShardingError(f"cannot split {total} into whole units of {unit}")
+    if unit > 1:
+        return [n * unit for n in split_sizes(total // unit, parts, weights)]
     if weights is None:
         weights = [1.0] * parts
     if len(weights) != parts or any(not math.isfinite(w) or w <= 0 for w in weights):
@@ -51,9 +56,9 @@ def split_sizes(total: int, parts: int, weights: Sequence[float] | None = None) 
     return sizes
 
 
-def split_ranges(total: int, parts: int, weights: Sequence[float] | None = None) -> list[tuple[int, int]]:
+def split_ranges(total: int, parts: int, weights: Sequence[float] | None = None, unit: int = 1) -> list[tuple[int, int]]:
     ranges, start = [], 0
-    for size in split_sizes(total, parts, weights):
+    for size in split_sizes(total, parts, weights, unit):
         ranges.append((start, start + size))
         start += size
     return ranges
@@ -109,9 +114,14 @@ def head_layout(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] |
     return HeadLayout(q_start, q_stop, kv_start, kv_stop, kv_of_q)
 
 
-def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
+def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None, unit: int = 1) -> tuple[int, int]:
+    """The MLP's intermediate features of `rank`: whole units of `unit` (down_proj's column
+    blocks); every rank needs at least one."""
     check_tp(cfg, tp)
-    return split_ranges(cfg.intermediate_size, tp, weights)[rank]
+    lo, hi = split_ranges(cfg.intermediate_size, tp, weights, unit)[rank]
+    if lo == hi:
+        raise ShardingError(f"the MLP's {cfg.intermediate_size} features in units of {unit} leave rank {rank} of tp={tp} without any; use a smaller tp")
+    return lo, hi
 
 
 def vocab_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
@@ -162,17 +172,12 @@ _STYLE_BY_ROLE = {
 }
 
 
-def role_of(name: str) -> tuple[str, str]:
-    """'model.layers.3.self_attn.q_proj.weight' -> ('q_proj', 'weight')."""
-    parts = name.split(".")
-    if len(parts) < 2 or parts[-2] not in _STYLE_BY_ROLE:
-        raise ShardingError(f"no sharding rule for tensor {name!r}")
-    return parts[-2], parts[-1]
-
-
-def spec(name: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> ShardSpec:
-    """The slice of checkpoint tensor `name` that `rank` of `tp` reads."""
-    role, kind = role_of(name)
+def spec(role: str, kind: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None, unit: int = 1) -> ShardSpec:
+    """The slice of a checkpoint tensor that `rank` of `tp` reads, by its role (the names
+    table's: "q_proj", "down_proj", ...) and kind ("weight" or "bias"); `unit` as for
+    intermediate_range."""
+    if role not in _STYLE_BY_ROLE:
+        raise ShardingError(f"no sharding rule for a tensor of role {role!r}")
     style = _STYLE_BY_ROLE[role]
     hd = cfg.head_dim
     heads = head_layout(cfg, tp, rank, weights)
@@ -186,7 +191,7 @@ def spec(name: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[floa
     elif role in ("k_proj", "v_proj"):
         lo, hi = heads.kv_start * hd, heads.kv_stop * hd
     elif role in ("gate_proj", "up_proj", "down_proj"):
-        lo, hi = intermediate_range(cfg, tp, rank, weights)
+        lo, hi = intermediate_range(cfg, tp, rank, weights, unit)
     else:  # o_proj: its input is the concatenated q heads
         lo, hi = heads.q_start * hd, heads.q_stop * hd
     if style is Parallel.ROW:

@@ -1,6 +1,6 @@
-"""Which safetensors files a model folder has, and what tensors (name, shape, dtype) they hold.
+"""Which checkpoint files a model folder has, and a record of every tensor they hold.
 
-Reads headers only: nothing here touches tensor data.
+Reads headers only (through the format's reader): nothing here touches tensor data.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
+from tp_runtime.checkpoint.safetensors_reader import read_records
+from tp_runtime.checkpoint.tensor import TensorRecord
 from tp_runtime.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -24,17 +24,10 @@ SLICES_META = "slices.json"
 
 
 @dataclass(frozen=True)
-class TensorMeta:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # safetensors' name: F32, BF16, F16, I64, ...
-
-
-@dataclass(frozen=True)
 class CheckpointIndex:
     model_dir: Path
     files: tuple[Path, ...]
-    tensors: dict[str, TensorMeta]
+    tensors: dict[str, TensorRecord]
     sliced_for: tuple[int, int] | None = None  # (tp, rank) when the files hold one rank's slices only
 
 
@@ -62,27 +55,25 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file{hint}")
 
 
+def index_files(folder: Path, files: tuple[Path, ...], sliced_for: tuple[int, int] | None = None) -> CheckpointIndex:
+    """The records of every tensor in `files`; a name stored twice is refused."""
+    tensors: dict[str, TensorRecord] = {}
+    for path in files:
+        for name, record in read_records(path).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} is stored twice: in {tensors[name].file.name} and {path.name}")
+            tensors[name] = record
+    return CheckpointIndex(folder, files, tensors, sliced_for)
+
+
 def open_index(model_dir: str | Path) -> CheckpointIndex:
     model_dir = Path(model_dir)
-    tensors: dict[str, TensorMeta] = {}
-    files = _checkpoint_files(model_dir)
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    if name in tensors:
-                        raise CheckpointError(f"tensor {name!r} is stored twice: in {tensors[name].file.name} and {path.name}")
-                    tensors[name] = TensorMeta(path, tuple(sl.get_shape()), sl.get_dtype())
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{path}: cannot read the safetensors header ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
+    files = tuple(_checkpoint_files(model_dir))
     sliced_for = None
     if (model_dir / SLICES_META).is_file():
         meta = json.loads((model_dir / SLICES_META).read_text())
         sliced_for = (int(meta["tp"]), int(meta["rank"]))
-    return CheckpointIndex(model_dir, tuple(files), tensors, sliced_for)
+    return index_files(model_dir, files, sliced_for)
 
 
 def fingerprint(model_dir: str | Path) -> str:

@@ -4,7 +4,7 @@
    config, and that every tensor in the files is used or explicitly ignored; it raises one
    CheckpointError listing everything wrong, before any weight is allocated.
 2. `load_shard` walks the table in names.py: for each tensor, sharding.spec says which rows or
-   columns this rank owns, safetensors' get_slice reads just those, and the layer that owns
+   columns this rank owns, the mapped file is viewed at just those (checkpoint/mapped.py), and the layer that owns
    the parameter puts them in place (its `load_weight(name, data, slot)`, or a plain copy).
    Every parameter slot must be filled exactly once.
 """
@@ -22,7 +22,6 @@ from tp_runtime.checkpoint.names import TensorEntry, expected_tensors, is_ignore
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import CheckpointError
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _MAX_LISTED = 20
 
 
@@ -46,13 +45,13 @@ def validate(index: CheckpointIndex, cfg: ModelConfig, tp: int = 1, rank: int = 
         raise CheckpointError(f"{index.model_dir} holds the slices of rank {index.sliced_for[1]} of tp={index.sliced_for[0]}, not of rank {rank} of tp={tp}")
     for e in entries:
         meta = index.tensors.get(e.hf_name)
-        want = e.shape if index.sliced_for is None else sliced_shape(e.shape, sharding.spec(e.hf_name, cfg, tp, rank))
+        want = e.shape if index.sliced_for is None else sliced_shape(e.shape, sharding.spec(e.role, e.kind, cfg, tp, rank))
         if meta is None:
             problems.append(f"missing tensor {e.hf_name} (expected shape {list(want)})")
         elif meta.shape != want:
             problems.append(f"tensor {e.hf_name} in {meta.file.name} has shape {list(meta.shape)}, config implies {list(want)}")
-        elif meta.dtype not in FLOAT_DTYPES:
-            problems.append(f"tensor {e.hf_name} in {meta.file.name} has dtype {meta.dtype}, expected a float type")
+        elif not meta.storage.is_float:
+            problems.append(f"tensor {e.hf_name} in {meta.file.name} has dtype {meta.storage.name}, expected a float type")
     expected = {e.hf_name for e in entries}
     unused = sorted(n for n in index.tensors if n not in expected and not is_ignored(n, cfg))
     problems += [f"unexpected tensor {n} in {index.tensors[n].file.name} (not used by {cfg.architecture})" for n in unused]
@@ -80,16 +79,6 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
         release_pages(src[lo : lo + step])
 
 
-def read_slice(handle, name: str, spec: sharding.ShardSpec) -> torch.Tensor:
-    """This rank's rows or columns of tensor `name`, read from an open safetensors file."""
-    sl = handle.get_slice(name)
-    if spec.dim is None:
-        return sl[:]
-    if spec.dim == 0:
-        return sl[spec.start : spec.stop]
-    return sl[:, spec.start : spec.stop]
-
-
 def put_weight(root: torch.nn.Module, target: str, data: torch.Tensor, slot: str | None) -> None:
     """Copy `data` into parameter `target` of `root` (or its `slot` of a merged parameter)."""
     module_name, _, param_name = target.rpartition(".")
@@ -98,6 +87,16 @@ def put_weight(root: torch.nn.Module, target: str, data: torch.Tensor, slot: str
         module.load_weight(param_name, data, slot)
     else:
         copy_checked(getattr(module, param_name), data)
+
+
+def _loads_itself(root: torch.nn.Module, target: str) -> bool:
+    """Whether `target` names a weight that its module stores in a form of its own (an int8
+    weight and its scales) through `load_weight`."""
+    module_name, _, _ = target.rpartition(".")
+    try:
+        return hasattr(root.get_submodule(module_name), "load_weight")
+    except AttributeError:
+        return False
 
 
 def load_shard(
@@ -121,10 +120,10 @@ def load_shard(
     try:
         with torch.no_grad():
             for e in progress(entries):
-                if e.target not in params:
+                if e.target not in params and not _loads_itself(model, e.target):
                     raise CheckpointError(f"{e.hf_name}: the model has no parameter {e.target} to load it into")
                 # a slice cache already holds exactly this rank's part
-                spec = None if index.sliced_for else sharding.spec(e.hf_name, cfg, tp, rank)
+                spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
                 data = files.view(e.hf_name, spec)
                 nbytes += data.numel() * data.element_size()
                 try:
@@ -157,7 +156,7 @@ class CheckpointLayerSource:
         self.entries: dict[int, list[tuple[TensorEntry, sharding.ShardSpec | None]]] = {i: [] for i in wanted}
         for e in expected_tensors(cfg):
             if e.layer in wanted:
-                spec = None if index.sliced_for else sharding.spec(e.hf_name, cfg, tp, rank)
+                spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
                 self.entries[e.layer].append((e, spec))
 
     def fill(self, layer: int, module: torch.nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""The checkpoint's safetensors files mapped into memory, tensors as zero-copy views.
+"""The checkpoint's files mapped into memory, tensors as zero-copy views of their records.
 
 Reads go through the mapping, so pages come from the page cache (or the disk) on demand.
 Mapped pages that were touched count in the process's resident memory until they are
@@ -9,10 +9,7 @@ pages can be requested ahead (madvise WILLNEED: the kernel's readahead, no threa
 
 from __future__ import annotations
 
-import json
 import mmap
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +18,6 @@ from tp_runtime import sharding
 from tp_runtime.checkpoint.index import CheckpointIndex
 from tp_runtime.errors import CheckpointError
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8}
 _PAGE = mmap.PAGESIZE
 # live mappings by address, so that a copy can release the pages of any view it just read
 _LIVE: dict[int, tuple[int, mmap.mmap]] = {}  # base address -> (length, mapping)
@@ -43,22 +39,10 @@ def release_pages(view: torch.Tensor) -> None:
             return
 
 
-@dataclass(frozen=True)
-class _Located:
-    mm: mmap.mmap
-    offset: int  # of the first byte, from the start of the file
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def row_bytes(self) -> int:
-        return (self.shape[1] if len(self.shape) > 1 else 1) * self.dtype.itemsize
-
-
 class MappedCheckpoint:
     def __init__(self, index: CheckpointIndex) -> None:
-        self._tensors: dict[str, _Located] = {}
-        self._maps: list[mmap.mmap] = []
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._records = index.tensors
         for path in index.files:
             self._map_file(path)
 
@@ -67,56 +51,55 @@ class MappedCheckpoint:
             # a private mapping is writable from torch's point of view (no read-only buffer
             # warning) and never written, so it shares the page cache's pages
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._maps.append(mm)
+        self._maps[path] = mm
         base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
         _LIVE[base] = (len(mm), mm)
-        (n,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8 : 8 + n])
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if meta["dtype"] not in _TORCH_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has dtype {meta['dtype']}, which cannot be streamed")
-            start, _ = meta["data_offsets"]
-            self._tensors[name] = _Located(mm, 8 + n + start, tuple(meta["shape"]), _TORCH_DTYPES[meta["dtype"]])
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._records)
 
     def view(self, name: str, spec: sharding.ShardSpec | None = None) -> torch.Tensor:
-        """This rank's rows or columns of `name` (all of it without a spec), viewing the mapping."""
-        t = self._tensors[name]
-        full = torch.frombuffer(t.mm, dtype=t.dtype, count=max(1, _numel(t.shape)), offset=t.offset).view(t.shape)
+        """This rank's rows or columns of `name` (all of it without a spec), viewing the mapping.
+        A block-quantized tensor is viewed as its bytes, [rows, bytes per row]; its columns are
+        taken in whole blocks."""
+        t = self._records[name]
+        st = t.storage
+        mm = self._maps[t.file]
+        if st.quantized:
+            rows = t.numel // t.row_values
+            full = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=t.offset).view(rows, t.nbytes // rows)
+            if spec is None or spec.dim is None:
+                return full
+            if spec.dim == 0:
+                return full[spec.start : spec.stop]
+            if spec.start % st.block or spec.stop % st.block:
+                raise CheckpointError(f"{name}: columns [{spec.start}, {spec.stop}) do not fall on its {st.name} blocks of {st.block} values")
+            return full[:, st.nbytes(spec.start) : st.nbytes(spec.stop)]
+        full = torch.frombuffer(mm, dtype=st.torch_dtype, count=max(1, t.numel), offset=t.offset).view(t.shape)
         if spec is None or spec.dim is None:
             return full
         return full.narrow(spec.dim, spec.start, spec.stop - spec.start)
 
     def _span(self, name: str, spec: sharding.ShardSpec | None) -> tuple[int, int]:
         """Page-aligned byte range of the file that holds the slice."""
-        t = self._tensors[name]
-        start, stop = t.offset, t.offset + _numel(t.shape) * t.dtype.itemsize
+        t = self._records[name]
+        start, stop = t.offset, t.offset + t.nbytes
         if spec is not None and spec.dim == 0:  # a row block is contiguous; a column block spans every row
             start, stop = t.offset + spec.start * t.row_bytes, t.offset + spec.stop * t.row_bytes
         lo = start - start % _PAGE
-        hi = min(stop + (-stop) % _PAGE, len(t.mm))
+        hi = min(stop + (-stop) % _PAGE, len(self._maps[t.file]))
         return lo, hi
 
     def willneed(self, name: str, spec: sharding.ShardSpec | None = None) -> None:
         lo, hi = self._span(name, spec)
-        self._tensors[name].mm.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+        self._maps[self._records[name].file].madvise(mmap.MADV_WILLNEED, lo, hi - lo)
 
     def close(self) -> None:
         """Unmap the files. Views made by `view` must not be used afterwards (they would point at
         unmapped memory): every caller copies out of a view before it lets go of it."""
-        for base in [b for b, (_, mm) in _LIVE.items() if any(mm is m for m in self._maps)]:
+        maps = list(self._maps.values())
+        for base in [b for b, (_, mm) in _LIVE.items() if any(mm is m for m in maps)]:
             del _LIVE[base]
-        for mm in self._maps:
+        for mm in maps:
             mm.close()
         self._maps.clear()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

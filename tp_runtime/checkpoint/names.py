@@ -19,7 +19,9 @@ class TensorEntry:
     shape: tuple[int, ...]  # global shape the config implies
     target: str  # our parameter, e.g. "layers.3.attn.qkv_proj.weight"
     slot: str | None  # slot of a merged parameter ("q", "k", "v", "gate", "up")
-    layer: int | None = None  # the decoder layer it belongs to (None: embedding, final norm, head)
+    layer: int | None  # the decoder layer it belongs to (None: embedding, final norm, head)
+    role: str  # what it is, for sharding.spec: "q_proj", "down_proj", "embed_tokens", ...
+    kind: str  # "weight" or "bias"
 
     @property
     def target_in_layer(self) -> str:
@@ -36,29 +38,27 @@ _IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 def expected_tensors(cfg: ModelConfig) -> list[TensorEntry]:
     h, inter, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.q_size, cfg.kv_size
-    out = [TensorEntry(EMBEDDING_NAME, (v, h), "embed_tokens.weight", None)]
+    out = [TensorEntry(EMBEDDING_NAME, (v, h), "embed_tokens.weight", None, None, "embed_tokens", "weight")]
+
+    def add(layer: int, hf_module: str, role: str, shape: tuple[int, ...], target: str, slot: str | None, bias: bool) -> None:
+        hf = f"model.layers.{layer}.{hf_module}"
+        ours = f"layers.{layer}.{target}"
+        out.append(TensorEntry(f"{hf}.weight", shape, f"{ours}.weight", slot, layer, role, "weight"))
+        if bias:
+            out.append(TensorEntry(f"{hf}.bias", shape[:1], f"{ours}.bias", slot, layer, role, "bias"))
+
     for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}", f"layers.{i}"
-        attn = [("q", q), ("k", kv), ("v", kv)]
-        for slot, rows in attn:
-            out.append(TensorEntry(f"{hf}.self_attn.{slot}_proj.weight", (rows, h), f"{ours}.attn.qkv_proj.weight", slot, i))
-            if cfg.qkv_bias:
-                out.append(TensorEntry(f"{hf}.self_attn.{slot}_proj.bias", (rows,), f"{ours}.attn.qkv_proj.bias", slot, i))
-        out.append(TensorEntry(f"{hf}.self_attn.o_proj.weight", (h, q), f"{ours}.attn.o_proj.weight", None, i))
-        if cfg.o_bias:
-            out.append(TensorEntry(f"{hf}.self_attn.o_proj.bias", (h,), f"{ours}.attn.o_proj.bias", None, i))
+        for slot, rows in (("q", q), ("k", kv), ("v", kv)):
+            add(i, f"self_attn.{slot}_proj", f"{slot}_proj", (rows, h), "attn.qkv_proj", slot, cfg.qkv_bias)
+        add(i, "self_attn.o_proj", "o_proj", (h, q), "attn.o_proj", None, cfg.o_bias)
         for slot in ("gate", "up"):
-            out.append(TensorEntry(f"{hf}.mlp.{slot}_proj.weight", (inter, h), f"{ours}.mlp.gate_up_proj.weight", slot, i))
-            if cfg.mlp_bias:
-                out.append(TensorEntry(f"{hf}.mlp.{slot}_proj.bias", (inter,), f"{ours}.mlp.gate_up_proj.bias", slot, i))
-        out.append(TensorEntry(f"{hf}.mlp.down_proj.weight", (h, inter), f"{ours}.mlp.down_proj.weight", None, i))
-        if cfg.mlp_bias:
-            out.append(TensorEntry(f"{hf}.mlp.down_proj.bias", (h,), f"{ours}.mlp.down_proj.bias", None, i))
-        out.append(TensorEntry(f"{hf}.input_layernorm.weight", (h,), f"{ours}.input_layernorm.weight", None, i))
-        out.append(TensorEntry(f"{hf}.post_attention_layernorm.weight", (h,), f"{ours}.post_attention_layernorm.weight", None, i))
-    out.append(TensorEntry("model.norm.weight", (h,), "norm.weight", None))
+            add(i, f"mlp.{slot}_proj", f"{slot}_proj", (inter, h), "mlp.gate_up_proj", slot, cfg.mlp_bias)
+        add(i, "mlp.down_proj", "down_proj", (h, inter), "mlp.down_proj", None, cfg.mlp_bias)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out.append(TensorEntry(f"model.layers.{i}.{norm}.weight", (h,), f"layers.{i}.{norm}.weight", None, i, norm, "weight"))
+    out.append(TensorEntry("model.norm.weight", (h,), "norm.weight", None, None, "norm", "weight"))
     if not cfg.tie_word_embeddings:
-        out.append(TensorEntry("lm_head.weight", (v, h), "lm_head.weight", None))
+        out.append(TensorEntry("lm_head.weight", (v, h), "lm_head.weight", None, None, "lm_head", "weight"))
     return out
 
 

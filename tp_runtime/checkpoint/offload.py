@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
-from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint
+from tp_runtime.checkpoint.index import fingerprint, index_files
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.checkpoint.mapped import MappedCheckpoint
 from tp_runtime.errors import CheckpointError
@@ -100,7 +100,7 @@ class OffloadedLayerSource:
         self.layers = sorted(layers)
         files = tuple(_layer_file(folder, i) for i in self.layers)
         self._file_index = {i: n for n, i in enumerate(self.layers)}
-        self.files = [MappedCheckpoint(CheckpointIndex(folder, (f,), {})) for f in files]
+        self.files = [MappedCheckpoint(index_files(folder, (f,))) for f in files]
 
     def fill(self, layer: int, module: torch.nn.Module) -> int:
         files = self.files[self._file_index[layer]]

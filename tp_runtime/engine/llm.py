@@ -37,8 +37,7 @@ from tp_runtime import kernels
 from tp_runtime.kernels import cpu_gemv
 from tp_runtime.model import fused_decode
 from tp_runtime.model.linear import use_cpu_gemv_
-from tp_runtime.model.quant import quantize_int8_
-from tp_runtime.model.registry import model_class
+from tp_runtime.model.registry import linear_kinds, model_class
 
 log = logging.getLogger("tp_runtime")
 
@@ -84,10 +83,9 @@ def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
 
 
 def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype):
-    """How the loaded model multiplies: int8 twins, the CPU GEMV kernel, or BLAS. Returns the
+    """How the loaded model multiplies: the int8 kernel, the CPU GEMV kernel, or BLAS. Returns the
     context the decode loop runs in."""
     if runtime.quantize == "int8":
-        quantize_int8_(model)
         if device.type == "cpu" and runtime.gemv != "blas" and cpu_gemv.available() and cpu_gemv.has_int8_dot():
             use_cpu_gemv_([model])  # the float LM head
             return cpu_gemv.decode_threads
@@ -190,7 +188,7 @@ class LLM:
         if comm is None:
             comm = create_communicator(parallel, device, runtime.comm, decode_message_bytes(cfg, parallel.world_size, runtime.max_batch_size, dtype))
         with torch.device("meta"):
-            model = model_class(cfg)(cfg, comm, dtype, max_seq_len)
+            model = model_class(cfg)(cfg, comm, dtype, max_seq_len, linear_kinds(runtime.quantize))
         # the runtime before any weight (interpreter, torch and what the meta build imports,
         # tokenizer, transport buffers): what a memory budget does not cover
         rss_at_start = rss_bytes()

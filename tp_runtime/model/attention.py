@@ -11,26 +11,26 @@ from tp_runtime import kernels
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig
 from tp_runtime.model.kv_cache import KVCache
-from tp_runtime.model.linear import ColumnParallelLinear, RowParallelLinear
+from tp_runtime.model.linear import FLOAT, LinearKinds
 from tp_runtime.model.step import StepInfo
 from tp_runtime.sharding import HeadLayout
 
 
 class ParallelAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, heads: HeadLayout, layer: int, dtype: torch.dtype, comm: Communicator) -> None:
+    def __init__(self, cfg: ModelConfig, heads: HeadLayout, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT) -> None:
         super().__init__()
         self.layer = layer
         self.head_dim = cfg.head_dim
         self.q_heads_local = heads.num_q_local
         self.kv_heads_local = heads.num_kv_local
         hd = cfg.head_dim
-        self.qkv_proj = ColumnParallelLinear(
+        self.qkv_proj = linears.column(
             cfg.hidden_size,
             [("q", heads.num_q_local * hd), ("k", heads.num_kv_local * hd), ("v", heads.num_kv_local * hd)],
             bias=cfg.qkv_bias,
             dtype=dtype,
         )
-        self.o_proj = RowParallelLinear(heads.num_q_local * hd, cfg.hidden_size, cfg.o_bias, dtype, comm, site=f"layer.{layer}.attn_out")
+        self.o_proj = linears.row(heads.num_q_local * hd, cfg.hidden_size, cfg.o_bias, dtype, comm, site=f"layer.{layer}.attn_out")
         # an uneven q->kv mapping (a group cut by the split) is passed to the kernel explicitly
         self._kv_of_q = None if heads.uniform_group is not None else list(heads.kv_head_of_q)
         self.register_buffer("kv_head_of_q", torch.empty(len(heads.kv_head_of_q) if self._kv_of_q else 0, dtype=torch.long), persistent=False)

@@ -6,6 +6,8 @@ weight, so a decode step runs one GEMV instead of three; `slots` name the row ra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,14 +24,19 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, slots: list[tuple[str, int]], bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
-        self.slot_rows: dict[str, tuple[int, int]] = {}
-        start = 0
-        for name, rows in slots:
-            self.slot_rows[name] = (start, start + rows)
-            start += rows
-        self.out_features_local = start
+        self.slot_rows = self.slot_table(slots)
+        self.out_features_local = start = sum(rows for _, rows in slots)
         self.weight = nn.Parameter(torch.empty(start, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(start, dtype=dtype), requires_grad=False) if bias else None
+
+    @staticmethod
+    def slot_table(slots: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+        """Each merged slot's row range [lo, hi)."""
+        table, start = {}, 0
+        for name, rows in slots:
+            table[name] = (start, start + rows)
+            start += rows
+        return table
 
     def load_weight(self, name: str, data: torch.Tensor, slot: str | None) -> None:
         param = getattr(self, name)
@@ -88,6 +95,18 @@ def bind_row_parallel(binder, gemv, site: str, bias: torch.Tensor | None):
         reduce(nb)
 
     return binder.bound(gemv.x, run)
+
+
+@dataclass(frozen=True)
+class LinearKinds:
+    """The linear classes of one weight format, chosen when the model is built on meta: each
+    loads its format's data (floats, or raw quantized blocks) straight into its own storage."""
+
+    column: type
+    row: type
+
+
+FLOAT = LinearKinds(ColumnParallelLinear, RowParallelLinear)
 
 
 def use_cpu_gemv_(modules) -> int:

@@ -19,18 +19,18 @@ from tp_runtime.config import ModelConfig
 from tp_runtime.model.attention import ParallelAttention
 from tp_runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from tp_runtime.model.kv_cache import KVCache
-from tp_runtime.model.linear import ColumnParallelLinear, RowParallelLinear
+from tp_runtime.model.linear import FLOAT, LinearKinds
 from tp_runtime.model.norm import RMSNorm
 from tp_runtime.model.rope import RotaryTable
 from tp_runtime.model.step import StepInfo
 
 
 class ParallelMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator) -> None:
+    def __init__(self, cfg: ModelConfig, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT) -> None:
         super().__init__()
         self.inter_local = inter_local
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter_local), ("up", inter_local)], cfg.mlp_bias, dtype)
-        self.down_proj = RowParallelLinear(inter_local, cfg.hidden_size, cfg.mlp_bias, dtype, comm, site=f"layer.{layer}.mlp_out")
+        self.gate_up_proj = linears.column(cfg.hidden_size, [("gate", inter_local), ("up", inter_local)], cfg.mlp_bias, dtype)
+        self.down_proj = linears.row(inter_local, cfg.hidden_size, cfg.mlp_bias, dtype, comm, site=f"layer.{layer}.mlp_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter_local, dim=-1)  # [batch, seq, inter_local] each
@@ -59,12 +59,12 @@ class ParallelMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, heads: sharding.HeadLayout, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator) -> None:
+    def __init__(self, cfg: ModelConfig, heads: sharding.HeadLayout, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = ParallelAttention(cfg, heads, layer, dtype, comm)
+        self.attn = ParallelAttention(cfg, heads, layer, dtype, comm, linears)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm)
+        self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm, linears)
 
     def retarget(self, layer: int) -> None:
         """Make this module act as decoder layer `layer` (a staging layer of streamed weights):
@@ -102,7 +102,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_seq_len: int) -> None:
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_seq_len: int, linears: LinearKinds = FLOAT) -> None:
+        """linears: the linear classes of the weights' format (model/linear.py FLOAT, model/quant.py INT8)."""
         super().__init__()
         tp, rank = comm.world_size, comm.rank
         self.cfg = cfg
@@ -111,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
         vocab_ranges = sharding.split_ranges(cfg.vocab_size, tp)
         self.embed_tokens = VocabParallelEmbedding(vocab_ranges, sharding.vocab_shard_padded(cfg, tp), rank, cfg.hidden_size, dtype, comm, site="embed")
         self._layer_args = (cfg, self.heads, hi - lo)
-        self._dtype, self._comm = dtype, comm
+        self._dtype, self._comm, self._linears = dtype, comm, linears
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(self.embed_tokens, vocab_ranges, cfg.tie_word_embeddings, comm, site="lm_head")
@@ -119,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
 
     def make_layer(self, i: int) -> DecoderLayer:
         """A fresh decoder layer i of this shard (on the current default device)."""
-        return DecoderLayer(*self._layer_args, i, self._dtype, self._comm)
+        return DecoderLayer(*self._layer_args, i, self._dtype, self._comm, self._linears)
 
     def init_buffers(self) -> None:
         """Fill the non-persistent buffers after the meta-built model is materialised."""

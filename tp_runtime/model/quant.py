@@ -1,9 +1,9 @@
-"""Weight-only int8 layers, made from this rank's loaded float shard (`--quantize int8`).
+"""Weight-only int8 layers (`--quantize int8`): the int8 weight format's linear classes.
 
-Each column- or row-parallel linear is replaced by its int8 twin: the weight becomes int8
-with one float scale per output channel (symmetric, absmax / 127), quantised per shard right
-after loading, so no rank ever holds more than its own slice in float. The embedding, the LM
-head and the norms stay in float. Separate classes, not a branch inside the float layers.
+The model is built with these in place of the float ones (LinearKinds INT8, chosen on meta):
+each float slice is quantised as it loads, to int8 with one scale per output channel
+(symmetric, absmax / 127), so no rank ever holds a float copy of its shard. The embedding,
+the LM head and the norms stay in float. Separate classes, not a branch inside the float layers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from tp_runtime import kernels
-from tp_runtime.model.linear import ColumnParallelLinear, RowParallelLinear, bind_row_parallel
+from tp_runtime.checkpoint.loader import copy_checked
+from tp_runtime.checkpoint.mapped import release_pages
+from tp_runtime.communicator import Communicator
+from tp_runtime.model.linear import ColumnParallelLinear, LinearKinds, bind_row_parallel
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,20 +27,41 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class _Int8Linear(nn.Module):
-    def __init__(self, src: nn.Module) -> None:
+    """int8 weight [out, in] with one scale per output row (in the model's dtype), filled from
+    float checkpoint slices as they load: each slice's rows are quantised on their own, so
+    quantising a slot at a time gives what quantising the whole shard would."""
+
+    def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
-        q, scales = quantize_per_channel(src.weight.data)
-        dtype = src.weight.dtype
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         # the CPU kernel's int8 path takes the weight's 64-block sums (a 3% side table, rebuilt
-        # from qweight, so not saved)
-        sums = kernels.cpu_gemv.int8_block_sums(q) if q.device.type == "cpu" else None
+        # from qweight, so not saved); None where it cannot run (in % 64)
+        blocks = in_features // kernels.cpu_gemv.INT8_BLOCK
+        sums = torch.empty(out_features, blocks, dtype=torch.int16) if in_features % kernels.cpu_gemv.INT8_BLOCK == 0 else None
         self.register_buffer("block_sums", sums, persistent=False)
-        self.bias = src.bias
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def _rows(self, slot: str | None) -> tuple[int, int]:
+        return 0, self.qweight.shape[0]
+
+    def load_weight(self, name: str, data: torch.Tensor, slot: str | None) -> None:
+        lo, hi = self._rows(slot)
+        if name == "bias":
+            copy_checked(self.bias[lo:hi], data)
+            return
+        if tuple(data.shape) != (hi - lo, self.qweight.shape[1]):
+            raise ValueError(f"slice of shape {list(data.shape)} does not fit rows [{lo}, {hi}) of an int8 weight of shape {list(self.qweight.shape)}")
+        q, scales = quantize_per_channel(data)
+        release_pages(data)
+        self.qweight[lo:hi].copy_(q)
+        self.scales[lo:hi].copy_(scales)
+        if self.block_sums is not None and self.qweight.device.type == "cpu":
+            self.block_sums[lo:hi].copy_(kernels.cpu_gemv.int8_block_sums(q))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int8_linear(x, self.qweight, self.scales, self.block_sums)
+        sums = self.block_sums if self.qweight.device.type == "cpu" else None
+        return kernels.int8_linear(x, self.qweight, self.scales, sums)
 
     def fused_problem(self) -> str | None:
         if self.block_sums is None or not kernels.cpu_gemv.has_int8_dot():
@@ -49,9 +73,15 @@ class _Int8Linear(nn.Module):
 
 
 class Int8ColumnParallelLinear(_Int8Linear):
-    def __init__(self, src: ColumnParallelLinear) -> None:
-        super().__init__(src)
-        self.slot_rows, self.out_features_local = src.slot_rows, src.out_features_local
+    """ColumnParallelLinear's twin: the same constructor and merged slots."""
+
+    def __init__(self, in_features: int, slots: list[tuple[str, int]], bias: bool, dtype: torch.dtype) -> None:
+        self.slot_rows = ColumnParallelLinear.slot_table(slots)
+        self.out_features_local = sum(rows for _, rows in slots)
+        super().__init__(self.out_features_local, in_features, bias, dtype)
+
+    def _rows(self, slot: str | None) -> tuple[int, int]:
+        return self.slot_rows[slot] if slot is not None else (0, self.out_features_local)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x)
@@ -62,9 +92,11 @@ class Int8ColumnParallelLinear(_Int8Linear):
 
 
 class Int8RowParallelLinear(_Int8Linear):
-    def __init__(self, src: RowParallelLinear) -> None:
-        super().__init__(src)
-        self.comm, self.site = src.comm, src.site
+    """RowParallelLinear's twin: the same constructor, the all-reduce after the product."""
+
+    def __init__(self, in_features_local: int, out_features: int, bias: bool, dtype: torch.dtype, comm: Communicator, site: str) -> None:
+        super().__init__(out_features, in_features_local, bias, dtype)
+        self.comm, self.site = comm, site
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x)
@@ -75,15 +107,4 @@ class Int8RowParallelLinear(_Int8Linear):
         return bind_row_parallel(binder, self._bind_gemv(binder, out), self.site, self.bias)
 
 
-def quantize_int8_(model: nn.Module) -> int:
-    """Replace every parallel linear of `model` by its int8 twin, in place; returns how many."""
-    swaps = []
-    for name, module in model.named_modules():
-        if isinstance(module, ColumnParallelLinear):
-            swaps.append((name, Int8ColumnParallelLinear(module)))
-        elif isinstance(module, RowParallelLinear):
-            swaps.append((name, Int8RowParallelLinear(module)))
-    for name, new in swaps:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return len(swaps)
+INT8 = LinearKinds(Int8ColumnParallelLinear, Int8RowParallelLinear)

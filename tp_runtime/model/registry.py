@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ConfigError
+from tp_runtime.model.linear import FLOAT, LinearKinds
 from tp_runtime.model.llama import LlamaForCausalLM
+from tp_runtime.model.quant import INT8
 
 # Mistral and Qwen2 are Llama blocks with different flags (bias, window), read into ModelConfig.
 MODEL_CLASSES = {
@@ -19,3 +21,14 @@ def model_class(cfg: ModelConfig) -> type:
         return MODEL_CLASSES[cfg.architecture]
     except KeyError:
         raise ConfigError(f"architecture {cfg.architecture!r} has no model class; supported: {', '.join(sorted(MODEL_CLASSES))}") from None
+
+
+# --quantize -> the linear classes of that weight format (None: the checkpoint's floats)
+LINEAR_KINDS = {None: FLOAT, "int8": INT8}
+
+
+def linear_kinds(quantize: str | None) -> LinearKinds:
+    try:
+        return LINEAR_KINDS[quantize]
+    except KeyError:
+        raise ConfigError(f"--quantize {quantize}: supported are {', '.join(k for k in LINEAR_KINDS if k)}") from None
