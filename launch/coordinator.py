@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from tp_runtime import sharding
+from tp_runtime.checkpoint.gguf_reader import gguf_files
 from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint, open_index
 from tp_runtime.checkpoint.loader import validate
 from tp_runtime.checkpoint.mapped import MappedCheckpoint, release_pages
@@ -91,6 +92,8 @@ def run_with_workers(
 ) -> dict[str, Any]:
     """Drive the workers through a job and run rank 0 here with `run_rank0(parallel, comm, extra)`;
     extra holds what the coordinator learnt (bytes of weights streamed) for the result."""
+    if gguf_files(model_dir) is not None:
+        raise ConfigError(f"{model_dir}: GGUF files run locally and under torchrun for now; --workers takes a Hugging Face folder (safetensors)")
     cfg = ModelConfig.from_model_dir(model_dir)
     tp = len(workers) + 1
     sharding.check_tp(cfg, tp)

@@ -281,9 +281,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any] | None:
 def _check_before_spawn(args: argparse.Namespace, tp: int) -> None:
     """Fail in the launcher, once, for errors every rank would hit (bad folder, tp > heads)."""
     from tp_runtime import sharding
-    from tp_runtime.config import ModelConfig
+    from tp_runtime.checkpoint.model_files import load_config
 
-    cfg = ModelConfig.from_model_dir(args.model)
+    cfg = load_config(args.model)
     sharding.check_tp(cfg, tp)
 
 

@@ -44,6 +44,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # per-frequency divisors given outright (a GGUF's rope_freqs tensor: llama3 scaling as stored
+    # by llama.cpp's converter); applied after rope_type
+    freq_factors: tuple[float, ...] = ()
 
 
 def _architecture(raw: dict[str, Any], source: str) -> str:

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from tp_runtime import placement, sharding, sol
+from tp_runtime.checkpoint.model_files import load_config
 from tp_runtime.config import DTYPE_NAMES, ModelConfig, RuntimeConfig
 from tp_runtime.units import format_bytes, parse_bandwidth
 
@@ -82,7 +83,7 @@ def estimate(plans: list[placement.RankPlan]) -> dict[str, Any]:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    cfg = ModelConfig.from_model_dir(args.model)
+    cfg = load_config(args.model)
     plans, context = plan_all_ranks(cfg, args)
     est = estimate(plans)
     fast = plans[0].fast

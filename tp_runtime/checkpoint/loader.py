@@ -50,8 +50,8 @@ def validate(index: CheckpointIndex, cfg: ModelConfig, tp: int = 1, rank: int = 
             problems.append(f"missing tensor {e.hf_name} (expected shape {list(want)})")
         elif meta.shape != want:
             problems.append(f"tensor {e.hf_name} in {meta.file.name} has shape {list(meta.shape)}, config implies {list(want)}")
-        elif not meta.storage.is_float:
-            problems.append(f"tensor {e.hf_name} in {meta.file.name} has dtype {meta.storage.name}, expected a float type")
+        elif not (meta.storage.is_float or (meta.storage.quantized and len(meta.shape) == 2)):
+            problems.append(f"tensor {e.hf_name} in {meta.file.name} has dtype {meta.storage.name}, expected a float or a block-quantized type")
     expected = {e.hf_name for e in entries}
     unused = sorted(n for n in index.tensors if n not in expected and not is_ignored(n, cfg))
     problems += [f"unexpected tensor {n} in {index.tensors[n].file.name} (not used by {cfg.architecture})" for n in unused]
@@ -124,7 +124,7 @@ def load_shard(
                     raise CheckpointError(f"{e.hf_name}: the model has no parameter {e.target} to load it into")
                 # a slice cache already holds exactly this rank's part
                 spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
-                data = files.view(e.hf_name, spec)
+                data = files.values(e.hf_name, spec)
                 nbytes += data.numel() * data.element_size()
                 try:
                     put_weight(model, e.target, data, e.slot)
@@ -163,7 +163,7 @@ class CheckpointLayerSource:
         nbytes = 0
         with torch.no_grad():
             for e, spec in self.entries[layer]:
-                data = self.files.view(e.hf_name, spec)
+                data = self.files.values(e.hf_name, spec)
                 nbytes += data.numel() * data.element_size()
                 put_weight(module, e.target_in_layer, data, e.slot)  # releases the mapped pages as it copies
         return nbytes

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tp_runtime import sharding
+from tp_runtime.checkpoint.codecs import dequantize, unpermute_rope_rows
 from tp_runtime.checkpoint.index import CheckpointIndex
 from tp_runtime.errors import CheckpointError
 
@@ -79,6 +80,29 @@ class MappedCheckpoint:
         if spec is None or spec.dim is None:
             return full
         return full.narrow(spec.dim, spec.start, spec.stop - spec.start)
+
+    def values(self, name: str, spec: sharding.ShardSpec | None = None) -> torch.Tensor:
+        """This rank's part of `name` as values in the Hugging Face layout: the view itself for a
+        plain tensor stored as is; otherwise a copy, rows put back in order (`rope_row_groups`)
+        and blocks dequantized to float32 (a column range inside blocks decodes the blocks
+        around it and keeps its columns)."""
+        t = self._records[name]
+        st = t.storage
+        if not st.quantized and not t.rope_row_groups:
+            return self.view(name, spec)
+        if st.quantized and spec is not None and spec.dim == 1:
+            lo, hi = spec.start - spec.start % st.block, -(-spec.stop // st.block) * st.block
+            raw = self.view(name, sharding.ShardSpec(spec.style, 1, lo, hi))
+            data = dequantize(raw, st)[:, spec.start - lo : spec.stop - lo]
+        else:
+            raw = self.view(name, spec)
+            data = unpermute_rope_rows(raw, t.rope_row_groups) if t.rope_row_groups else raw
+            if st.quantized:
+                data = dequantize(data.contiguous(), st)
+            elif data.data_ptr() == raw.data_ptr():
+                data = data.clone()
+        release_pages(raw)
+        return data.reshape(-1) if len(t.shape) == 1 else data
 
     def _span(self, name: str, spec: sharding.ShardSpec | None) -> tuple[int, int]:
         """Page-aligned byte range of the file that holds the slice."""

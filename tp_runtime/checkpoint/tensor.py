@@ -49,6 +49,9 @@ class TensorRecord:
     offset: int  # of its first byte, from the start of the file
     shape: tuple[int, ...]  # in values, row-major (the last dimension contiguous)
     storage: StorageType
+    # rows stored in llama.cpp's interleaved RoPE order, in groups (heads) of this many rows
+    # (a llama-type GGUF's q and k): undone row by row when read, blocks untouched; 0: as is
+    rope_row_groups: int = 0
 
     @property
     def numel(self) -> int:

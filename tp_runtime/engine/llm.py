@@ -17,11 +17,11 @@ from typing import Iterator, Sequence
 import torch
 
 from tp_runtime import placement, sharding, sol
-from tp_runtime.checkpoint.index import open_index
+from tp_runtime.checkpoint.model_files import open_model
 from tp_runtime.checkpoint.loader import load_shard, validate
 from tp_runtime.checkpoint.mapped import MappedCheckpoint
 from tp_runtime.checkpoint.names import EMBEDDING_NAME
-from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
+from tp_runtime.checkpoint.tokenizer import encode_prompt
 from tp_runtime.comm import create as create_communicator
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
@@ -148,6 +148,8 @@ class LLM:
         self.rss_at_start = 0
         self.embedding_map = None  # the mapped checkpoint the fused decode step reads embedding rows from
         self.memory_at_load: dict[str, int] = {}
+        self.chat_template: str | None = None  # the model's own (tokenizer_config.json, or the GGUF's)
+        self.format = "safetensors"
 
     @property
     def comm(self):
@@ -157,7 +159,8 @@ class LLM:
     def load(cls, model_dir: str | Path, parallel: ParallelConfig, runtime: RuntimeConfig, comm: Communicator | None = None) -> LLM:
         """comm: an existing communicator to reuse (several models in one job); default: a new one."""
         t0 = time.perf_counter()
-        cfg = ModelConfig.from_model_dir(model_dir)
+        files = open_model(model_dir)  # config, tensor records, tokenizer: headers only
+        cfg = files.cfg
         sharding.check_tp(cfg, parallel.world_size)
         max_seq_len = runtime.resolve_max_seq_len(cfg)
         device = pick_device(runtime, parallel)
@@ -172,9 +175,8 @@ class LLM:
         if runtime.num_threads and device.type == "cpu":
             torch.set_num_threads(runtime.num_threads)
         # everything checkable is checked before a byte is allocated or a peer is contacted
-        index = open_index(model_dir)
+        index, tokenizer = files.index, files.tokenizer
         entries = validate(index, cfg, parallel.world_size, parallel.rank)
-        tokenizer = load_tokenizer(model_dir)
         if runtime.decode_step == "fused" and (why := fused_decode.unsupported_setup(device, dtype)):
             raise ConfigError(f"--decode-step fused: the fused step cannot run here: {why}")
         plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len)
@@ -207,6 +209,7 @@ class LLM:
         embedding_map = _embedding_lookup_(engine.fused_decode, model, comm, index, device) if model.embed_tokens.split else None
         llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)
         llm.embedding_map = embedding_map
+        llm.chat_template, llm.format = files.chat_template, files.format
         llm.plan, llm.streamer, llm.rss_at_start = plan, streamer, rss_at_start
         llm.memory_at_load = llm.memory()
         log.info("rank %d: %.1f MB of weights read, %d of %d layers streamed, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, len(plan.streamed), cfg.num_layers, engine.cache.nbytes / 1e6, device)

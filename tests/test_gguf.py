@@ -1,0 +1,216 @@
+"""GGUF input: tiny files written with the `gguf` package's writer, every supported type, read,
+sliced and loaded, against transformers' own GGUF loader; bad files refused with a clear error."""
+
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import last_json, run_cli
+from tp_runtime import sharding
+from tp_runtime.checkpoint.codecs import dequantize
+from tp_runtime.checkpoint.mapped import MappedCheckpoint
+from tp_runtime.checkpoint.model_files import open_model
+from tp_runtime.checkpoint.synthetic import llama_config_dict
+from tp_runtime.checkpoint.synthetic_gguf import write_gguf
+from tp_runtime.config import ParallelConfig, RuntimeConfig
+from tp_runtime.engine.llm import LLM
+from tp_runtime.engine.sampling import SamplingParams
+from tp_runtime.errors import CheckpointError
+
+pytest.importorskip("gguf")
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+PROMPT = [1, 5, 9, 200, 17, 33, 250, 4]
+
+
+def _cfg(arch: str) -> dict:
+    # K-quant blocks are 256 values: hidden, q heads x head size and the MLP are multiples of it
+    return llama_config_dict(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512, vocab_size=300, architecture=ARCHS[arch])
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+def _file(gguf_dir, arch: str, qtype: str):
+    path = gguf_dir / f"{arch}-{qtype}.gguf"
+    if not path.is_file():
+        write_gguf(path, _cfg(arch), qtype, seed=3)
+    return path
+
+
+def _load(path, **kw):
+    return LLM.load(path, ParallelConfig(), RuntimeConfig(show_progress=False, max_seq_len=64, **kw))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_logits_and_greedy_tokens_match_transformers_gguf_loader(gguf_dir, arch, qtype):
+    """Weights dequantized at load (the gguf package's codecs, as transformers'), q/k rows put
+    back from llama.cpp's order: float32 logits equal to transformers' to 1e-4 (the same
+    float32 weights; only the summation order of the ops differs), greedy tokens identical."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    path = _file(gguf_dir, arch, qtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=path.name, dtype=torch.float32)
+    llm = _load(path)
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT])).logits[0]
+    got = llm.prompt_logits([PROMPT])[0]
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    ours = [e.token_id for e in llm.generate([PROMPT], SamplingParams(max_new_tokens=16, ignore_eos=True))]
+    theirs = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, len(PROMPT) :].tolist()
+    assert ours == theirs
+    llm.close()
+
+
+@pytest.mark.parametrize(("arch", "qtype", "tp"), [("llama", "Q4_K", 2), ("llama", "Q4_1", 3), ("qwen2", "Q8_0", 2), ("qwen2", "Q6_K", 4)])
+def test_tp_gives_the_tokens_of_tp1(gguf_dir, arch, qtype, tp):
+    """tp=3 and 4 split 4 heads unevenly (2/1/1, 1/1/1/1): o_proj's column ranges then fall
+    inside 256-value K-quant blocks, which a rank decodes around its range."""
+    path = _file(gguf_dir, arch, qtype)
+    common = ["generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "16", "--ignore-eos", "--json", "--quiet", "--max-seq-len", "64"]
+    one = last_json(run_cli(common).stdout)
+    many = run_cli([*common, "--tp", str(tp)])
+    assert many.returncode == 0, many.stderr[-2000:]
+    assert last_json(many.stdout)["output_ids"] == one["output_ids"]
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_every_slice_decodes_to_the_matching_slice_of_the_whole(gguf_dir, qtype):
+    """Row ranges (column-parallel) and column ranges (row-parallel, on blocks or inside them)
+    of every type, at tp 1..4, equal that part of the whole tensor decoded."""
+    files = open_model(_file(gguf_dir, "llama", qtype))
+    mapped = MappedCheckpoint(files.index)
+    try:
+        for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"):
+            whole = mapped.values(name).clone()
+            for tp in range(1, 5):
+                for r in range(tp):
+                    e = next(e for e in _entries(files.cfg) if e.hf_name == name)
+                    spec = sharding.spec(e.role, e.kind, files.cfg, tp, r)
+                    part = mapped.values(name, spec)
+                    want = whole.narrow(spec.dim, spec.start, spec.stop - spec.start)
+                    assert torch.equal(part, want), (name, tp, r)
+    finally:
+        mapped.close()
+
+
+def _entries(cfg):
+    from tp_runtime.checkpoint.names import expected_tensors
+
+    return expected_tensors(cfg)
+
+
+def test_quantized_bytes_are_decoded_by_the_gguf_reference_codecs(gguf_dir):
+    """The bytes of a Q4_K tensor as records locate them, decoded, are what the gguf package's
+    own reader gives for that tensor (offsets and shapes read right)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize as reference
+
+    path = _file(gguf_dir, "llama", "Q4_K")
+    files = open_model(path)
+    mapped = MappedCheckpoint(files.index)
+    try:
+        reader = GGUFReader(path)
+        t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+        rec = files.index.tensors["model.layers.1.mlp.down_proj.weight"]
+        assert rec.shape == tuple(reversed(t.shape.tolist())) and rec.nbytes == t.n_bytes
+        assert np.array_equal(dequantize(mapped.view(rec.name), rec.storage).numpy(), reference(t.data, t.tensor_type))
+    finally:
+        mapped.close()
+
+
+def test_gguf_tokenizer_encodes_like_the_tokenizer_it_was_written_from(gguf_dir, tmp_path):
+    from tp_runtime.checkpoint.synthetic import train_byte_tokenizer
+    from tokenizers import Tokenizer
+
+    train_byte_tokenizer(300, tmp_path / "tokenizer.json")
+    want = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    got = open_model(_file(gguf_dir, "llama", "Q8_0")).tokenizer
+    for text in ["The quick brown fox", "tensor parallelism, 42 ranks!", "  spaces\tand\nnewlines", "</s> is special"]:
+        assert got.encode(text).ids == want.encode(text).ids, text
+        assert got.decode(got.encode(text).ids) == want.decode(want.encode(text).ids)
+
+
+# ---------------------------------------------------------------- bad files
+
+
+def _corrupt(src, dst, edit):
+    data = bytearray(src.read_bytes())
+    edit(data)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _tensor_info_offset(data: bytes, name: str) -> int:
+    """Byte offset of tensor `name`'s info (its name length field) in the header."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.find(key)
+    assert at > 0
+    return at
+
+
+@pytest.mark.parametrize("case", ["magic", "version", "truncated", "type", "misaligned", "overlap", "block"])
+def test_bad_files_are_refused_naming_the_problem(gguf_dir, tmp_path, case):
+    src = _file(gguf_dir, "llama", "Q8_0")
+    name = "blk.0.ffn_down.weight"
+
+    def info(data):
+        at = _tensor_info_offset(data, name) + 8 + len(name)
+        n_dims = struct.unpack_from("<I", data, at)[0]
+        return at + 4 + 8 * n_dims  # the type id, then the u64 data offset
+
+    edits = {
+        "magic": (lambda d: d.__setitem__(slice(0, 4), b"GGUX"), "not a readable GGUF"),
+        "version": (lambda d: d.__setitem__(slice(4, 8), struct.pack("<I", 7)), "unsupported version"),
+        "truncated": (lambda d: d.__delitem__(slice(len(d) - 5000, len(d))), "truncated"),
+        "type": (lambda d: struct.pack_into("<I", d, info(d), 10), "has type Q2_K"),
+        "misaligned": (lambda d: struct.pack_into("<Q", d, info(d) + 4, struct.unpack_from("<Q", d, info(d) + 4)[0] + 1), "alignment"),
+        "overlap": (lambda d: struct.pack_into("<Q", d, info(d) + 4, 0), "overlap"),
+        "block": (lambda d: struct.pack_into("<Q", d, _tensor_info_offset(d, name) + 8 + len(name) + 4, 500), "multiple of its Q8_0 block of 32"),
+    }
+    edit, message = edits[case]
+    bad = _corrupt(src, tmp_path / "bad.gguf", edit)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message) as err:
+        open_model(bad)
+    assert time.perf_counter() - t0 < 1.0
+    assert "bad.gguf" in str(err.value)
+    if case in ("type", "misaligned", "block"):
+        assert name in str(err.value)
+
+
+def test_missing_and_unknown_tensors_and_metadata_are_named(gguf_dir, tmp_path):
+    from gguf import GGUFWriter
+
+    def rewrite(dst, drop_tensor=None, drop_key=None, extra_tensor=None):
+        from gguf import GGUFReader
+
+        reader = GGUFReader(_file(gguf_dir, "llama", "F32"))
+        w = GGUFWriter(str(dst), "llama")
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture" or key == drop_key:
+                continue
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+        for t in reader.tensors:
+            if t.name != drop_tensor:
+                w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        if extra_tensor:
+            w.add_tensor(extra_tensor, np.zeros(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return dst
+
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
+        llm = _load(rewrite(tmp_path / "a.gguf", drop_tensor="blk.1.ffn_up.weight"))
+    with pytest.raises(CheckpointError, match="llama.block_count"):
+        open_model(rewrite(tmp_path / "b.gguf", drop_key="llama.block_count"))
+    with pytest.raises(CheckpointError, match="blk.0.mystery.weight"):
+        open_model(rewrite(tmp_path / "c.gguf", extra_tensor="blk.0.mystery.weight"))
