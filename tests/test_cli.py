@@ -19,8 +19,17 @@ def test_generate_batch_of_prompt_ids_matches_single_runs(small_model):
     assert [o["output_ids"] for o in batch["outputs"]] == single
 
 
-def test_demo_runs_and_compares(tmp_path):
-    r = run_cli(["demo", "--cache-dir", str(tmp_path / "demo"), "--max-new-tokens", "12"], timeout=180)
+def test_demo_asks_the_real_model_and_compares(smollm2):
+    """The README's first command: SmolLM2 (fetched into the user's cache once) answers through
+    its chat template at tp=1 and tp=2, with the same tokens."""
+    r = run_cli(["demo", "--max-new-tokens", "16"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Paris" in r.stdout and r.stdout.count("> What is the capital of France") == 2
+    assert "tp=1 and tp=2 produced identical tokens (16 generated)" in r.stdout
+
+
+def test_demo_with_the_random_model(tmp_path):
+    r = run_cli(["demo", "--random", "--cache-dir", str(tmp_path / "demo"), "--max-new-tokens", "12"], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tp=1 and tp=2 produced identical tokens (12 generated)" in r.stdout
-    assert (tmp_path / "demo" / "tokenizer.json").is_file()
+    assert (tmp_path / "demo" / "demo-llama-v1" / "tokenizer.json").is_file()

@@ -131,3 +131,38 @@ def test_a_consumer_that_stops_early_frees_the_slots(small_model):
     events.close()
     assert sorted(llm.engine.free_slots) == [0, 1] and not llm.engine.running
     assert llm.engine.last_stats.finish_reasons == ["abort", "abort"]
+
+
+def test_release_of_a_stale_record_keeps_a_newer_sequence_under_the_same_id(small_model):
+    llm = _load(small_model, max_batch_size=2)
+    eng = llm.engine
+    old = eng.add(0, [1, 2], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    eng.step(StepPlan(prefill=(Chunk(old, 2),)))
+    assert old.finished and eng.free_slots == [1, 0]
+    new = eng.add(0, [3, 4], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    eng.abort(old)  # a stale handle: nothing of the new sequence's goes
+    assert eng.running == {0: new} and sorted(eng.free_slots) == [1]
+    eng.step(StepPlan(prefill=(Chunk(new, 2),)))
+    with pytest.raises(GenerationError, match="appears twice"):
+        eng.step(StepPlan(decode=(new, new)))
+    llm.close()
+
+
+def test_a_failed_admission_frees_the_slots_already_taken(small_model):
+    llm = _load(small_model, max_batch_size=3)
+    eng = llm.engine
+    blocker = eng.add(1, [5], SamplingParams())
+    with pytest.raises(GenerationError, match="already running"):
+        list(llm.generate([[1, 2], [3]], SamplingParams()))  # prompt 1 collides with id 1
+    assert eng.running == {1: blocker} and len(eng.free_slots) == 2
+    llm.close()
+
+
+def test_identical_prompts_in_one_call_sample_independently(small_model):
+    llm = _load(small_model, max_batch_size=2)
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, seed=3, ignore_eos=True)
+    events = list(llm.generate([[1, 2, 3], [1, 2, 3]], params))
+    a, b = ([e.token_id for e in events if e.seq == i] for i in (0, 1))
+    assert a != b
+    assert a == [e.token_id for e in llm.generate([[1, 2, 3]], params)]  # the first is the prompt alone
+    llm.close()

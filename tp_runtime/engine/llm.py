@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 from tp_runtime import placement, sharding, sol
+from tp_runtime.checkpoint.chat import chat_prompt_ids
 from tp_runtime.checkpoint.model_files import open_model
 from tp_runtime.checkpoint.loader import load_shard, validate
 from tp_runtime.checkpoint.mapped import MappedCheckpoint
@@ -217,6 +218,10 @@ class LLM:
 
     def encode(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation through the model's chat template, ready for the answer."""
+        return chat_prompt_ids(self.tokenizer, self.chat_template, messages, self.cfg.bos_token_id, self.cfg.eos_token_ids)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[TokenEvent]:
         return generate(self.engine, prompts, params)

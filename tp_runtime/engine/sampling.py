@@ -57,12 +57,15 @@ class Sampler:
     request's tokens do not depend on which requests share its batch or in which row it sits,
     and every rank, holding the same logits, picks the same token without a broadcast."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.generator = torch.Generator(device=device)
+    def __init__(self) -> None:
+        # noise is drawn on the CPU: a device generator's stream may depend on the device model
+        # (launch geometry), and ranks on different GPUs, or GPU and CPU ranks, must agree
+        self.generator = torch.Generator(device="cpu")
         self._greedy: torch.Tensor | None = None  # the greedy tokens, one buffer reused every step
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
-        """logits: [n, vocab] float32; rows: each row's (params, index of the token it picks)."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[tuple[SamplingParams, int, int]]) -> list[int]:
+        """logits: [n, vocab] float32; rows: each row's (params, noise seed, index of the token it
+        picks)."""
         n = logits.shape[0]
         if len(rows) != n:
             raise ValueError(f"sampler: {len(rows)} rows of parameters for {n} rows of logits")
@@ -71,9 +74,9 @@ class Sampler:
             out = self._greedy = torch.empty(max(n, 8), dtype=torch.long, device=logits.device)
         torch.argmax(logits, dim=-1, out=out[:n])
         tokens = out[:n].tolist()
-        for i, (params, index) in enumerate(rows):
+        for i, (params, seed, index) in enumerate(rows):
             if params.temperature > 0:
-                self.generator.manual_seed(noise_seed(params.seed, index))
+                self.generator.manual_seed(noise_seed(seed, index))
                 tokens[i] = self._sample(logits[i], params)
         return tokens
 
@@ -88,6 +91,6 @@ class Sampler:
             drop = (sorted_p.cumsum(dim=-1) - sorted_p) > p.top_p  # keep the smallest prefix reaching top_p
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.empty_like(x).scatter_(-1, order, sorted_x)
-        probs = x.softmax(dim=-1)
+        probs = x.softmax(dim=-1).cpu()
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         return int((probs / noise).argmax())

@@ -29,6 +29,7 @@ class Sequence:
     slot: int  # its KV cache row
     max_new: int  # tokens it may generate: max_new_tokens within the context left after the prompt
     stops: frozenset[int]  # token ids that finish it
+    seed: int  # of its sampling noise (with the token index)
     output: list[int] = field(default_factory=list)
     cached: int = 0  # leading tokens (prompt, then output) whose keys and values are in the slot
     finish_reason: str | None = None

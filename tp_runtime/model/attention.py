@@ -11,7 +11,7 @@ from tp_runtime import kernels
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig
 from tp_runtime.model.kv_cache import KVCache
-from tp_runtime.model.linear import FLOAT, LinearKinds
+from tp_runtime.model.linear import FLOAT, LinearKinds, linear_binding_problem
 from tp_runtime.model.step import StepInfo
 from tp_runtime.sharding import HeadLayout
 
@@ -66,8 +66,8 @@ class ParallelAttention(nn.Module):
 
     def fused_problem(self) -> str | None:
         for m in (self.qkv_proj, self.o_proj):
-            if why := m.fused_problem():
-                return f"attention {type(m).__name__} {why}"
+            if why := linear_binding_problem(m):
+                return f"attention {why}"
         return None
 
     def bind_decode(self, binder):

@@ -97,6 +97,15 @@ def bind_row_parallel(binder, gemv, site: str, bias: torch.Tensor | None):
     return binder.bound(gemv.x, run)
 
 
+def linear_binding_problem(m: nn.Module) -> str | None:
+    """Why linear `m` cannot bind into the fused decode step ("<Class> ..."), or None."""
+    probe = getattr(m, "fused_problem", None)
+    if probe is None or not hasattr(m, "bind_decode"):
+        return f"{type(m).__name__} has no fused binding"
+    why = probe()
+    return f"{type(m).__name__} {why}" if why else None
+
+
 @dataclass(frozen=True)
 class LinearKinds:
     """The linear classes of one weight format, chosen when the model is built on meta: each

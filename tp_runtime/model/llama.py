@@ -19,7 +19,7 @@ from tp_runtime.config import ModelConfig
 from tp_runtime.model.attention import ParallelAttention
 from tp_runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from tp_runtime.model.kv_cache import KVCache
-from tp_runtime.model.linear import FLOAT, LinearKinds
+from tp_runtime.model.linear import FLOAT, LinearKinds, linear_binding_problem
 from tp_runtime.model.norm import RMSNorm
 from tp_runtime.model.rope import RotaryTable
 from tp_runtime.model.step import StepInfo
@@ -38,8 +38,8 @@ class ParallelMLP(nn.Module):
 
     def fused_problem(self) -> str | None:
         for m in (self.gate_up_proj, self.down_proj):
-            if why := m.fused_problem():
-                return f"MLP {type(m).__name__} {why}"
+            if why := linear_binding_problem(m):
+                return f"MLP {why}"
         return None
 
     def bind_decode(self, binder):
@@ -68,7 +68,7 @@ class DecoderLayer(nn.Module):
 
     def retarget(self, layer: int) -> None:
         """Make this module act as decoder layer `layer` (a staging layer of streamed weights):
-        its KV cache slot and the sites its collectives are timed under."""
+        the KV cache layer it reads and writes, and the sites its collectives are timed under."""
         self.attn.layer = layer
         self.attn.o_proj.site = f"layer.{layer}.attn_out"
         self.mlp.down_proj.site = f"layer.{layer}.mlp_out"
@@ -139,6 +139,8 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin, cache, step)
         h, residual = h.flatten(0, 1), residual.flatten(0, 1)
+        if step.logit_rows is not None and step.logit_rows.numel() == 0:  # a mid-prompt chunk: no head (every rank alike)
+            return torch.empty(0, self.cfg.vocab_size, dtype=torch.float32, device=h.device)
         if step.logit_rows is not None:  # only the rows that need logits
             h, residual = h.index_select(0, step.logit_rows), residual.index_select(0, step.logit_rows)
         h, _ = self.norm(h, residual)

@@ -1,8 +1,10 @@
 """Weight-only int8 layers (`--quantize int8`): the int8 weight format's linear classes.
 
 The model is built with these in place of the float ones (LinearKinds INT8, chosen on meta):
-each float slice is quantised as it loads, to int8 with one scale per output channel
-(symmetric, absmax / 127), so no rank ever holds a float copy of its shard. The embedding,
+each float slice is quantised as it loads, a block of rows at a time, to int8 with one scale
+per output channel (symmetric, absmax / 127), so no rank ever holds a float copy of its shard.
+The checkpoint's own values are quantised (a float32 checkpoint run in bfloat16 is not rounded
+to bfloat16 first). The embedding,
 the LM head and the norms stay in float. Separate classes, not a branch inside the float layers.
 """
 
@@ -24,6 +26,9 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
+
+
+_CHUNK_VALUES = 1 << 21  # float values quantised at once (8 MiB of float32)
 
 
 class _Int8Linear(nn.Module):
@@ -52,12 +57,17 @@ class _Int8Linear(nn.Module):
             return
         if tuple(data.shape) != (hi - lo, self.qweight.shape[1]):
             raise ValueError(f"slice of shape {list(data.shape)} does not fit rows [{lo}, {hi}) of an int8 weight of shape {list(self.qweight.shape)}")
-        q, scales = quantize_per_channel(data)
-        release_pages(data)
-        self.qweight[lo:hi].copy_(q)
-        self.scales[lo:hi].copy_(scales)
-        if self.block_sums is not None and self.qweight.device.type == "cpu":
-            self.block_sums[lo:hi].copy_(kernels.cpu_gemv.int8_block_sums(q))
+        # a block of rows at a time (per-row scales: the same result), so the float temporaries
+        # stay small whatever the slice
+        step = max(1, _CHUNK_VALUES // max(1, data.shape[1]))
+        for r in range(0, hi - lo, step):
+            rows = data[r : r + step]
+            q, scales = quantize_per_channel(rows)
+            release_pages(rows)
+            self.qweight[lo + r : lo + r + rows.shape[0]].copy_(q)
+            self.scales[lo + r : lo + r + rows.shape[0]].copy_(scales)
+            if self.block_sums is not None and self.qweight.device.type == "cpu":
+                self.block_sums[lo + r : lo + r + rows.shape[0]].copy_(kernels.cpu_gemv.int8_block_sums(q))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         sums = self.block_sums if self.qweight.device.type == "cpu" else None
