@@ -39,8 +39,8 @@ SHAPES = {  # (out, in)
 COPIES = 6
 
 
-def median_seconds(fn, repeats: int) -> float:
-    for _ in range(3):
+def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):

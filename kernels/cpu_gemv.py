@@ -30,7 +30,7 @@ import torch.nn.functional as F
 log = logging.getLogger("tp_runtime")
 
 # the GEMVs and their thread pool; the fused decode step's other ops (kernels/cpu_decode.py)
-SOURCES = [Path(__file__).with_name("cpu_gemv.c"), Path(__file__).with_name("cpu_decode.c")]
+SOURCES = [Path(__file__).with_name("cpu_gemv.c"), Path(__file__).with_name("cpu_decode.c"), Path(__file__).with_name("cpu_quant.c")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
 
 _lib: ctypes.CDLL | None = None

@@ -50,14 +50,13 @@ def _load(path, **kw):
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_logits_and_greedy_tokens_match_transformers_gguf_loader(gguf_dir, arch, qtype):
-    """Weights dequantized at load (the gguf package's codecs, as transformers'), q/k rows put
-    back from llama.cpp's order: float32 logits equal to transformers' to 1e-4 (the same
-    float32 weights; only the summation order of the ops differs), greedy tokens identical."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    """--gguf-weights dequantize: weights decoded at load (the gguf package's codecs, as
+    transformers'), q/k rows put back from llama.cpp's order: float32 logits equal to
+    transformers' to 1e-4 (the same float32 weights; only the summation order of the ops
+    differs), greedy tokens identical."""
+    hf = _transformers_model(gguf_dir, arch, qtype)
     path = _file(gguf_dir, arch, qtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=path.name, dtype=torch.float32)
-    llm = _load(path)
+    llm = _load(path, gguf_weights="dequantize")
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT])).logits[0]
     got = llm.prompt_logits([PROMPT])[0]
@@ -68,16 +67,92 @@ def test_logits_and_greedy_tokens_match_transformers_gguf_loader(gguf_dir, arch,
     llm.close()
 
 
-@pytest.mark.parametrize(("arch", "qtype", "tp"), [("llama", "Q4_K", 2), ("llama", "Q4_1", 3), ("qwen2", "Q8_0", 2), ("qwen2", "Q6_K", 4)])
-def test_tp_gives_the_tokens_of_tp1(gguf_dir, arch, qtype, tp):
-    """tp=3 and 4 split 4 heads unevenly (2/1/1, 1/1/1/1): o_proj's column ranges then fall
-    inside 256-value K-quant blocks, which a rank decodes around its range."""
+def _transformers_model(gguf_dir, arch, qtype):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
     path = _file(gguf_dir, arch, qtype)
-    common = ["generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "16", "--ignore-eos", "--json", "--quiet", "--max-seq-len", "64"]
+    return transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=path.name, dtype=torch.float32)
+
+
+NATIVE_GAP = 2e-2  # of max |logit|: the int8 activations' rounding (kernels/cpu_quant.py)
+
+
+@pytest.mark.parametrize("decode_step", ["fused", "eager"])
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t[0] == "Q"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_native_blocks_follow_transformers(gguf_dir, arch, qtype, decode_step):
+    """--gguf-weights native (the default on CPU): the linears keep the file's blocks, and
+    prefill (blocks decoded into the GEMM, bit-exact) gives transformers' logits to 1e-4; decode
+    multiplies the blocks against int8-rounded activations, so each greedy token is scored by
+    transformers (teacher-forced on our output) within NATIVE_GAP x max |logit| of its best."""
+    from tp_runtime.model.blocks import BlockColumnParallelLinear, BlockRowParallelLinear
+
+    hf = _transformers_model(gguf_dir, arch, qtype)
+    llm = _load(_file(gguf_dir, arch, qtype), decode_step=decode_step)
+    model = llm.engine.model
+    linears = [m for m in model.modules() if isinstance(m, (BlockColumnParallelLinear, BlockRowParallelLinear))]
+    assert len(linears) == 4 * llm.cfg.num_layers and all(p.storage == qtype for m in linears for p in m.parts)
+    assert (llm.engine.fused_decode is not None) == (decode_step == "fused")
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT])).logits[0]
+    got = llm.prompt_logits([PROMPT])[0]
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    n = 24
+    ours = [e.token_id for e in llm.generate([PROMPT], SamplingParams(max_new_tokens=n, ignore_eos=True))]
+    with torch.no_grad():
+        scored = hf(torch.tensor([PROMPT + ours])).logits[0, len(PROMPT) - 1 : -1]
+    gap = scored.max(-1).values - scored[torch.arange(n), torch.tensor(ours)]
+    assert gap.max().item() <= NATIVE_GAP * scored.abs().max().item(), gap.tolist()
+    llm.close()
+
+
+def test_native_weights_hold_the_files_bytes(gguf_dir):
+    """A rank keeps its slice of each linear as the file's blocks: its layer weights take what
+    the planner counted from the stored types (Q4_K: 4.5 bits a value), not float32."""
+    from tp_runtime.model.blocks import BlockColumnParallelLinear, BlockRowParallelLinear
+
+    path = _file(gguf_dir, "llama", "Q4_K")
+    llm = _load(path)
+    layer_bytes = sum(b.numel() * b.element_size() for m in llm.engine.model.modules() if isinstance(m, (BlockColumnParallelLinear, BlockRowParallelLinear)) for b in m.buffers())
+    files = open_model(path)
+    stored = sum(r.nbytes for n, r in files.index.tensors.items() if ".layers." in n and r.storage.quantized)
+    assert layer_bytes == stored
+    from tp_runtime import placement
+
+    planned = placement.shard_bytes(files.cfg, 1, 0, "float32", 64, 1, blocks=placement.stored_blocks(files.index))
+    norms = sum(r.nbytes for n, r in files.index.tensors.items() if ".layers." in n and not r.storage.quantized)
+    assert sum(planned.layers) == stored + norms
+    llm.close()
+    with pytest.raises(Exception, match="--gguf-weights native keeps the file's blocks"):
+        _load(path, gguf_weights="native", quantize="int8")
+
+
+@pytest.mark.parametrize(("arch", "qtype", "tp", "weights"), [
+    ("llama", "Q4_K", 2, "native"), ("llama", "Q4_1", 3, "native"), ("qwen2", "Q8_0", 2, "native"), ("qwen2", "Q6_K", 4, "native"), ("qwen2", "Q6_K", 4, "dequantize"),
+])
+def test_tp_gives_the_tokens_of_tp1(gguf_dir, arch, qtype, tp, weights):
+    """Native blocks: where every rank's column range falls on blocks, the int8-rounded
+    activation blocks are tp=1's and the tokens are tp=1's. tp=4 splits 4 heads of 64 values
+    inside Q6_K's 256-value blocks: those o_proj slices are decoded around their range and held
+    as float32 (exact activations there), so the tokens are checked against transformers'
+    scores instead (teacher-forced, NATIVE_GAP); dequantized, tp=4 gives tp=1's tokens."""
+    path = _file(gguf_dir, arch, qtype)
+    common = ["generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "16", "--ignore-eos", "--json", "--quiet", "--max-seq-len", "64", "--gguf-weights", weights]
     one = last_json(run_cli(common).stdout)
     many = run_cli([*common, "--tp", str(tp)])
     assert many.returncode == 0, many.stderr[-2000:]
-    assert last_json(many.stdout)["output_ids"] == one["output_ids"]
+    ours = last_json(many.stdout)["output_ids"]
+    cfg, block = open_model(path).cfg, (256 if "_K" in qtype else 32)
+    row_parallel = [sharding.spec(role, "weight", cfg, tp, r) for r in range(tp) for role in ("o_proj", "down_proj")]
+    on_blocks = weights == "dequantize" or all(s.start % block == 0 and s.stop % block == 0 for s in row_parallel)
+    if on_blocks:
+        assert ours == one["output_ids"]
+    else:
+        hf = _transformers_model(gguf_dir, arch, qtype)
+        with torch.no_grad():
+            scored = hf(torch.tensor([PROMPT + ours])).logits[0, len(PROMPT) - 1 : -1]
+        gap = scored.max(-1).values - scored[torch.arange(len(ours)), torch.tensor(ours)]
+        assert gap.max().item() <= NATIVE_GAP * scored.abs().max().item(), gap.tolist()
 
 
 @pytest.mark.parametrize("qtype", TYPES)

@@ -15,6 +15,8 @@ import torch
 
 from tp_runtime import sharding
 from tp_runtime.checkpoint.names import expected_tensors
+from tp_runtime.checkpoint.synthetic import llama_config_dict
+from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ShardingError
 from tp_runtime.sharding import Parallel
 from model_configs import make_cfg
@@ -407,3 +409,17 @@ def test_vocab_shard_padded(vocab, tp, weights):
     assert padded * tp >= vocab
     if weights is None:
         assert padded == -(-vocab // tp)
+
+
+def test_the_mlp_splits_on_the_configs_unit_where_every_rank_gets_one():
+    """A GGUF's down_proj block (cfg.mlp_unit) cuts the MLP on blocks: 512 features of Q4_0
+    (32) at tp 3 are 192/160/160, not 171/171/170; where the unit would leave a rank without
+    features (2 K-quant blocks for 4 ranks) the split falls back to single features."""
+    from dataclasses import replace
+
+    cfg = replace(ModelConfig.from_dict(llama_config_dict(hidden_size=256, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=512, vocab_size=64)), mlp_unit=32)
+    assert [sharding.intermediate_range(cfg, 3, r) for r in range(3)] == [(0, 192), (192, 352), (352, 512)]
+    assert sharding.spec("down_proj", "weight", cfg, 3, 1) == sharding.ShardSpec(sharding.Parallel.ROW, 1, 192, 352)
+    k = replace(cfg, mlp_unit=256)
+    assert sharding.mlp_unit(k, 2) == 256 and sharding.mlp_unit(k, 4) == 1
+    assert [sharding.intermediate_range(k, 4, r) for r in range(4)] == [(0, 128), (128, 256), (256, 384), (384, 512)]

@@ -9,13 +9,16 @@ import unicodedata
 import pytest
 import torch
 
-from conftest import last_json, run_cli
+from conftest import assert_greedy_agrees_up_to_a_near_tie, last_json, run_cli
 from tp_runtime.config import ParallelConfig, RuntimeConfig
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.sampling import SamplingParams
 
 QUESTION = "What is the capital of France, and what is it famous for?"
 NEW = 32
+# of SmolLM2's logits (~20): float rounding noise moves an activation that sits next to an int8
+# rounding boundary of the native GEMV across it, a whole step (amax/127) at once
+TIE = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,15 @@ def test_teacher_forced_logits_and_greedy_text_match_transformers(ours, oracle):
 @pytest.mark.parametrize("tp", [2, 3])
 def test_tp_answers_with_the_tokens_of_tp1(smollm2, ours, tp):
     prompt = ours.chat_ids(_conversations()[0])
-    want = [e.token_id for e in ours.generate([prompt], SamplingParams(max_new_tokens=NEW))]
+    seen, sampler = [], ours.engine.sampler
+    ours.engine.sampler = lambda logits, rows: (seen.append(logits[0].float().clone()), sampler(logits, rows))[1]
+    try:
+        want = [e.token_id for e in ours.generate([prompt], SamplingParams(max_new_tokens=NEW))]
+    finally:
+        ours.engine.sampler = sampler
     r = run_cli(["generate", "--model", str(smollm2), "--tp", str(tp), "--chat", "--prompt", QUESTION, "--max-new-tokens", str(NEW), "--json", "--quiet", "--max-seq-len", "512"], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert last_json(r.stdout)["output_ids"] == want
+    # the splits fall on Q4_1 blocks, so every rank rounds tp=1's activation blocks to int8;
+    # the all-reduce's summation order may still tip a value over a rounding boundary, and so a
+    # near tie of tp=1's own logits (the ones it picked its tokens from)
+    assert_greedy_agrees_up_to_a_near_tie(torch.stack(seen), 0, last_json(r.stdout)["output_ids"], want, TIE)

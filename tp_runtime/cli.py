@@ -95,6 +95,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 linears (per-channel scales), quantised per shard at load")
+    p.add_argument(
+        "--gguf-weights", choices=("auto", "native", "dequantize"), default="auto",
+        help="a GGUF file's quantized weights: kept as blocks and multiplied natively on CPU (auto: wherever the kernel builds) or decoded into --dtype at load",
+    )
     p.add_argument("--gemv", choices=("auto", "kernel", "blas"), default="auto", help="decode GEMV on CPU: the built-in C kernel (auto: when a C compiler can build it) or BLAS via F.linear")
     p.add_argument(
         "--decode-step", choices=("auto", "fused", "eager"), default="auto",
@@ -125,6 +129,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         max_batch_size=args.max_batch_size or batch,
         quantize=args.quantize,
         gemv=args.gemv,
+        gguf_weights=args.gguf_weights,
         decode_step=args.decode_step,
         max_device_memory=args.max_device_memory,
         max_host_memory=args.max_host_memory,

@@ -86,6 +86,9 @@ class ModelConfig:
     checkpoint_dtype: str | None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # the MLP's features are split over ranks in whole units of this where each rank still gets
+    # one (a GGUF file's down_proj block: its row-parallel column ranges then fall on blocks)
+    mlp_unit: int = 1
 
     @property
     def q_size(self) -> int:
@@ -273,6 +276,9 @@ class RuntimeConfig:
     # layers beyond them are streamed (see placement.py)
     max_device_memory: int | None = None
     max_host_memory: int | None = None
+    # a GGUF file's quantized weights: "native" (kept as blocks, multiplied by kernels/cpu_quant.c;
+    # CPU only), "dequantize" (decoded into dtype at load), "auto": native where it can run
+    gguf_weights: str = "auto"
     gemv: str = "auto"  # decode GEMV on CPU: "kernel" (kernels/cpu_gemv.c), "blas" (F.linear), "auto": kernel if it builds
     offload_dir: str | None = None  # streamed layers written here once, in the runtime's layout
     # decode on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
@@ -288,6 +294,10 @@ class RuntimeConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
         if self.gemv not in ("auto", "kernel", "blas"):
             raise ConfigError(f"gemv {self.gemv!r} is not one of auto, kernel, blas")
+        if self.gguf_weights not in ("auto", "native", "dequantize"):
+            raise ConfigError(f"gguf weights {self.gguf_weights!r} is not one of auto, native, dequantize")
+        if self.gguf_weights == "native" and self.quantize:
+            raise ConfigError(f"--gguf-weights native keeps the file's blocks, and --quantize {self.quantize} asks for another format: drop one of the two")
         if self.decode_step not in ("auto", "fused", "eager"):
             raise ConfigError(f"decode step {self.decode_step!r} is not one of auto, fused, eager")
         if self.decode_step == "fused" and self.gemv == "blas":

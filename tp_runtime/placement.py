@@ -79,30 +79,40 @@ def _param_bytes(shape: tuple[int, ...], dtype_bytes: int, quantized: bool) -> i
     return n * dtype_bytes
 
 
-def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: int, max_batch: int, quantize: str | None = None) -> ShardBytes:
+def stored_blocks(index) -> dict[str, tuple[int, int]]:
+    """The decoder-layer weights of a checkpoint (a GGUF's CheckpointIndex) that a model keeping
+    blocks holds as blocks (a type with a native kernel): name -> (values, bytes) per block."""
+    from tp_runtime.kernels import cpu_quant
+
+    return {n: (r.storage.block, r.storage.block_bytes) for n, r in index.tensors.items() if r.storage.quantized and cpu_quant.supported(r.storage.name) and ".layers." in n}
+
+
+def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: int, max_batch: int, quantize: str | None = None,
+                blocks: dict[str, tuple[int, int]] | None = None) -> ShardBytes:
     """Exact weight bytes of this rank's parameters (merged q/k/v and gate/up, vocab padding),
-    the KV cache, and an upper bound on the activations of a full-context prefill."""
+    the KV cache, and an upper bound on the activations of a full-context prefill. blocks: the
+    checkpoint tensors kept in memory as quantized blocks (a GGUF's linears), by name ->
+    (values per block, bytes per block); a slice whose columns do not fall on blocks is held as
+    float32 values instead."""
     nb = DTYPE_BYTES[dtype]
     layers = [0] * cfg.num_layers
-    merged: dict[str, list[int]] = {}  # merged parameter -> [rows, cols]
-    layer_of: dict[str, int | None] = {}
-    for e in expected_tensors(cfg):
-        layer_of[e.target] = e.layer
-        shape = sliced_shape(e.shape, sharding.spec(e.role, e.kind, cfg, tp, rank))
-        if e.slot is not None:  # slots stack rows into one parameter
-            rows_cols = merged.setdefault(e.target, [0, *shape[1:]])
-            rows_cols[0] += shape[0]
-        else:
-            merged[e.target] = list(shape)
-    vocab_rows = sharding.vocab_shard_padded(cfg, tp)
     embedding = lm_head = norm = 0
-    for target, shape in merged.items():
-        if layer_of[target] is not None:
-            quantized = quantize == "int8" and target.endswith("proj.weight")
-            layers[layer_of[target]] += _param_bytes(tuple(shape), nb, quantized)
-        elif target == "embed_tokens.weight":
+    vocab_rows = sharding.vocab_shard_padded(cfg, tp)
+    for e in expected_tensors(cfg):
+        spec = sharding.spec(e.role, e.kind, cfg, tp, rank)
+        shape = sliced_shape(e.shape, spec)
+        if e.layer is not None:
+            stored = (blocks or {}).get(e.hf_name) if e.kind == "weight" else None
+            if stored is not None:
+                block, block_bytes = stored
+                aligned = spec.dim != 1 or (spec.start % block == 0 and spec.stop % block == 0)
+                layers[e.layer] += shape[0] * shape[1] // block * block_bytes if aligned else shape[0] * shape[1] * 4
+            else:
+                quantized = quantize == "int8" and e.kind == "weight" and e.role.endswith("_proj")
+                layers[e.layer] += _param_bytes(tuple(shape), nb, quantized)
+        elif e.target == "embed_tokens.weight":
             embedding = vocab_rows * cfg.hidden_size * nb  # padded to the largest shard
-        elif target == "lm_head.weight":
+        elif e.target == "lm_head.weight":
             lm_head = vocab_rows * cfg.hidden_size * nb
         else:
             norm += _param_bytes(tuple(shape), nb, False)
@@ -211,10 +221,12 @@ def plan_rank(
     tiers: Sequence[Tier],
     quantize: str | None = None,
     disk_dtype: str | None = None,
+    blocks: dict[str, tuple[int, int]] | None = None,
 ) -> RankPlan:
     """tiers: fastest first; the last one is the disk (unbounded). disk_dtype: the dtype the
-    disk tier's files hold (the checkpoint's, or `dtype` for an offload folder)."""
-    sizes = shard_bytes(cfg, tp, rank, dtype, max_seq_len, max_batch, quantize)
+    disk tier's files hold (the checkpoint's, or `dtype` for an offload folder). blocks: as for
+    shard_bytes."""
+    sizes = shard_bytes(cfg, tp, rank, dtype, max_seq_len, max_batch, quantize, blocks)
     tiers = list(tiers)
     fast = tiers[0]
     fixed = {"kv_cache": sizes.kv_cache, "activations": sizes.activations, "embedding": sizes.embedding, "lm_head": sizes.lm_head, "norm": sizes.norm, "staging": 0}
@@ -306,14 +318,15 @@ def make_tiers(device_type: str, device_bytes: int | None, host_bytes: int, hard
     return [Tier("device", device_bytes, hardware.mem_bandwidth_Bps), Tier("host", host_bytes, host_Bps), disk]
 
 
-def smallest_tp(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, fast_bytes: int | Callable[[int], int], quantize: str | None = None) -> int | None:
+def smallest_tp(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, fast_bytes: int | Callable[[int], int], quantize: str | None = None,
+                blocks: dict[str, tuple[int, int]] | None = None) -> int | None:
     """The smallest tp at which every rank's whole shard (and its KV cache and activations) fits
     in `fast_bytes` per rank (or `fast_bytes(tp)`: ranks that share one machine's RAM get less
     each as tp grows); None if even tp = number of heads does not fit."""
     for tp in range(1, cfg.num_heads + 1):
         cap = fast_bytes(tp) if callable(fast_bytes) else fast_bytes
         if all(
-            (s := shard_bytes(cfg, tp, r, dtype, max_seq_len, max_batch, quantize)).weights + s.kv_cache + s.activations <= cap
+            (s := shard_bytes(cfg, tp, r, dtype, max_seq_len, max_batch, quantize, blocks)).weights + s.kv_cache + s.activations <= cap
             for r in range(tp)
         ):
             return tp

@@ -17,7 +17,8 @@ import sys
 from typing import Any
 
 from tp_runtime import placement, sharding, sol
-from tp_runtime.checkpoint.model_files import load_config
+from tp_runtime.checkpoint.gguf_reader import gguf_files
+from tp_runtime.checkpoint.model_files import load_config, open_model
 from tp_runtime.config import DTYPE_NAMES, ModelConfig, RuntimeConfig
 from tp_runtime.units import format_bytes, parse_bandwidth
 
@@ -47,7 +48,7 @@ def add_plan_parser(sub, size_type) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def plan_all_ranks(cfg: ModelConfig, args: argparse.Namespace) -> tuple[list[placement.RankPlan], dict[str, Any]]:
+def plan_all_ranks(cfg: ModelConfig, args: argparse.Namespace, blocks: dict[str, tuple[int, int]] | None = None) -> tuple[list[placement.RankPlan], dict[str, Any]]:
     import torch
 
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +69,7 @@ def plan_all_ranks(cfg: ModelConfig, args: argparse.Namespace) -> tuple[list[pla
         hardware = dataclasses.replace(hardware, mem_bandwidth_Bps=hardware.mem_bandwidth_Bps / local)
         disk_Bps /= local
     tiers = placement.make_tiers(device_type, device_bytes, host_bytes, hardware, disk_Bps)
-    plans = [placement.plan_rank(cfg, args.tp, r, dtype, max_seq_len, args.max_batch_size, device_type, tiers, args.quantize, cfg.checkpoint_dtype) for r in range(args.tp)]
+    plans = [placement.plan_rank(cfg, args.tp, r, dtype, max_seq_len, args.max_batch_size, device_type, tiers, args.quantize, cfg.checkpoint_dtype, blocks) for r in range(args.tp)]
     context = {"device": device_type, "dtype": dtype, "max_seq_len": max_seq_len, "max_batch_size": args.max_batch_size, "hardware": hardware.name}
     return plans, context
 
@@ -83,14 +84,25 @@ def estimate(plans: list[placement.RankPlan]) -> dict[str, Any]:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    cfg = load_config(args.model)
-    plans, context = plan_all_ranks(cfg, args)
+    import torch
+
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    blocks = None
+    if gguf_files(args.model) is not None:
+        files = open_model(args.model)
+        cfg = files.cfg
+        # on CPU its quantized linears stay blocks (as LLM.load keeps them without --quantize)
+        if args.quantize is None and device_type == "cpu":
+            blocks = placement.stored_blocks(files.index)
+    else:
+        cfg = load_config(args.model)  # a config alone plans a model not yet downloaded
+    plans, context = plan_all_ranks(cfg, args, blocks)
     est = estimate(plans)
     fast = plans[0].fast
     budget = fast.capacity
     if fast.name == "host" and args.max_host_memory is None and args.local_ranks is None:
         budget = placement.default_host_budget  # per rank: this machine's RAM shared by tp ranks
-    fit_tp = placement.smallest_tp(cfg, context["dtype"], context["max_seq_len"], context["max_batch_size"], budget, args.quantize) if fast.capacity else 1
+    fit_tp = placement.smallest_tp(cfg, context["dtype"], context["max_seq_len"], context["max_batch_size"], budget, args.quantize, blocks) if fast.capacity else 1
     facts = placement.model_facts(cfg, context["dtype"])
     if args.json:
         out = {

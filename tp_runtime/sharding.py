@@ -114,10 +114,21 @@ def head_layout(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] |
     return HeadLayout(q_start, q_stop, kv_start, kv_stop, kv_of_q)
 
 
-def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None, unit: int = 1) -> tuple[int, int]:
+def mlp_unit(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None) -> int:
+    """The unit the MLP is split in: the config's (a GGUF's down_proj block) where every rank
+    then gets at least one, else single features (the slices inside blocks are decoded)."""
+    u = cfg.mlp_unit
+    if u > 1 and cfg.intermediate_size % u == 0 and all(split_sizes(cfg.intermediate_size, tp, weights, u)):
+        return u
+    return 1
+
+
+def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None, unit: int | None = None) -> tuple[int, int]:
     """The MLP's intermediate features of `rank`: whole units of `unit` (down_proj's column
-    blocks); every rank needs at least one."""
+    blocks; None: mlp_unit's choice); every rank needs at least one."""
     check_tp(cfg, tp)
+    if unit is None:
+        unit = mlp_unit(cfg, tp, weights)
     lo, hi = split_ranges(cfg.intermediate_size, tp, weights, unit)[rank]
     if lo == hi:
         raise ShardingError(f"the MLP's {cfg.intermediate_size} features in units of {unit} leave rank {rank} of tp={tp} without any; use a smaller tp")
@@ -172,7 +183,7 @@ _STYLE_BY_ROLE = {
 }
 
 
-def spec(role: str, kind: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None, unit: int = 1) -> ShardSpec:
+def spec(role: str, kind: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None, unit: int | None = None) -> ShardSpec:
     """The slice of a checkpoint tensor that `rank` of `tp` reads, by its role (the names
     table's: "q_proj", "down_proj", ...) and kind ("weight" or "bias"); `unit` as for
     intermediate_range."""

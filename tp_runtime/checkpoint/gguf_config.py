@@ -101,4 +101,8 @@ def model_config(ckpt: GGUFCheckpoint) -> ModelConfig:
         if len(factors) != cfg.head_dim // 2:
             raise CheckpointError(f"{ckpt.files[0]}: rope_freqs.weight has {len(factors)} values for a head size of {cfg.head_dim}")
         cfg = replace(cfg, rope=replace(cfg.rope, freq_factors=tuple(factors)))
+    # down_proj's columns are the MLP features: split them on its blocks (the largest of the layers')
+    blocks = [r.storage.block for n, r in ckpt.records.items() if n.endswith(".mlp.down_proj.weight") and r.storage.quantized]
+    if blocks and cfg.intermediate_size % max(blocks) == 0:
+        cfg = replace(cfg, mlp_unit=max(blocks))
     return cfg

@@ -79,6 +79,23 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
         release_pages(src[lo : lo + step])
 
 
+def load_entry(root: torch.nn.Module, files: MappedCheckpoint, e: TensorEntry, target: str, spec: sharding.ShardSpec | None) -> int:
+    """Put this rank's slice of entry `e` into parameter `target` of `root`: as stored blocks
+    where the owning module keeps blocks of that type (and the slice falls on blocks), else as
+    values. Returns the bytes taken from the file."""
+    module_name, _, param_name = target.rpartition(".")
+    module = root.get_submodule(module_name)
+    takes = getattr(module, "takes_blocks", None)
+    if takes is not None and takes(files.storage(e.hf_name)) and (blocks := files.blocks(e.hf_name, spec)) is not None:
+        module.load_blocks(param_name, blocks, files.storage(e.hf_name), e.slot)
+        release_pages(blocks)
+        return blocks.numel()
+    data = files.values(e.hf_name, spec)
+    nbytes = data.numel() * data.element_size()
+    put_weight(root, target, data, e.slot)  # releases the mapped pages as it copies
+    return nbytes
+
+
 def put_weight(root: torch.nn.Module, target: str, data: torch.Tensor, slot: str | None) -> None:
     """Copy `data` into parameter `target` of `root` (or its `slot` of a merged parameter)."""
     module_name, _, param_name = target.rpartition(".")
@@ -124,13 +141,10 @@ def load_shard(
                     raise CheckpointError(f"{e.hf_name}: the model has no parameter {e.target} to load it into")
                 # a slice cache already holds exactly this rank's part
                 spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
-                data = files.values(e.hf_name, spec)
-                nbytes += data.numel() * data.element_size()
                 try:
-                    put_weight(model, e.target, data, e.slot)
+                    nbytes += load_entry(model, files, e, e.target, spec)
                 except ValueError as err:
                     raise CheckpointError(f"{e.hf_name} -> {e.target} on rank {rank}: {err}") from None
-                del data  # put_weight's copy released its mapped pages block by block
                 if (e.target, e.slot) in filled:
                     raise CheckpointError(f"{e.hf_name}: parameter {e.target} slot {e.slot} filled twice")
                 filled.add((e.target, e.slot))
@@ -163,9 +177,7 @@ class CheckpointLayerSource:
         nbytes = 0
         with torch.no_grad():
             for e, spec in self.entries[layer]:
-                data = self.files.values(e.hf_name, spec)
-                nbytes += data.numel() * data.element_size()
-                put_weight(module, e.target_in_layer, data, e.slot)  # releases the mapped pages as it copies
+                nbytes += load_entry(module, self.files, e, e.target_in_layer, spec)
         return nbytes
 
     def prefetch(self, layer: int) -> None:

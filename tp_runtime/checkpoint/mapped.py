@@ -81,6 +81,20 @@ class MappedCheckpoint:
             return full
         return full.narrow(spec.dim, spec.start, spec.stop - spec.start)
 
+    def blocks(self, name: str, spec: sharding.ShardSpec | None = None) -> torch.Tensor | None:
+        """This rank's part of a block-quantized `name` as its stored blocks, uint8 [rows, bytes
+        per row], rows in the Hugging Face order; None for a plain tensor or a column range that
+        does not fall on blocks (`values` decodes those)."""
+        t = self._records[name]
+        st = t.storage
+        if not st.quantized or (spec is not None and spec.dim == 1 and (spec.start % st.block or spec.stop % st.block)):
+            return None
+        raw = self.view(name, spec)
+        return unpermute_rope_rows(raw, t.rope_row_groups) if t.rope_row_groups else raw
+
+    def storage(self, name: str) -> str:
+        return self._records[name].storage.name
+
     def values(self, name: str, spec: sharding.ShardSpec | None = None) -> torch.Tensor:
         """This rank's part of `name` as values in the Hugging Face layout: the view itself for a
         plain tensor stored as is; otherwise a copy, rows put back in order (`rope_row_groups`)

@@ -35,7 +35,7 @@ from tp_runtime.engine.offload import attach_streaming
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import CheckpointError, ConfigError
 from tp_runtime import kernels
-from tp_runtime.kernels import cpu_gemv
+from tp_runtime.kernels import cpu_gemv, cpu_quant
 from tp_runtime.model import fused_decode
 from tp_runtime.model.linear import use_cpu_gemv_
 from tp_runtime.model.registry import linear_kinds, model_class
@@ -72,7 +72,8 @@ def decode_message_bytes(cfg: ModelConfig, tp: int, batch: int, dtype: torch.dty
     return max(hidden, logits)
 
 
-def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig, device: torch.device, dtype_name: str, max_seq_len: int) -> placement.RankPlan:
+def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig, device: torch.device, dtype_name: str, max_seq_len: int,
+             blocks: dict[str, tuple[int, int]] | None = None) -> placement.RankPlan:
     """This rank's placement under the runtime's budgets (defaults: what the machine reports)."""
     if runtime.max_device_memory is not None and device.type != "cuda":
         log.warning("--max-device-memory is ignored on %s: host RAM is the fastest tier there (--max-host-memory)", device)
@@ -80,7 +81,7 @@ def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
     hardware = sol.HARDWARE["h100" if device.type == "cuda" else "this-cpu"]  # bandwidths matter only to estimates
     tiers = placement.make_tiers(device.type, device_budget(runtime, device), host, hardware)
     disk_dtype = dtype_name if runtime.offload_dir else cfg.checkpoint_dtype  # what the streamed files hold
-    return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize, disk_dtype)
+    return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize, disk_dtype, blocks)
 
 
 def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype):
@@ -96,6 +97,24 @@ def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, de
     elif runtime.gemv == "kernel":
         raise ConfigError("--gemv kernel: the CPU GEMV kernel runs float32 and bfloat16 on CPU, and needs a C compiler (see the warning above)")
     return nullcontext
+
+
+def _keeps_blocks(files, runtime: RuntimeConfig, device: torch.device) -> bool:
+    """Whether a GGUF model's quantized weights stay blocks in memory (the native CPU kernels),
+    rather than being decoded into the float dtype at load (--gguf-weights)."""
+    if files.format != "gguf" or runtime.gguf_weights == "dequantize" or runtime.quantize:
+        return False
+    why = None
+    if device.type != "cpu":
+        why = f"the native kernels for GGUF blocks run on CPU, and this rank runs on {device}"
+    elif cpu_quant.lib() is None:
+        why = "the native kernel for GGUF blocks could not be built (no C compiler, see above)"
+    if why is None:
+        return True
+    if runtime.gguf_weights == "native":
+        raise ConfigError(f"--gguf-weights native: {why}")
+    log.info("%s: the weights are decoded to %s at load", why, runtime.dtype or "the float dtype")
+    return False
 
 
 def _fused_step(model: torch.nn.Module, cache, runtime: RuntimeConfig, device: torch.device):
@@ -180,7 +199,8 @@ class LLM:
         entries = validate(index, cfg, parallel.world_size, parallel.rank)
         if runtime.decode_step == "fused" and (why := fused_decode.unsupported_setup(device, dtype)):
             raise ConfigError(f"--decode-step fused: the fused step cannot run here: {why}")
-        plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len)
+        keeps_blocks = _keeps_blocks(files, runtime, device)
+        plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len, placement.stored_blocks(files.index) if keeps_blocks else None)
         if plan.streamed and runtime.quantize:
             raise ConfigError(
                 f"rank {parallel.rank}: --quantize {runtime.quantize} with streamed layers ({len(plan.streamed)} of {cfg.num_layers} do not fit) "
@@ -191,7 +211,7 @@ class LLM:
         if comm is None:
             comm = create_communicator(parallel, device, runtime.comm, decode_message_bytes(cfg, parallel.world_size, runtime.max_batch_size, dtype))
         with torch.device("meta"):
-            model = model_class(cfg)(cfg, comm, dtype, max_seq_len, linear_kinds(runtime.quantize))
+            model = model_class(cfg)(cfg, comm, dtype, max_seq_len, linear_kinds(runtime.quantize, blocks=keeps_blocks))
         # the runtime before any weight (interpreter, torch and what the meta build imports,
         # tokenizer, transport buffers): what a memory budget does not cover
         rss_at_start = rss_bytes()

@@ -27,7 +27,13 @@ def model_class(cfg: ModelConfig) -> type:
 LINEAR_KINDS = {None: FLOAT, "int8": INT8}
 
 
-def linear_kinds(quantize: str | None) -> LinearKinds:
+def linear_kinds(quantize: str | None, blocks: bool = False) -> LinearKinds:
+    """The linear classes of the weight format: `blocks` keeps a GGUF file's quantized blocks
+    (model/blocks.py) where no --quantize asks for another format."""
+    if blocks and quantize is None:
+        from tp_runtime.model.blocks import BLOCKS
+
+        return BLOCKS
     try:
         return LINEAR_KINDS[quantize]
     except KeyError:
