@@ -94,7 +94,7 @@ def run_with_workers(
     extra holds what the coordinator learnt (bytes of weights streamed) for the result."""
     if gguf_files(model_dir) is not None:
         raise ConfigError(f"{model_dir}: GGUF files run locally and under torchrun for now; --workers takes a Hugging Face folder (safetensors)")
-    cfg = ModelConfig.from_model_dir(model_dir)
+    cfg = runtime.split_config(ModelConfig.from_model_dir(model_dir))
     tp = len(workers) + 1
     sharding.check_tp(cfg, tp)
     fp = fingerprint(model_dir)

@@ -103,7 +103,7 @@ def test_teacher_forced_logits_and_greedy_text_match_transformers(ours, oracle):
     assert torch.equal(got[len(prompt) - 1 : -1].argmax(-1), want[len(prompt) - 1 : -1].argmax(-1))
 
 
-@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("tp", [3])  # tp=2 against tp=1 on this file: test_cli's demo test
 def test_tp_answers_with_the_tokens_of_tp1(smollm2, ours, tp):
     prompt = ours.chat_ids(_conversations()[0])
     seen, sampler = [], ours.engine.sampler

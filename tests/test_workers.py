@@ -180,21 +180,18 @@ def test_workers_stream_layers_under_the_coordinators_memory_budget(tmp_path, wo
     assert len(ranks) == 2 and all(r["weights_disk"] == sum(s.layers[1:]) for r in ranks)  # the worker (rank 1) streamed too
 
 
-@pytest.mark.parametrize("flags, logged", [
-    (["--quantize", "int8"], "quantize=int8"),
-    (["--decode-step", "eager"], "decode_step=eager"),
-    (["--gemv", "blas"], "gemv=blas"),
-])
-def test_workers_run_with_the_coordinators_settings(small_model, workers, flags, logged):
+def test_workers_run_with_the_coordinators_settings(small_model, workers):
     """Every runtime flag reaches the workers (it once sent only dtype, context, batch and budgets:
     `--quantize int8` ran int8 on rank 0 and float on the worker, and crashed): the worker job
     gives the tokens of the local tp=2 run with the same flags, and the worker says what it ran."""
     (w,) = workers(1)
+    flags = ["--quantize", "int8", "--decode-step", "eager", "--gemv", "blas"]
     local = last_json(_generate(small_model, "--tp", "2", *flags).stdout)
     r = _generate(small_model, "--workers", w.addr, *flags)
     assert r.returncode == 0, r.stderr[-3000:]
     assert last_json(r.stdout)["output_ids"] == local["output_ids"]
-    assert logged in w.log.read_text()
+    log = w.log.read_text()
+    assert all(f in log for f in ("quantize=int8", "decode_step=eager", "gemv=blas")), log[-2000:]
 
 
 def test_workers_write_their_offload_dir(tmp_path, workers):

@@ -94,7 +94,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the checkpoint's (float32 on CPU for float16)")
-    p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 linears (per-channel scales), quantised per shard at load")
+    p.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None,
+        help="weight-only linears quantised per shard at load: int8 (a scale per output channel) or int4 (GGML Q4_0: a scale per 32 values; CPU)",
+    )
     p.add_argument(
         "--gguf-weights", choices=("auto", "native", "dequantize"), default="auto",
         help="a GGUF file's quantized weights: kept as blocks and multiplied natively on CPU (auto: wherever the kernel builds) or decoded into --dtype at load",

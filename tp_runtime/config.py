@@ -8,12 +8,16 @@ ParallelConfig says who this process is; RuntimeConfig says how to run.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tp_runtime.errors import ConfigError
+
+QUANTIZE = (None, "int8", "int4")  # --quantize: the weight formats quantised at load
+INT4_GROUP = 32  # values per int4 group (one GGML Q4_0 block)
 
 # architecture -> family; model/registry.py maps the families to classes
 SUPPORTED_ARCHITECTURES = {
@@ -271,7 +275,9 @@ class RuntimeConfig:
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is present, else cpu
     num_threads: int | None = None
     show_progress: bool = True
-    quantize: str | None = None  # "int8": weight-only int8 linears, quantised per shard at load
+    # weight-only linears quantised per shard at load: "int8" (per output row), "int4" (GGML
+    # Q4_0: per 32 values, multiplied by the block kernels on CPU)
+    quantize: str | None = None
     # memory budgets per rank, bytes (None: what the device / machine reports, minus headroom);
     # layers beyond them are streamed (see placement.py)
     max_device_memory: int | None = None
@@ -302,8 +308,8 @@ class RuntimeConfig:
             raise ConfigError(f"decode step {self.decode_step!r} is not one of auto, fused, eager")
         if self.decode_step == "fused" and self.gemv == "blas":
             raise ConfigError("--decode-step fused multiplies with the C kernel, and --gemv blas asks for BLAS: drop one of the two")
-        if self.quantize not in (None, "int8"):
-            raise ConfigError(f"quantize {self.quantize!r} is not supported; the choice is int8 (weight-only)")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize {self.quantize!r} is not supported; the choices are {', '.join(q for q in QUANTIZE if q)} (weight-only)")
         for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
@@ -311,6 +317,13 @@ class RuntimeConfig:
             raise ConfigError(f"max_batch_size must be positive, got {self.max_batch_size}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
+
+    def split_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The model's config as this runtime splits it: with --quantize int4 every rank's
+        down_proj input must be whole 32-value groups, so the MLP is cut in whole groups."""
+        if self.quantize == "int4" and cfg.mlp_unit % INT4_GROUP:
+            return replace(cfg, mlp_unit=math.lcm(cfg.mlp_unit, INT4_GROUP))
+        return cfg
 
     def for_job(self) -> dict[str, Any]:
         """Every setting the other ranks of a job must share, as JSON (the coordinator sends it

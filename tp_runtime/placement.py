@@ -72,10 +72,12 @@ class ShardBytes:
         return sum(self.layers) + self.embedding + self.lm_head + self.norm
 
 
-def _param_bytes(shape: tuple[int, ...], dtype_bytes: int, quantized: bool) -> int:
+def _param_bytes(shape: tuple[int, ...], dtype_bytes: int, quantize: str | None = None) -> int:
     n = math.prod(shape)
-    if quantized:  # int8 weight + one scale per output row, in the activation dtype
+    if quantize == "int8":  # int8 weight + one scale per output row, in the activation dtype
         return n + shape[0] * dtype_bytes
+    if quantize == "int4":  # Q4_0 blocks: 18 bytes per 32 values
+        return n // 32 * 18
     return n * dtype_bytes
 
 
@@ -108,14 +110,14 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
                 aligned = spec.dim != 1 or (spec.start % block == 0 and spec.stop % block == 0)
                 layers[e.layer] += shape[0] * shape[1] // block * block_bytes if aligned else shape[0] * shape[1] * 4
             else:
-                quantized = quantize == "int8" and e.kind == "weight" and e.role.endswith("_proj")
-                layers[e.layer] += _param_bytes(tuple(shape), nb, quantized)
+                quantized = e.kind == "weight" and e.role.endswith("_proj")
+                layers[e.layer] += _param_bytes(tuple(shape), nb, quantize if quantized else None)
         elif e.target == "embed_tokens.weight":
             embedding = vocab_rows * cfg.hidden_size * nb  # padded to the largest shard
         elif e.target == "lm_head.weight":
             lm_head = vocab_rows * cfg.hidden_size * nb
         else:
-            norm += _param_bytes(tuple(shape), nb, False)
+            norm += _param_bytes(tuple(shape), nb)
     heads = sharding.head_layout(cfg, tp, rank)
     lo, hi = sharding.intermediate_range(cfg, tp, rank)
     hd = cfg.head_dim

@@ -37,7 +37,7 @@ def add_plan_parser(sub, size_type) -> None:
     p.add_argument("--model", required=True, help="folder with config.json (weights are not read)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the checkpoint's")
-    p.add_argument("--quantize", choices=("int8",), default=None)
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--max-batch-size", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="plan for this kind of device (default: cuda if visible, else cpu)")
@@ -96,6 +96,7 @@ def run_plan(args: argparse.Namespace) -> int:
             blocks = placement.stored_blocks(files.index)
     else:
         cfg = load_config(args.model)  # a config alone plans a model not yet downloaded
+    cfg = RuntimeConfig(quantize=args.quantize).split_config(cfg)
     plans, context = plan_all_ranks(cfg, args, blocks)
     est = estimate(plans)
     fast = plans[0].fast
@@ -117,7 +118,7 @@ def run_plan(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out))
         return 0
-    print(f"{cfg.architecture}: {cfg.num_layers} layers, tp={args.tp}, {context['dtype']}{' int8 weights' if args.quantize else ''}, "
+    print(f"{cfg.architecture}: {cfg.num_layers} layers, tp={args.tp}, {context['dtype']}{f' {args.quantize} weights' if args.quantize else ''}, "
           f"KV cache for {context['max_batch_size']} x {context['max_seq_len']} tokens, on {context['device']}")
     print(placement.format_plan(plans))
     where = f", streamed layers read from the {est['streamed_from']}" if est["streamed_from"] else ""

@@ -38,6 +38,7 @@ from tp_runtime import kernels
 from tp_runtime.kernels import cpu_gemv, cpu_quant
 from tp_runtime.model import fused_decode
 from tp_runtime.model.linear import use_cpu_gemv_
+from tp_runtime.model import int4
 from tp_runtime.model.registry import linear_kinds, model_class
 
 log = logging.getLogger("tp_runtime")
@@ -180,7 +181,7 @@ class LLM:
         """comm: an existing communicator to reuse (several models in one job); default: a new one."""
         t0 = time.perf_counter()
         files = open_model(model_dir)  # config, tensor records, tokenizer: headers only
-        cfg = files.cfg
+        cfg = runtime.split_config(files.cfg)
         sharding.check_tp(cfg, parallel.world_size)
         max_seq_len = runtime.resolve_max_seq_len(cfg)
         device = pick_device(runtime, parallel)
@@ -199,6 +200,8 @@ class LLM:
         entries = validate(index, cfg, parallel.world_size, parallel.rank)
         if runtime.decode_step == "fused" and (why := fused_decode.unsupported_setup(device, dtype)):
             raise ConfigError(f"--decode-step fused: the fused step cannot run here: {why}")
+        if runtime.quantize == "int4" and (why := int4.unsupported(cfg, sharding.mlp_unit(cfg, parallel.world_size), device.type)):
+            raise ConfigError(why)
         keeps_blocks = _keeps_blocks(files, runtime, device)
         plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len, placement.stored_blocks(files.index) if keeps_blocks else None)
         if plan.streamed and runtime.quantize:

@@ -29,11 +29,16 @@ LINEAR_KINDS = {None: FLOAT, "int8": INT8}
 
 def linear_kinds(quantize: str | None, blocks: bool = False) -> LinearKinds:
     """The linear classes of the weight format: `blocks` keeps a GGUF file's quantized blocks
-    (model/blocks.py) where no --quantize asks for another format."""
+    (model/blocks.py) where no --quantize asks for another format; int4 quantises into such
+    blocks (model/int4.py)."""
     if blocks and quantize is None:
         from tp_runtime.model.blocks import BLOCKS
 
         return BLOCKS
+    if quantize == "int4":
+        from tp_runtime.model.int4 import INT4
+
+        return INT4
     try:
         return LINEAR_KINDS[quantize]
     except KeyError:
