@@ -86,7 +86,7 @@ def test_int4_follows_its_dequantised_weights(hf_checkpoints):
     assert gap.max().item() <= GAP * want_logits.abs().max().item(), (got, want)
 
 
-@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("tp", [3])  # uneven: the MLP's 4 groups split 2, 1, 1
 def test_int4_at_tp_gives_the_tokens_of_tp1(hf_checkpoints, tp):
     """Every split falls on whole groups, so each rank holds exactly its rows of tp=1's blocks and
     rounds the same activation blocks: only the all-reduce's order of additions differs."""
