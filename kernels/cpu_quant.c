@@ -417,9 +417,12 @@ INLINE float rowK_c(int T, const uint8_t* w, const xrow* x, int64_t nsb) {
 /* ---- dot products: AVX512-VNNI ---------------------------------------------------------------- */
 
 #if HAS_VNNI
-/* 32-blocks, 16 at a time: their 16 float16 scales (and Q4_1 / Q5_1 offsets) by one gather,
-   then pairs of blocks as one 64-byte vector of u8 payloads against 64 int8 activations */
-INLINE float row32_v(const int T, const uint8_t* w, const xrow* x, int64_t nblk) {
+/* m <= 16 consecutive 32-blocks (m a constant 16 in the main loop, so it unrolls): their float16
+   scales (and Q4_1 / Q5_1 offsets) by one gather, then pairs of blocks as one 64-byte vector of
+   u8 payloads against 64 int8 activations. A short chunk (a row's tail, e.g. K = 576: 18
+   blocks) masks the gather and the activation scales, so a pair's missing second block has
+   scale 0 (its bytes are the first block's again, never past the row). */
+INLINE void chunk32_v(const int T, const uint8_t* p, const xrow* x, int64_t k, const int m, __m512* acc0, __m512* acc1, __m512* corr) {
     const int bs = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
     const int qo = T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : T == Q5_1 ? 8 : 2;  /* payload */
     const __m512i gidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bs));
@@ -427,46 +430,51 @@ INLINE float row32_v(const int T, const uint8_t* w, const xrow* x, int64_t nblk)
     /* per 16-byte lane: 0 (low nibbles: values 0-15 of a block), 4 (high: 16-31) */
     const __m512i nshift = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0, 0, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
     const __m512i pbase = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __mmask16 km = (__mmask16)((1u << m) - 1);
+    const __m512i g = m == 16 ? _mm512_i32gather_epi32(gidx, (const void*)p, 1) : _mm512_mask_i32gather_epi32(zero, km, gidx, (const void*)p, 1);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    const __m512 xd = m == 16 ? _mm512_loadu_ps(x->d + k) : _mm512_maskz_loadu_ps(km, x->d + k);
+    const __m512 xds = m == 16 ? _mm512_loadu_ps(x->ds + k) : _mm512_maskz_loadu_ps(km, x->ds + k);
+    const __m512 s = _mm512_mul_ps(dw, xd);
+    if (T == Q4_1 || T == Q5_1) *corr = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))), xds, *corr);
+    else if (T != Q8_0) *corr = _mm512_fmadd_ps(dw, xds, *corr);
+#pragma GCC unroll 8
+    for (int j = 0; j < (m + 1) / 2; j++) {
+        const uint8_t* p0 = p + 2 * j * bs;
+        const uint8_t* p1 = 2 * j + 1 < m ? p0 + bs : p0;
+        const __m512i xv = 2 * j + 1 < m ? _mm512_loadu_si512(x->q + (k + 2 * j) * 32) : _mm512_maskz_loadu_epi8(0xffffffffULL, x->q + (k + 2 * j) * 32);
+        __m512i dot;
+        if (T == Q8_0) {
+            const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p0 + 2))), _mm256_loadu_si256((const __m256i*)(p1 + 2)), 1);
+            const __mmask64 neg = _mm512_movepi8_mask(z);  /* |w| (u8) against x with w's sign */
+            dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(z), _mm512_mask_sub_epi8(xv, neg, zero, xv));
+        } else {
+            __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(p0 + qo)))),
+                                           _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(p1 + qo))), 1);
+            z = _mm512_and_si512(_mm512_srlv_epi16(z, nshift), m4);
+            if (T == Q5_0 || T == Q5_1) {  /* the 5th bits: byte j of each half is value j */
+                const __mmask64 hb = _cvtu64_mask64((uint64_t)rd32(p0 + qo - 4) | (uint64_t)rd32(p1 + qo - 4) << 32);
+                z = _mm512_mask_add_epi8(z, hb, z, _mm512_set1_epi8(16));
+            }
+            dot = _mm512_dpbusd_epi32(zero, z, xv);
+        }
+        const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(pbase, _mm512_set1_epi32(2 * j)), s);
+        if (j & 1) *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, *acc1);
+        else *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, *acc0);
+    }
+}
+
+INLINE float row32_v(const int T, const uint8_t* w, const xrow* x, int64_t nblk) {
+    const int bs = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 16 <= nblk; k += 16) {
-        const uint8_t* p = w + k * bs;
-        const __m512i g = _mm512_i32gather_epi32(gidx, (const void*)p, 1);
-        const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
-        const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(x->d + k));
-        if (T == Q4_1 || T == Q5_1) corr = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))), _mm512_loadu_ps(x->ds + k), corr);
-        else if (T != Q8_0) corr = _mm512_fmadd_ps(dw, _mm512_loadu_ps(x->ds + k), corr);
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            const uint8_t* p0 = p + 2 * j * bs;
-            const uint8_t* p1 = p0 + bs;
-            const __m512i xv = _mm512_loadu_si512(x->q + (k + 2 * j) * 32);
-            __m512i dot;
-            if (T == Q8_0) {
-                const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p0 + 2))), _mm256_loadu_si256((const __m256i*)(p1 + 2)), 1);
-                const __mmask64 neg = _mm512_movepi8_mask(z);  /* |w| (u8) against x with w's sign */
-                dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(z), _mm512_mask_sub_epi8(xv, neg, zero, xv));
-            } else {
-                __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(p0 + qo)))),
-                                               _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(p1 + qo))), 1);
-                z = _mm512_and_si512(_mm512_srlv_epi16(z, nshift), m4);
-                if (T == Q5_0 || T == Q5_1) {  /* the 5th bits: byte j of each half is value j */
-                    const __mmask64 hb = _cvtu64_mask64((uint64_t)rd32(p0 + qo - 4) | (uint64_t)rd32(p1 + qo - 4) << 32);
-                    z = _mm512_mask_add_epi8(z, hb, z, _mm512_set1_epi8(16));
-                }
-                dot = _mm512_dpbusd_epi32(zero, z, xv);
-            }
-            const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(pbase, _mm512_set1_epi32(2 * j)), s);
-            if (j & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc1);
-            else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc0);
-        }
-    }
+    for (; k + 16 <= nblk; k += 16) chunk32_v(T, w + k * bs, x, k, 16, &acc0, &acc1, &corr);
+    if (k < nblk) chunk32_v(T, w + k * bs, x, k, (int)(nblk - k), &acc0, &acc1, &corr);
     float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     const float c = _mm512_reduce_add_ps(corr);
     if (T == Q4_0) r -= 8.0f * c;
     else if (T == Q5_0) r -= 16.0f * c;
     else if (T == Q4_1 || T == Q5_1) r += c;
-    for (; k < nblk; k++) r += dot32_block(T, w + k * bs, x, k);
     return r;
 }
 

@@ -82,11 +82,12 @@ def _param_bytes(shape: tuple[int, ...], dtype_bytes: int, quantize: str | None 
 
 
 def stored_blocks(index) -> dict[str, tuple[int, int]]:
-    """The decoder-layer weights of a checkpoint (a GGUF's CheckpointIndex) that a model keeping
-    blocks holds as blocks (a type with a native kernel): name -> (values, bytes) per block."""
+    """The weights of a checkpoint (a GGUF's CheckpointIndex) that a model keeping blocks holds
+    as blocks (a type with a native kernel; the decoder layers' linears, the embedding and the
+    LM head): name -> (values, bytes) per block."""
     from tp_runtime.kernels import cpu_quant
 
-    return {n: (r.storage.block, r.storage.block_bytes) for n, r in index.tensors.items() if r.storage.quantized and cpu_quant.supported(r.storage.name) and ".layers." in n}
+    return {n: (r.storage.block, r.storage.block_bytes) for n, r in index.tensors.items() if r.storage.quantized and cpu_quant.supported(r.storage.name) and len(r.shape) == 2}
 
 
 def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: int, max_batch: int, quantize: str | None = None,
@@ -112,10 +113,13 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
             else:
                 quantized = e.kind == "weight" and e.role.endswith("_proj")
                 layers[e.layer] += _param_bytes(tuple(shape), nb, quantize if quantized else None)
-        elif e.target == "embed_tokens.weight":
-            embedding = vocab_rows * cfg.hidden_size * nb  # padded to the largest shard
-        elif e.target == "lm_head.weight":
-            lm_head = vocab_rows * cfg.hidden_size * nb
+        elif e.target in ("embed_tokens.weight", "lm_head.weight"):
+            stored = (blocks or {}).get(e.hf_name)  # padded to the largest shard either way
+            size = vocab_rows * cfg.hidden_size // stored[0] * stored[1] if stored else vocab_rows * cfg.hidden_size * nb
+            if e.target == "lm_head.weight":
+                lm_head = size
+            else:
+                embedding = size
         else:
             norm += _param_bytes(tuple(shape), nb)
     heads = sharding.head_layout(cfg, tp, rank)

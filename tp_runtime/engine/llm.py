@@ -145,13 +145,18 @@ def _embedding_lookup_(step, model: torch.nn.Module, comm: Communicator, index, 
             log.debug("embedding rows from the mapped checkpoint: not possible (%s)", e)
         else:
             table = mapped.view(EMBEDDING_NAME)
-            if tuple(table.shape) != (model.cfg.vocab_size, model.cfg.hidden_size):
+            stored = index.tensors[EMBEDDING_NAME].storage
+            if stored.quantized and cpu_quant.supported(stored.name):  # GGML blocks: a row decoded per token
+                storage, row_bytes = stored.name, model.cfg.hidden_size // stored.block * stored.block_bytes
+            else:
+                storage, row_bytes = None, model.cfg.hidden_size
+            if tuple(table.shape) != (model.cfg.vocab_size, row_bytes) or (stored.quantized and storage is None):
                 table = None
     votes = torch.tensor([float(table is not None)], device=device)
     with comm.stats.in_phase("load"):  # outside any generation's counts
         comm.all_reduce(votes, site="embedding_lookup")
     if table is not None and int(votes.item()) == comm.world_size:
-        step.embedding_table = table
+        step.embedding_table, step.embedding_storage = table, storage
         return mapped
     del table
     if mapped is not None:

@@ -21,6 +21,8 @@ from torch import nn
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.communicator import Communicator
 from tp_runtime.kernels import cpu_decode, cpu_quant
+from tp_runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding, load_vocab_rows
+from tp_runtime.model.fused_decode import Gemv
 from tp_runtime.model.linear import ColumnParallelLinear, LinearKinds, bind_row_parallel
 
 
@@ -52,11 +54,17 @@ class _BlockLinear(nn.Module):
         lo, hi = self._rows(slot)
         if data.shape[0] != hi - lo:
             raise ValueError(f"a slice of {data.shape[0]} rows for rows [{lo}, {hi}) of a {type(self).__name__}")
-        same = [p for p in self.parts if (p.lo, p.hi) == (lo, hi)]  # a staging layer refilled
-        if same:
-            same[0].storage = storage
-            self.register_buffer(same[0].name, data)
-            return
+        for p in self.parts:
+            if p.lo <= lo and hi <= p.hi and p.storage == storage and self.data(p).shape[1:] == data.shape[1:]:
+                self.data(p)[lo - p.lo : hi - p.lo].copy_(data)  # a staging layer refilled: in place
+                return
+            if p.lo < hi and lo < p.hi:
+                raise ValueError(f"rows [{lo}, {hi}) as {storage or 'float32'} over rows [{p.lo}, {p.hi}) held as {p.storage or 'float32'}")
+        for p in self.parts:  # slots stored alike (q, k, v of one type) become one part: one GEMV
+            if p.hi == lo and p.storage == storage and self.data(p).shape[1:] == data.shape[1:]:
+                self.register_buffer(p.name, torch.cat([self.data(p), data]))
+                p.hi = hi
+                return
         name = f"part{len(self.parts)}"
         self.register_buffer(name, data)
         self.parts.append(Part(lo, hi, storage, name))
@@ -180,4 +188,103 @@ class BlockRowParallelLinear(_BlockLinear):
         return bind_row_parallel(binder, self._bind_gemv(binder, out), self.site, self.bias)
 
 
-BLOCKS = LinearKinds(BlockColumnParallelLinear, BlockRowParallelLinear)
+class _VocabBlocks:
+    """A shard's vocab rows (the embedding's, or an untied LM head's) kept as the file stores
+    them: uint8 `table` [rows_padded, row bytes] of `storage` blocks, the padding rows zero bytes
+    (zero values in every GGML type); or, for a float tensor (F16, F32), values in the model's
+    dtype (`storage` None). Needs rows_padded, rows (this shard's real ones), hidden, dtype."""
+
+    storage: str | None = None
+    takes_blocks = staticmethod(_BlockLinear.takes_blocks)
+
+    def load_blocks(self, name: str, data: torch.Tensor, storage: str, slot: str | None) -> None:
+        if not cpu_quant.supported(storage):
+            raise ValueError(f"no native kernel for {storage} blocks")
+        if data.shape[0] != self.rows:
+            raise ValueError(f"a slice of {data.shape[0]} vocab rows for a shard of {self.rows}")
+        table = torch.zeros(self.rows_padded, data.shape[1], dtype=torch.uint8)
+        table[: self.rows].copy_(data)
+        self.storage = storage
+        self.register_buffer("table", table)
+
+    def load_weight(self, name: str, data: torch.Tensor, slot: str | None) -> None:
+        table = torch.empty(self.rows_padded, self.hidden, dtype=self.dtype)
+        load_vocab_rows(table, data, self.rows)
+        self.storage = None
+        self.register_buffer("table", table)
+
+    def dense_rows(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [lo, hi) of the table as values in dtype."""
+        if self.storage is None:
+            return self.table[lo:hi].to(dtype)
+        out = torch.empty(hi - lo, self.hidden, dtype=dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        return cpu_quant.dequantize_(self.table[lo:hi], self.storage, out).to(dtype)
+
+    def table_problem(self) -> str | None:
+        return None if hasattr(self, "table") else "has no weight loaded"
+
+
+class BlockVocabParallelEmbedding(_VocabBlocks, VocabParallelEmbedding):
+    """VocabParallelEmbedding's twin for GGUF blocks: a looked-up row is decoded on its own."""
+
+    def _make_weight(self) -> None:
+        self.rows = self.vocab_stop - self.vocab_start
+
+    def lookup(self, local_ids: torch.Tensor) -> torch.Tensor:
+        flat = local_ids.reshape(-1)
+        if self.storage is None:
+            rows = self.table.index_select(0, flat)
+        else:
+            raw = self.table.index_select(0, flat)
+            rows = cpu_quant.dequantize_(raw, self.storage, torch.empty(flat.numel(), self.hidden, dtype=torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32))
+        return rows.to(self.dtype).view(*local_ids.shape, self.hidden)
+
+    def row_into_(self, local_id: int, out: torch.Tensor) -> None:
+        if self.storage is None or out.dtype not in (torch.float32, torch.bfloat16):
+            out.copy_(self.lookup(torch.tensor([local_id]))[0])
+        else:
+            cpu_quant.dequantize_(self.table[local_id : local_id + 1], self.storage, out.view(1, -1))
+
+
+_HEAD_TILE_ROWS = 4096  # vocab rows decoded at once for a larger prefill
+
+
+class BlockParallelLMHead(_VocabBlocks, ParallelLMHead):
+    """ParallelLMHead's twin for GGUF blocks (the tied embedding's table, or its own): a decode
+    row's logits straight from the blocks (the native GEMV, as the block linears), several rows'
+    by tiles of vocab rows decoded into one GEMM each (float values, as a prefill)."""
+
+    def _make_weight(self, embedding, tied: bool) -> None:
+        self.hidden, self.dtype = embedding.hidden, embedding.dtype
+        self._tied = [embedding] if tied else None  # a list: not registered as a submodule
+
+    def tie_(self, embedding) -> None:
+        self._tied = [embedding]
+
+    @property
+    def _source(self) -> _VocabBlocks:
+        return self._tied[0] if self._tied else self
+
+    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
+        src = self._source
+        h2 = h.reshape(-1, self.hidden)
+        if src.storage is not None and h2.shape[0] == 1:
+            out = torch.empty(h2.shape[0], self.rows_padded, dtype=torch.float32)
+            return cpu_quant.gemv_(src.table, src.storage, h2.float().contiguous(), out)
+        pieces = [F.linear(h2, src.dense_rows(lo, min(lo + _HEAD_TILE_ROWS, self.rows_padded), h.dtype)) for lo in range(0, self.rows_padded, _HEAD_TILE_ROWS)]
+        return torch.cat(pieces, dim=-1)
+
+    def fused_problem(self) -> str | None:
+        return self._source.table_problem()
+
+    def bind_decode(self, binder):
+        src = self._source
+        out = binder.buffer(self.rows_padded)
+        if src.storage is None:
+            return binder.float_gemv(src.table, out)
+        x = binder.buffer(self.hidden, torch.float32)
+        call = _bound_qgemv(cpu_quant.lib(), binder, cpu_quant.TYPES[src.storage], src.table, x, out, self.hidden, self.rows_padded)
+        return Gemv(x, out, call)
+
+
+BLOCKS = LinearKinds(BlockColumnParallelLinear, BlockRowParallelLinear, BlockVocabParallelEmbedding, BlockParallelLMHead)

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from tp_runtime.kernels import cpu_decode
+from tp_runtime.kernels import cpu_decode, cpu_quant
 from tp_runtime.model.kv_cache import KVCache
 
 
@@ -66,9 +66,7 @@ def unsupported(model: nn.Module, device: torch.device) -> str | None:
     for i, layer in enumerate(model.layers):
         if why := binding_problem(layer, f"layer {i}"):
             return why
-    if not model.lm_head.weight.is_contiguous():
-        return "the LM head weight is not row-major"
-    return None
+    return binding_problem(model.lm_head, "the LM head")
 
 
 class Gemv:
@@ -163,10 +161,12 @@ class FusedDecodeStep:
     slots[b], its attention over that row's positions up to it). The logits are a view of the
     same buffer every step."""
 
-    # the whole [vocab, hidden] embedding (any float dtype, e.g. a view of the mapped checkpoint),
-    # set by the engine when every rank has one: each rank then looks a token's row up itself,
-    # and a step issues no embedding all-reduce (2 all-reduces per layer + 1 all-gather per token)
+    # the whole [vocab, hidden] embedding (any float dtype, e.g. a view of the mapped checkpoint;
+    # or uint8 rows of GGML blocks of type embedding_storage), set by the engine when every rank
+    # has one: each rank then looks a token's row up itself, and a step issues no embedding
+    # all-reduce (2 all-reduces per layer + 1 all-gather per token)
     embedding_table: torch.Tensor | None = None
+    embedding_storage: str | None = None
 
     def __init__(self, model: nn.Module, cache: KVCache) -> None:
         why = unsupported(model, cache.k.device)
@@ -181,24 +181,26 @@ class FusedDecodeStep:
         b = self.binder = DecodeBinder(cpu_decode.lib(), dtype, rows, cfg.hidden_size, model.heads.num_q_local, cache, model.rotary, self.comm)
         self.res = b.res  # the residual stream; the embedding lands here
         self.layers = [layer.bind_decode(b, first=i == 0) for i, layer in enumerate(model.layers)]
-        w = self.head.weight
-        tp = self.comm.world_size
-        self.lm = b.float_gemv(w, b.buffer(w.shape[0]))
+        tp, shard = self.comm.world_size, self.head.rows_padded
+        self.lm = self.head.bind_decode(b)
         self.norm = b.rms_norm(model.norm.weight, model.norm.eps, self.lm.x, add=True)
-        self.pieces = torch.zeros(tp * rows, w.shape[0], dtype=dtype)  # the ranks' logits, rank after rank
-        self.gathered = torch.zeros(rows, tp * w.shape[0], dtype=dtype)  # ... and sequence after sequence
+        self.pieces = torch.zeros(tp * rows, shard, dtype=dtype)  # the ranks' logits, rank after rank
+        self.gathered = torch.zeros(rows, tp * shard, dtype=dtype)  # ... and sequence after sequence
         self.kept = torch.zeros(rows, cfg.vocab_size, dtype=dtype) if self.head.uneven else self.gathered
         self.logits = self.kept if dtype == torch.float32 else torch.zeros(rows, cfg.vocab_size, dtype=torch.float32)
 
     def _embed(self, tokens: Sequence[int]) -> None:
         if self.embedding_table is not None:  # every rank has every row: no collective
             for b, token in enumerate(tokens):
-                self.res[b].copy_(self.embedding_table[token])
+                if self.embedding_storage is None:
+                    self.res[b].copy_(self.embedding_table[token])
+                else:
+                    cpu_quant.dequantize_(self.embedding_table[token : token + 1], self.embedding_storage, self.res[b : b + 1])
             return
         e = self.embed
         for b, token in enumerate(tokens):
             if e.vocab_start <= token < e.vocab_stop:
-                self.res[b].copy_(e.weight[token - e.vocab_start])
+                e.row_into_(token - e.vocab_start, self.res[b])
             else:
                 self.res[b].zero_()
         if e.split:

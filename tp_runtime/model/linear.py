@@ -14,6 +14,7 @@ from torch import nn
 
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.communicator import Communicator
+from tp_runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding
 
 
 class ColumnParallelLinear(nn.Module):
@@ -109,10 +110,13 @@ def linear_binding_problem(m: nn.Module) -> str | None:
 @dataclass(frozen=True)
 class LinearKinds:
     """The linear classes of one weight format, chosen when the model is built on meta: each
-    loads its format's data (floats, or raw quantized blocks) straight into its own storage."""
+    loads its format's data (floats, or raw quantized blocks) straight into its own storage.
+    The vocab-parallel embedding and LM head stay float unless the format has its own."""
 
     column: type
     row: type
+    embedding: type = VocabParallelEmbedding
+    head: type = ParallelLMHead
 
 
 FLOAT = LinearKinds(ColumnParallelLinear, RowParallelLinear)
@@ -122,12 +126,11 @@ def use_cpu_gemv_(modules) -> int:
     """Route the single-row products of every parallel linear and LM head in `modules` (a model,
     or staging layers) through kernels.cpu_linear; returns how many."""
     from tp_runtime import kernels
-    from tp_runtime.model.embedding import ParallelLMHead
 
     n = 0
     for root in modules:
         for m in root.modules():
-            if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            if type(m) in (ColumnParallelLinear, RowParallelLinear, ParallelLMHead):  # float weights, not their block twins
                 m.matmul = kernels.cpu_linear
                 n += 1
     return n

@@ -17,7 +17,6 @@ from tp_runtime import sharding
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig
 from tp_runtime.model.attention import ParallelAttention
-from tp_runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from tp_runtime.model.kv_cache import KVCache
 from tp_runtime.model.linear import FLOAT, LinearKinds, linear_binding_problem
 from tp_runtime.model.norm import RMSNorm
@@ -110,12 +109,12 @@ class LlamaForCausalLM(nn.Module):
         self.heads = sharding.head_layout(cfg, tp, rank)
         lo, hi = sharding.intermediate_range(cfg, tp, rank)
         vocab_ranges = sharding.split_ranges(cfg.vocab_size, tp)
-        self.embed_tokens = VocabParallelEmbedding(vocab_ranges, sharding.vocab_shard_padded(cfg, tp), rank, cfg.hidden_size, dtype, comm, site="embed")
+        self.embed_tokens = linears.embedding(vocab_ranges, sharding.vocab_shard_padded(cfg, tp), rank, cfg.hidden_size, dtype, comm, site="embed")
         self._layer_args = (cfg, self.heads, hi - lo)
         self._dtype, self._comm, self._linears = dtype, comm, linears
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = ParallelLMHead(self.embed_tokens, vocab_ranges, cfg.tie_word_embeddings, comm, site="lm_head")
+        self.lm_head = linears.head(self.embed_tokens, vocab_ranges, cfg.tie_word_embeddings, comm, site="lm_head")
         self.rotary = RotaryTable(cfg.rope, cfg.head_dim, max_seq_len)
 
     def make_layer(self, i: int) -> DecoderLayer:
@@ -125,7 +124,7 @@ class LlamaForCausalLM(nn.Module):
     def init_buffers(self) -> None:
         """Fill the non-persistent buffers after the meta-built model is materialised."""
         if self.cfg.tie_word_embeddings:  # materialising allocates shared parameters separately
-            self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.tie_(self.embed_tokens)
         for m in self.modules():
             if m is not self and hasattr(m, "init_buffers"):
                 m.init_buffers()
