@@ -3,6 +3,12 @@
     python bench/peers.py [--shapes small,tinyllama] [--dtypes float32,bfloat16] [--tp 1,2]
         [--threads N[,N...]] [--quantize int8] [--repeats 3] [--prompt-len 512]
         [--new-tokens 128] [--out bench/out/peers] [--quick]
+        [--llama-bench PATH/llama-bench [--gguf-models smollm2,tinyllama-q4_0,tinyllama-q8_0]]
+
+With --llama-bench, llama.cpp is a peer too: after the transformers table, the GGUF files of
+--gguf-models run alternately through llama-bench and ours at every --tp, with the first
+--threads budget and --repeats (bench/gguf_peers.py, which also runs on its own; its table,
+CSV and PNG go to OUT/gguf). --shapes "" skips the transformers part.
 
 For every (shape, dtype, thread budget) it runs, alternating A/B within each repeat,
     ours          `python -m tp_runtime generate` (a fresh process, ranks started by the CLI) at
@@ -229,6 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "peers"), help="output folder")
     p.add_argument("--quick", action="store_true", help="smoke run: small, float32, prompt 64, 16 new tokens, 1 repeat")
+    p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench: adds llama.cpp as a peer on GGUF files (bench/gguf_peers.py)")
+    p.add_argument("--gguf-models", default="smollm2,tinyllama-q4_0,tinyllama-q8_0", help="GGUF files for the llama.cpp peer (see bench/gguf_peers.py)")
     a = p.parse_args(argv)
     if a.quick:
         a.shapes, a.dtypes, a.prompt_len, a.new_tokens, a.repeats = "small", "float32", 64, 16, 1
@@ -295,6 +303,16 @@ def transformers_missing(bench: str) -> bool:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    rc = transformers_peer(a) if a.shapes else 0
+    if a.llama_bench:
+        import gguf_peers
+
+        rc = max(rc, gguf_peers.main(["--llama-bench", a.llama_bench, "--models", a.gguf_models, "--tp", ",".join(map(str, a.tp)),
+                                      "--threads", str(a.threads[0]), "--repeats", str(a.repeats), "--out", str(Path(a.out) / "gguf")]))
+    return rc
+
+
+def transformers_peer(a: argparse.Namespace) -> int:
     if transformers_missing("bench/peers.py"):
         return 2
     from tqdm import tqdm

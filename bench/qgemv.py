@@ -2,8 +2,9 @@
 
     python bench/qgemv.py [--n 8192] [--k 8192] [--types Q4_0,Q4_1,Q8_0,Q4_K,Q6_K] [--repeats 9]
 
-Times y = W x for one activation row (nb = 1) with W [n, k] stored as each GGML type, through
-kernels/cpu_quant.py gemv_ (x float32, quantised to int8 inside the call; rows split over the
+Times y = W x for one activation row (nb = 1) with W [n, k] stored as each GGML type, by the
+C call the fused decode step makes (kernels/cpu_quant.c tp_qgemv, its arguments checked once
+by kernels/cpu_quant.py gemv_; x float32, quantised to int8 inside the call; rows split over the
 kernel's pool, started at torch's thread count), beside the project's float32 and bfloat16
 GEMV (kernels/cpu_decode.py gemv_) on the same shape. Each weight is held in enough copies
 that together they are larger than the L3 cache, and the calls cycle through them, so every
@@ -96,12 +97,17 @@ def main(argv=None) -> int:
         rows.append((name, nbytes, sec))
         print(f"{name:<9} {nbytes / 1e6:>8.1f} {copies:>6} {sec * 1e3:>9.3f} {nbytes / sec / 1e9:>7.1f}", flush=True)
 
+    qlib = cpu_quant.lib()
     for type_name in a.types.split(","):
         one = random_blocks(type_name, n, k, rng)
         copies = max(2, -(-int(1.5 * l3) // one.numel()))
         ws = [one] + [one.clone() for _ in range(copies - 1)]
         outs = [torch.empty(1, n) for _ in ws]
-        report(type_name, one.numel(), copies, cycled([lambda w=w, o=o: cpu_quant.gemv_(w, type_name, x, o) for w, o in zip(ws, outs)]))
+        cpu_quant.gemv_(one, type_name, x, outs[0])  # the checks, once
+        tid = cpu_quant.TYPES[type_name]
+        # no Python per call: at K = 576 the checks cost as much as the multiply
+        calls = [lambda w=w.data_ptr(), o=o.data_ptr(): qlib.tp_qgemv(tid, w, x.data_ptr(), o, k, n, 0, 1) for w, o in zip(ws, outs)]
+        report(type_name, one.numel(), copies, cycled(calls))
         del ws, outs, one
     if not a.no_float:
         for dtype in (torch.float32, torch.bfloat16):

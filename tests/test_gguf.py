@@ -127,6 +127,47 @@ def test_native_weights_hold_the_files_bytes(gguf_dir):
         _load(path, gguf_weights="native", quantize="int8")
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_vocab_rows_stay_blocks(gguf_dir, tied):
+    """The embedding table and the LM head (its own output.weight, or the tied embedding's
+    table) keep the file's Q4_1 blocks: the bytes the planner counted (vocab padding included)
+    and no more; a looked-up row is its decoded row exactly; prefill logits (several rows: tiles
+    decoded into a GEMM) equal the decoded table's to 1e-5; a decode row's (the native GEMV
+    against int8-rounded activations) within NATIVE_GAP x max |logit|."""
+    from tp_runtime import placement
+    from tp_runtime.model.blocks import BlockParallelLMHead, BlockVocabParallelEmbedding
+
+    path = gguf_dir / f"llama-Q4_1-tied{int(tied)}.gguf"
+    if not path.is_file():
+        write_gguf(path, {**_cfg("llama"), "tie_word_embeddings": tied}, "Q4_1", seed=5)
+    files = open_model(path)
+    assert files.cfg.tie_word_embeddings == tied
+    llm = _load(path)
+    model = llm.engine.model
+    embed, head = model.embed_tokens, model.lm_head
+    assert type(embed) is BlockVocabParallelEmbedding and type(head) is BlockParallelLMHead
+    assert embed.storage == "Q4_1" and embed.table.dtype == torch.uint8
+    assert hasattr(head, "table") != tied and (tied or head.storage == "Q4_1")
+    planned = placement.shard_bytes(files.cfg, 1, 0, "float32", 64, 1, blocks=placement.stored_blocks(files.index))
+    held = lambda m: sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))  # noqa: E731
+    assert held(embed) == planned.embedding and held(head) == planned.lm_head
+    assert planned.lm_head == (0 if tied else planned.embedding)
+    mapped = MappedCheckpoint(files.index)
+    try:
+        table = mapped.values("model.embed_tokens.weight").clone()
+        weight = table if tied else mapped.values("lm_head.weight").clone()
+    finally:
+        mapped.close()
+    ids = torch.tensor([[0, 7, 299, 7, 150]])
+    assert torch.equal(embed(ids)[0], table[ids[0]])
+    h = torch.randn(3, files.cfg.hidden_size)
+    want = h @ weight.T
+    assert (head.local_logits(h)[:, : files.cfg.vocab_size] - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    one = head.local_logits(h[:1])[0, : files.cfg.vocab_size]
+    assert (one - want[0]).abs().max().item() <= NATIVE_GAP * want[0].abs().max().item()
+    llm.close()
+
+
 @pytest.mark.parametrize(("arch", "qtype", "tp", "weights"), [
     ("llama", "Q4_K", 2, "native"), ("llama", "Q4_1", 3, "native"), ("qwen2", "Q6_K", 4, "native"), ("qwen2", "Q6_K", 4, "dequantize"),
 ])
