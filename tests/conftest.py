@@ -8,6 +8,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
+# `python -m pytest` puts the repo root first on sys.path, where the top-level kernels/ folder
+# (installed as tp_runtime.kernels) would shadow the `kernels` package transformers >= 5 imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 sys.path.insert(0, str(TESTS))
 
 import hf_models  # noqa: E402
