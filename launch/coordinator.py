@@ -19,10 +19,10 @@ from typing import Any, Callable
 import torch
 
 from tp_runtime import sharding
-from tp_runtime.checkpoint.gguf_reader import gguf_files
-from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint, open_index
+from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint
 from tp_runtime.checkpoint.loader import validate
 from tp_runtime.checkpoint.mapped import MappedCheckpoint, release_pages
+from tp_runtime.checkpoint.model_files import open_model
 from tp_runtime.checkpoint.names import TensorEntry
 from tp_runtime.comm.control import ControlClient
 from tp_runtime.comm.sockets import new_context
@@ -62,13 +62,16 @@ def _local_address_towards(host: str) -> str:
 
 
 def _stream_slices(client: ControlClient, index: CheckpointIndex, entries: list[TensorEntry], cfg: ModelConfig, tp: int, rank: int) -> int:
-    """Send worker `rank` exactly its slices; returns the bytes sent."""
-    client.send(Kind.WEIGHTS_BEGIN, {"names": [e.hf_name for e in entries]})
-    sent = 0
+    """Send worker `rank` exactly its slices; returns the bytes sent. A GGUF file's quantized
+    slices go as their blocks (rows in the Hugging Face order), their types named up front."""
     files = MappedCheckpoint(index)
+    sent = 0
     try:
-        for i, e in enumerate(entries):
-            view = files.view(e.hf_name, sharding.spec(e.role, e.kind, cfg, tp, rank))
+        specs = [sharding.spec(e.role, e.kind, cfg, tp, rank) for e in entries]
+        blocks = {e.hf_name: files.storage(e.hf_name) for e, spec in zip(entries, specs) if files.has_blocks(e.hf_name, spec)}
+        client.send(Kind.WEIGHTS_BEGIN, {"names": [e.hf_name for e in entries], "blocks": blocks})
+        for i, (e, spec) in enumerate(zip(entries, specs)):
+            view = files.blocks(e.hf_name, spec) if e.hf_name in blocks else files.values(e.hf_name, spec)
             # a copy: zmq sends without copying, after the mapping may be gone
             data = torch.empty_like(view, memory_format=torch.contiguous_format).copy_(view)
             release_pages(view)
@@ -92,15 +95,14 @@ def run_with_workers(
 ) -> dict[str, Any]:
     """Drive the workers through a job and run rank 0 here with `run_rank0(parallel, comm, extra)`;
     extra holds what the coordinator learnt (bytes of weights streamed) for the result."""
-    if gguf_files(model_dir) is not None:
-        raise ConfigError(f"{model_dir}: GGUF files run locally and under torchrun for now; --workers takes a Hugging Face folder (safetensors)")
-    cfg = runtime.split_config(ModelConfig.from_model_dir(model_dir))
+    model = open_model(model_dir)  # a Hugging Face folder or a GGUF file, checked before any worker is contacted
+    cfg, index = runtime.split_config(model.cfg), model.index
     tp = len(workers) + 1
     sharding.check_tp(cfg, tp)
     fp = fingerprint(model_dir)
-    index = open_index(model_dir)  # checked once, before any worker is contacted
     entries = validate(index, cfg)
-    gen_cfg_path = Path(model_dir) / "generation_config.json"
+    gen_cfg_path = Path(model_dir) / "generation_config.json"  # a GGUF file's are in its metadata, hence in the config
+    gen_cfg = json.loads(gen_cfg_path.read_text()) if model.format == "safetensors" and gen_cfg_path.is_file() else None
     rank_names = ["coordinator"] + [f"worker {h}:{p}" for h, p in workers]
     ctx = new_context()
     clients = [ControlClient(ctx, f"tcp://{h}:{p}", secret, f"{h}:{p}") for h, p in workers]
@@ -116,8 +118,8 @@ def run_with_workers(
         epoch = secrets.randbits(32)  # this job's: a late frame of an earlier one is dropped
         for rank, c in enumerate(clients, start=1):
             c.send(Kind.JOB, {
-                "fingerprint": fp, "config": json.loads((Path(model_dir) / "config.json").read_text()),
-                "generation_config": json.loads(gen_cfg_path.read_text()) if gen_cfg_path.is_file() else None,
+                "fingerprint": fp, "config": model.config_json,
+                "generation_config": gen_cfg,
                 "tp": tp, "rank": rank, "names": rank_names, "epoch": epoch,
                 "runtime": runtime.for_job(),  # every setting but the rank-local ones: all ranks run alike
                 "prompts": prompts, "sampling": sampling,

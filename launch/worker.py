@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from tp_runtime.checkpoint.index import SLICES_FILE, SLICES_META, fingerprint
+from tp_runtime.checkpoint.safetensors_reader import BLOCKS_KEY
 from tp_runtime.comm.control import ControlServer
 from tp_runtime.comm.sockets import new_context
 from tp_runtime.comm.protocol import PROTOCOL_VERSION, Kind
@@ -154,6 +155,7 @@ class Worker:
         self.server.send(peer, Kind.NEED_WEIGHTS, {})
         begin = self._await(peer, Kind.WEIGHTS_BEGIN, WEIGHTS_TIMEOUT_S)
         names = begin.obj["names"]
+        blocks = begin.obj.get("blocks") or {}  # GGUF slices, kept as their blocks: name -> GGML type
         tensors = {}
         for i, name in enumerate(names):
             msg = self._await(peer, Kind.WEIGHTS, WEIGHTS_TIMEOUT_S)
@@ -163,7 +165,7 @@ class Worker:
         slot.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=slot.parent, prefix=slot.name + "."))
         try:
-            save_file(tensors, str(tmp / SLICES_FILE))
+            save_file(tensors, str(tmp / SLICES_FILE), metadata={BLOCKS_KEY: json.dumps(blocks)} if blocks else None)
             (tmp / "config.json").write_text(json.dumps(job["config"]))
             if job.get("generation_config"):
                 (tmp / "generation_config.json").write_text(json.dumps(job["generation_config"]))

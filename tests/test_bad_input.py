@@ -83,6 +83,32 @@ def test_truncated_safetensors_file(model_copy):
         _load(model_copy)
 
 
+@pytest.mark.parametrize("blocks, problem", [
+    ("[1, 2]", "is not a JSON object"),
+    ('{"lm_head.weight": "Q3_K"}', "names unknown tensors or types"),
+    ('{"model.norm.weight": "Q8_0"}', r"model\.norm\.weight \(F32 \[\d+\]\) is not whole Q8_0 blocks"),
+])
+def test_bad_block_types_in_a_slices_file(model_copy, blocks, problem):
+    """A worker's cache names its GGUF slices' block types in the safetensors metadata: a garbled
+    entry is refused naming the file and the tensor."""
+    from tp_runtime.checkpoint.safetensors_reader import BLOCKS_KEY
+
+    f = model_copy / "model.safetensors"
+    save_file(load_file(str(f)), str(f), metadata={BLOCKS_KEY: blocks})
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: .*{problem}"):
+        _load(model_copy)
+
+
+def test_job_config_with_wrong_rope_factors():
+    from tp_runtime.checkpoint.synthetic import llama_config_dict
+    from tp_runtime.config import EXTRA_KEY, ModelConfig
+
+    raw = llama_config_dict(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=50)
+    assert ModelConfig.from_dict({**raw, EXTRA_KEY: {"rope_freq_factors": [2.0] * 8}}).rope.freq_factors == (2.0,) * 8
+    with pytest.raises(ConfigError, match=r"5 rope frequency factors .* for a head size of 16"):
+        ModelConfig.from_dict({**raw, EXTRA_KEY: {"rope_freq_factors": [1.0] * 5}})
+
+
 def test_missing_model_folder():
     with pytest.raises(ConfigError, match=r"model folder '/no/such/model' does not exist"):
         _load("/no/such/model")

@@ -16,9 +16,10 @@ from tp_runtime.engine.sampling import SamplingParams
 
 QUESTION = "What is the capital of France, and what is it famous for?"
 NEW = 32
-# of SmolLM2's logits (~20): float rounding noise moves an activation that sits next to an int8
-# rounding boundary of the native GEMV across it, a whole step (amax/127) at once
-TIE = 0.1
+# of SmolLM2's logits (~20, so ~1%): float rounding noise moves an activation that sits next to
+# an int8 rounding boundary of the native GEMV across it, a whole step (amax/127) at once; seen:
+# tp=3 parting from tp=1 where tp=1 led by 0.17 (an AVX2-only machine: the kernels' portable C)
+TIE = 0.25
 
 
 @pytest.fixture(scope="module")

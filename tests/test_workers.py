@@ -1,5 +1,6 @@
 """tp-worker daemons on loopback driven by a coordinator (pyzmq transport), end to end."""
 
+import json
 import os
 import shutil
 import signal
@@ -10,8 +11,10 @@ import time
 
 import pytest
 import zmq
+from safetensors import safe_open
 
 from conftest import REPO, last_json, run_cli
+from tp_runtime.checkpoint.safetensors_reader import BLOCKS_KEY
 from tp_runtime.comm.protocol import Kind, encode
 from tp_runtime.launch.spawn import free_port
 
@@ -215,3 +218,42 @@ def test_workers_write_their_offload_dir(tmp_path, workers):
     assert last_json(r.stdout)["output_ids"] == local["output_ids"]
     written = sorted(d.name.split("-", 1)[1] for d in offload.iterdir())
     assert written == ["tp2-rank0-float32", "tp2-rank1-float32"], written
+
+
+def test_workers_take_a_gguf_file_as_blocks(tmp_path, workers):
+    """A GGUF file over hand-started workers: each worker gets its slices as the file's blocks
+    (a fraction of the file's bytes), caches them, and gives the tokens of the same file run on
+    local ranks; a worker holding its own copy of the file (matched by its header) needs none."""
+    pytest.importorskip("gguf")
+    from tp_runtime.checkpoint.synthetic import llama_config_dict
+    from tp_runtime.checkpoint.synthetic_gguf import write_gguf
+
+    shape = dict(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512, vocab_size=300)
+    # Q4_0: every rank's columns fall on its 32-value blocks, so all of the worker's half goes as blocks
+    llama = write_gguf(tmp_path / "llama.gguf", llama_config_dict(**shape), "Q4_0", seed=5,
+                       rope_freq_factors=[1.0 + (i % 7) / 3 for i in range(32)])  # travel in the job's config
+    (w1,) = workers(1)
+    local = last_json(_generate(llama, "--tp", "2").stdout)
+    first = _generate(llama, "--workers", w1.addr)
+    assert first.returncode == 0, first.stderr
+    first = last_json(first.stdout)
+    assert first["output_ids"] == local["output_ids"] and first["tp"] == 2
+    assert 0 < first["weights_streamed_bytes"] < 0.6 * llama.stat().st_size  # its half, still 4-bit
+    again = last_json(_generate(llama, "--workers", w1.addr).stdout)
+    assert again["output_ids"] == local["output_ids"] and again["weights_streamed_bytes"] == 0
+
+    qwen = write_gguf(tmp_path / "qwen.gguf", llama_config_dict(**shape, architecture="Qwen2ForCausalLM"), "Q6_K", seed=6)
+    w2, w3 = workers(2, ["--model-dir", str(qwen)])
+    local4 = last_json(_generate(qwen, "--tp", "4").stdout)
+    four = _generate(qwen, "--workers", f"{w1.addr},{w2.addr},{w3.addr}")
+    assert four.returncode == 0, four.stderr
+    four = last_json(four.stdout)
+    assert four["output_ids"] == local4["output_ids"] and four["tp"] == 4
+    # Q6_K's 256-value blocks: o_proj's head columns (64 each) and down_proj's 128 are not whole
+    # blocks, so those go decoded to float32 (as local ranks hold them); the rest as blocks
+    assert 0 < four["weights_streamed_bytes"] < 0.6 * qwen.stat().st_size
+    (slices,) = (tmp_path / "w0-cache").glob("*/tp4-rank1/slices.safetensors")
+    with safe_open(str(slices), "pt") as f:
+        kept = json.loads(f.metadata()[BLOCKS_KEY])
+    assert {kept[f"model.layers.1.{n}.weight"] for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")} == {"Q6_K"}
+    assert "model.layers.1.self_attn.o_proj.weight" not in kept

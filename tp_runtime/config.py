@@ -20,6 +20,11 @@ QUANTIZE = (None, "int8", "int4")  # --quantize: the weight formats quantised at
 INT4_GROUP = 32  # values per int4 group (one GGML Q4_0 block)
 
 # architecture -> family; model/registry.py maps the families to classes
+# settings a config dict carries beyond Hugging Face's keys, for checkpoints whose format holds
+# them elsewhere (a GGUF file's rope_freqs tensor and its down_proj block size): a worker that
+# receives the dict then builds the same config as the coordinator
+EXTRA_KEY = "tp_runtime"
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -147,6 +152,13 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         dtype = raw.get("dtype") or raw.get("torch_dtype")
+        rope = _parse_rope(raw, source)
+        extra = raw.get(EXTRA_KEY) or {}
+        factors = extra.get("rope_freq_factors")
+        if factors is not None:
+            if len(factors) != head_dim // 2:
+                raise ConfigError(f"{source}: {len(factors)} rope frequency factors (a GGUF file's rope_freqs.weight) for a head size of {head_dim}")
+            rope = replace(rope, freq_factors=tuple(float(f) for f in factors))
         return cls(
             architecture=arch,
             family=family,
@@ -159,7 +171,7 @@ class ModelConfig:
             vocab_size=int(need("vocab_size")),
             max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope=_parse_rope(raw, source),
+            rope=rope,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
             o_bias=family != "qwen2" and bool(raw.get("attention_bias", False)),
@@ -168,6 +180,7 @@ class ModelConfig:
             checkpoint_dtype=str(dtype) if dtype else None,
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
+            mlp_unit=int(extra.get("mlp_unit", 1)),
         )
 
     @classmethod

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from tp_runtime.checkpoint.gguf_reader import GGUFCheckpoint
-from tp_runtime.config import ModelConfig
+from tp_runtime.config import EXTRA_KEY, ModelConfig
 from tp_runtime.errors import CheckpointError
 
 # general.architecture -> the config's model_type (ModelConfig's architectures); llama-type
@@ -89,20 +89,18 @@ def config_dict(ckpt: GGUFCheckpoint) -> dict[str, Any]:
         raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported (linear and llama3 are)")
     if get("attention.sliding_window"):
         raw["sliding_window"] = int(get("attention.sliding_window"))
+    extra: dict[str, Any] = {}
+    factors = _rope_factors(ckpt)
+    if factors is not None:
+        extra["rope_freq_factors"] = factors
+    # down_proj's columns are the MLP features: split them on its blocks (the largest of the layers')
+    blocks = [r.storage.block for n, r in ckpt.records.items() if n.endswith(".mlp.down_proj.weight") and r.storage.quantized]
+    if blocks and raw["intermediate_size"] % max(blocks) == 0:
+        extra["mlp_unit"] = max(blocks)
+    if extra:
+        raw[EXTRA_KEY] = extra
     return raw
 
 
 def model_config(ckpt: GGUFCheckpoint) -> ModelConfig:
-    from dataclasses import replace
-
-    cfg = ModelConfig.from_dict(config_dict(ckpt), source=str(ckpt.files[0]))
-    factors = _rope_factors(ckpt)
-    if factors is not None:
-        if len(factors) != cfg.head_dim // 2:
-            raise CheckpointError(f"{ckpt.files[0]}: rope_freqs.weight has {len(factors)} values for a head size of {cfg.head_dim}")
-        cfg = replace(cfg, rope=replace(cfg.rope, freq_factors=tuple(factors)))
-    # down_proj's columns are the MLP features: split them on its blocks (the largest of the layers')
-    blocks = [r.storage.block for n, r in ckpt.records.items() if n.endswith(".mlp.down_proj.weight") and r.storage.quantized]
-    if blocks and cfg.intermediate_size % max(blocks) == 0:
-        cfg = replace(cfg, mlp_unit=max(blocks))
-    return cfg
+    return ModelConfig.from_dict(config_dict(ckpt), source=str(ckpt.files[0]))

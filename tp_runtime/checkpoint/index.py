@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from tp_runtime.checkpoint.gguf_reader import gguf_files, read_gguf
 from tp_runtime.checkpoint.safetensors_reader import read_records
 from tp_runtime.checkpoint.tensor import TensorRecord
 from tp_runtime.errors import CheckpointError
@@ -76,11 +77,27 @@ def open_index(model_dir: str | Path) -> CheckpointIndex:
     return index_files(model_dir, files, sliced_for)
 
 
-def fingerprint(model_dir: str | Path) -> str:
+def _gguf_fingerprint(files: tuple[Path, ...]) -> str:
+    """Each file's bytes before its first tensor (header, metadata, tensor infos), name and size."""
+    records = read_gguf(files).records.values()
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        first = min((r.offset for r in records if r.file == path), default=size)
+        with open(path, "rb") as f:
+            h.update(path.name.encode() + f.read(min(first, 100 << 20)) + str(size).encode())
+    return h.hexdigest()[:32]
+
+
+def fingerprint(model_path: str | Path) -> str:
     """Identity of a checkpoint: config.json and every safetensors header (names, dtypes, shapes,
-    offsets), with file sizes. Reads headers only, so it is cheap for a 100 GB model; two folders
-    with the same fingerprint hold the same tensors laid out the same way."""
-    model_dir = Path(model_dir)
+    offsets), with file sizes; for a GGUF model, every file's header and metadata. Reads headers
+    only, so it is cheap for a 100 GB model; two models with the same fingerprint hold the same
+    tensors laid out the same way."""
+    gguf = gguf_files(model_path)
+    if gguf is not None:
+        return _gguf_fingerprint(gguf)
+    model_dir = Path(model_path)
     h = hashlib.sha256()
     h.update((model_dir / "config.json").read_bytes())
     for path in _checkpoint_files(model_dir):

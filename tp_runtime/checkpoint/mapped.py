@@ -81,14 +81,18 @@ class MappedCheckpoint:
             return full
         return full.narrow(spec.dim, spec.start, spec.stop - spec.start)
 
+    def has_blocks(self, name: str, spec: sharding.ShardSpec | None = None) -> bool:
+        """Whether `blocks` gives this part of `name`: block-quantized, its columns on blocks."""
+        st = self._records[name].storage
+        return st.quantized and not (spec is not None and spec.dim == 1 and (spec.start % st.block or spec.stop % st.block))
+
     def blocks(self, name: str, spec: sharding.ShardSpec | None = None) -> torch.Tensor | None:
         """This rank's part of a block-quantized `name` as its stored blocks, uint8 [rows, bytes
         per row], rows in the Hugging Face order; None for a plain tensor or a column range that
         does not fall on blocks (`values` decodes those)."""
-        t = self._records[name]
-        st = t.storage
-        if not st.quantized or (spec is not None and spec.dim == 1 and (spec.start % st.block or spec.stop % st.block)):
+        if not self.has_blocks(name, spec):
             return None
+        t = self._records[name]
         raw = self.view(name, spec)
         return unpermute_rope_rows(raw, t.rope_row_groups) if t.rope_row_groups else raw
 

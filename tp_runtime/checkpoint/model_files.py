@@ -27,6 +27,9 @@ class ModelFiles:
     index: CheckpointIndex
     tokenizer: Tokenizer | None
     chat_template: str | None
+    # the config as a dict ModelConfig.from_dict reads (a GGUF's metadata turned into it): what a
+    # coordinator sends a worker that has no copy of the model, so both build the same config
+    config_json: dict
 
 
 def _hf_chat_template(folder: Path) -> str | None:
@@ -42,14 +45,15 @@ def _hf_chat_template(folder: Path) -> str | None:
 
 def _open_gguf(path: Path, files: tuple[Path, ...]) -> ModelFiles:
     ckpt = gguf_reader.read_gguf(files)
-    cfg = gguf_config.model_config(ckpt)
+    raw = gguf_config.config_dict(ckpt)
+    cfg = ModelConfig.from_dict(raw, source=str(files[0]))
     records = ckpt.records
     if gguf_config.architecture(ckpt) in gguf_config.PERMUTED_QK:
         qk = (".self_attn.q_proj.", ".self_attn.k_proj.")
         records = {n: replace(r, rope_row_groups=cfg.head_dim) if any(k in n for k in qk) else r for n, r in records.items()}
     index = CheckpointIndex(files[0].parent, files, records)
     meta = ckpt.metadata
-    return ModelFiles(path, "gguf", cfg, index, build_tokenizer(meta, str(files[0])), meta.get("tokenizer.chat_template"))
+    return ModelFiles(path, "gguf", cfg, index, build_tokenizer(meta, str(files[0])), meta.get("tokenizer.chat_template"), raw)
 
 
 def open_model(path: str | Path) -> ModelFiles:
@@ -58,7 +62,8 @@ def open_model(path: str | Path) -> ModelFiles:
     if files is not None:
         return _open_gguf(path, files)
     cfg = ModelConfig.from_model_dir(path)
-    return ModelFiles(path, "safetensors", cfg, open_index(path), load_tokenizer(path), _hf_chat_template(path))
+    raw = json.loads((path / "config.json").read_text())  # from_model_dir has checked it
+    return ModelFiles(path, "safetensors", cfg, open_index(path), load_tokenizer(path), _hf_chat_template(path), raw)
 
 
 def load_config(path: str | Path) -> ModelConfig:

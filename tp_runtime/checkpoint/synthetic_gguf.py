@@ -70,9 +70,10 @@ def _tokenizer_metadata(vocab_size: int) -> dict[str, Any]:
 
 
 def write_gguf(path: str | Path, cfg_dict: dict[str, Any], weight_type: str = "Q8_0", seed: int = 0, std: float = 0.05,
-               embedding_type: str | None = None) -> Path:
+               embedding_type: str | None = None, rope_freq_factors: list[float] | None = None) -> Path:
     """A GGUF file of a random model with config `cfg_dict` (synthetic.llama_config_dict), its
-    2-D weights in `weight_type` (the embedding in `embedding_type`, default the same)."""
+    2-D weights in `weight_type` (the embedding in `embedding_type`, default the same), and
+    llama3-style RoPE frequency divisors as a rope_freqs tensor where given."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
     cfg = ModelConfig.from_dict(cfg_dict)
@@ -116,6 +117,8 @@ def write_gguf(path: str | Path, cfg_dict: dict[str, Any], weight_type: str = "Q
             qtype = "F32"
         data = encode(np.ascontiguousarray(values, dtype=np.float32), qtype, rng)
         w.add_tensor(gguf_of[hf], data, raw_dtype=GGMLQuantizationType[qtype])
+    if rope_freq_factors is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freq_factors, dtype=np.float32), raw_dtype=GGMLQuantizationType.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
