@@ -21,7 +21,9 @@
    vpmaddubsw + vpdpwssd for the K-quants, which applies the sub-block scales in integers), scaled
    per block in float32. The weights' unsigned payloads are the u8 operand as they are; the
    constant offsets (-8, -16, -32) and the mins come back through the activation block sums.
-   Without VNNI a plain C loop gives the same values up to float summation order. The error is the
+   With AVX2 alone (no AVX-512: most consumer x86 machines) the 32-blocks take vpmaddubsw +
+   vpmaddwd per block, the K-quants vpmaddubsw + vpmaddwd against the sub-block scales; without either a plain C loop gives the
+   same values up to float summation order. The error is the
    activations' rounding: at most amax/254 per value of its block (tests/test_cpu_quant.py). */
 #include <stdint.h>
 #include <string.h>
@@ -572,6 +574,122 @@ INLINE float rowK_v(const int T, const uint8_t* w, const xrow* x, int64_t nsb) {
 }
 #define ROW32(T) row32_v(T, w, x, n)
 #define ROWK(T) rowK_v(T, w, x, n)
+#elif defined(__AVX2__)
+/* ---- dot products: AVX2 (most consumer x86 machines have it, and no AVX-512) ------------------- */
+
+/* a 32-block's 16 payload bytes as 32 u8 values: low nibbles are values 0-15, high ones 16-31 */
+INLINE __m256i nibbles32(const uint8_t* p) {
+    const __m128i t = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
+}
+
+/* 0xff in byte j where bit j of v is set */
+INLINE __m256i bytes_of_bits(uint32_t v) {
+    const __m256i spread = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)v), spread), bit);
+    return _mm256_cmpeq_epi8(b, bit);
+}
+
+/* u8 x s8 over 32 bytes as 8 int32 sums, exact: a pair of products is at most 2 * 128 * 127 (Q8_0's
+   |w| against |x|), inside vpmaddubsw's int16 */
+INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* one 32-block per step, two accumulators; the blocks' constant offsets (-8, -16) and Q4_1 /
+   Q5_1's m come back through the activation sums (ds), as in the VNNI version */
+INLINE float row32_a2(const int T, const uint8_t* w, const xrow* x, int64_t nblk) {
+    const int bs = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
+    const int qo = T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : T == Q5_1 ? 8 : 2;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float corr = 0;
+    for (int64_t k = 0; k < nblk; k++) {
+        const uint8_t* b = w + k * bs;
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x->q + 32 * k));
+        const float dw = f16(b);
+        __m256i dot;
+        if (T == Q8_0) {
+            const __m256i z = _mm256_loadu_si256((const __m256i*)(b + 2));
+            dot = dot_u8s8(_mm256_sign_epi8(z, z), _mm256_sign_epi8(xv, z));  /* |w| against x with w's sign */
+        } else {
+            __m256i z = nibbles32(b + qo);
+            if (T == Q5_0 || T == Q5_1) z = _mm256_or_si256(z, _mm256_and_si256(bytes_of_bits(rd32(b + qo - 4)), _mm256_set1_epi8(16)));
+            dot = dot_u8s8(z, xv);
+            corr += (T == Q4_1 || T == Q5_1 ? f16(b + 2) : dw) * x->ds[k];
+        }
+        const __m256 sc = _mm256_set1_ps(dw * x->d[k]);
+        if (k & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc0);
+    }
+    const __m256 a = _mm256_add_ps(acc0, acc1);
+    __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r4 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+    r4 = _mm_add_ss(r4, _mm_movehdup_ps(r4));
+    float r = _mm_cvtss_f32(r4);
+    if (T == Q4_0) r -= 8.0f * corr;
+    else if (T == Q5_0) r -= 16.0f * corr;
+    else if (T == Q4_1 || T == Q5_1) r += corr;
+    return r;
+}
+
+INLINE int32_t hsum8_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* K-quants, x in natural order: each 32-value group's u8 weights against its 32 activations by
+   vpmaddubsw, then vpmaddwd against the group's sub-block scale(s), summed in int32 per
+   superblock (exact: at most 2 * 63 * 127 per pair, times a scale of at most 128); the offsets
+   (Q6_K's -32) and the mins through the activation sums, d * dx per superblock in float */
+INLINE float rowK_a2(const int T, const uint8_t* w, const xrow* x, int64_t nsb) {
+    const int64_t bs = T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    float r = 0;
+    for (int64_t k = 0; k < nsb; k++) {
+        const uint8_t* b = w + k * bs;
+        const int8_t* xq = x->q + 256 * k;
+        __m256i is = _mm256_setzero_si256();
+        if (T == Q6_K) {
+            const int8_t* sc = (const int8_t*)(b + 192);
+            for (int t = 0; t < 8; t++) {
+                const int h = t >> 2, sh = (t >> 1) & 1, part = t & 1, hs = 2 * (t & 3);
+                const __m256i L = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32 * part));
+                const __m256i H = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
+                const __m256i lo = _mm256_and_si256(sh ? _mm256_srli_epi16(L, 4) : L, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(H, _mm_cvtsi32_si128(hs)), m3);
+                const __m256i v = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  /* q + 32, in [0, 63] */
+                const __m256i scl = _mm256_set_m128i(_mm_set1_epi16(sc[2 * t + 1]), _mm_set1_epi16(sc[2 * t]));
+                is = _mm256_add_epi32(is, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i*)(xq + 32 * t))), scl));
+            }
+            const __m256i c = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc)), _mm256_loadu_si256((const __m256i*)(x->b16 + 16 * k)));
+            r += x->d[k] * f16(b + 208) * (float)(hsum8_i32(is) - 32 * hsum8_i32(c));
+            continue;
+        }
+        uint64_t s8, m8;
+        kscales(b + 4, &s8, &m8);
+        const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
+        const __m256i qh = T == Q5_K ? _mm256_loadu_si256((const __m256i*)(b + 16)) : _mm256_setzero_si256();
+        int32_t smin = 0;
+        for (int g = 0; g < 8; g++) {
+            const __m256i z = _mm256_loadu_si256((const __m256i*)(qs + 32 * (g >> 1)));
+            __m256i v = _mm256_and_si256(g & 1 ? _mm256_srli_epi16(z, 4) : z, m4);
+            if (T == Q5_K) {
+                const __m256i bit = _mm256_set1_epi8((char)(1 << g));
+                v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), _mm256_set1_epi8(16)));
+            }
+            const __m256i p = _mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i*)(xq + 32 * g)));
+            is = _mm256_add_epi32(is, _mm256_madd_epi16(p, _mm256_set1_epi16((short)((s8 >> (8 * g)) & 0xff))));
+            smin += (int32_t)((m8 >> (8 * g)) & 0xff) * x->b32[8 * k + g];
+        }
+        r += x->d[k] * (f16(b) * (float)hsum8_i32(is) - f16(b + 2) * (float)smin);
+    }
+    return r;
+}
+#define ROW32(T) row32_a2(T, w, x, n)
+#define ROWK(T) rowK_a2(T, w, x, n)
 #else
 #define ROW32(T) row32_c(T, w, x, n)
 #define ROWK(T) rowK_c(T, w, x, n)

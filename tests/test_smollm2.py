@@ -93,7 +93,11 @@ def test_teacher_forced_logits_and_greedy_text_match_transformers(ours, oracle):
     prompt = ours.chat_ids(_conversations()[0])
     answer = [e.token_id for e in ours.generate([prompt], SamplingParams(max_new_tokens=NEW))]
     theirs = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False)[0, len(prompt) :].tolist()
-    assert answer == theirs[: len(answer)]
+    # decode multiplies the blocks against int8-rounded activations: the texts may part only at
+    # a near tie of transformers' own logits (prefill, decoded blocks, is held exact below)
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt + theirs])).logits[0]
+    assert_greedy_agrees_up_to_a_near_tie(reference, len(prompt) - 1, answer, theirs[: len(answer)], TIE)
     assert "Paris" in tok.decode(answer)
     seq = prompt + answer
     with torch.no_grad():
