@@ -99,7 +99,7 @@ def run_with_workers(
     cfg, index = runtime.split_config(model.cfg), model.index
     tp = len(workers) + 1
     sharding.check_tp(cfg, tp)
-    fp = fingerprint(model_dir)
+    fp = fingerprint(model_dir, index)
     entries = validate(index, cfg)
     gen_cfg_path = Path(model_dir) / "generation_config.json"  # a GGUF file's are in its metadata, hence in the config
     gen_cfg = json.loads(gen_cfg_path.read_text()) if model.format == "safetensors" and gen_cfg_path.is_file() else None

@@ -19,12 +19,12 @@ from tp_runtime.errors import ConfigError
 QUANTIZE = (None, "int8", "int4")  # --quantize: the weight formats quantised at load
 INT4_GROUP = 32  # values per int4 group (one GGML Q4_0 block)
 
-# architecture -> family; model/registry.py maps the families to classes
 # settings a config dict carries beyond Hugging Face's keys, for checkpoints whose format holds
 # them elsewhere (a GGUF file's rope_freqs tensor and its down_proj block size): a worker that
 # receives the dict then builds the same config as the coordinator
 EXTRA_KEY = "tp_runtime"
 
+# architecture -> family; model/registry.py maps the families to classes
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",

@@ -77,9 +77,8 @@ def open_index(model_dir: str | Path) -> CheckpointIndex:
     return index_files(model_dir, files, sliced_for)
 
 
-def _gguf_fingerprint(files: tuple[Path, ...]) -> str:
+def _gguf_fingerprint(files: tuple[Path, ...], records: list[TensorRecord]) -> str:
     """Each file's bytes before its first tensor (header, metadata, tensor infos), name and size."""
-    records = read_gguf(files).records.values()
     h = hashlib.sha256()
     for path in files:
         size = path.stat().st_size
@@ -89,14 +88,16 @@ def _gguf_fingerprint(files: tuple[Path, ...]) -> str:
     return h.hexdigest()[:32]
 
 
-def fingerprint(model_path: str | Path) -> str:
+def fingerprint(model_path: str | Path, index: CheckpointIndex | None = None) -> str:
     """Identity of a checkpoint: config.json and every safetensors header (names, dtypes, shapes,
     offsets), with file sizes; for a GGUF model, every file's header and metadata. Reads headers
     only, so it is cheap for a 100 GB model; two models with the same fingerprint hold the same
-    tensors laid out the same way."""
+    tensors laid out the same way. A GGUF's tensor offsets come from `index` where the caller has
+    it (parsing a file's metadata takes seconds for a large vocabulary), else from the file."""
     gguf = gguf_files(model_path)
     if gguf is not None:
-        return _gguf_fingerprint(gguf)
+        records = list(index.tensors.values()) if index is not None else list(read_gguf(gguf).records.values())
+        return _gguf_fingerprint(gguf, records)
     model_dir = Path(model_path)
     h = hashlib.sha256()
     h.update((model_dir / "config.json").read_bytes())
