@@ -228,15 +228,21 @@ def plan_rank(
     quantize: str | None = None,
     disk_dtype: str | None = None,
     blocks: dict[str, tuple[int, int]] | None = None,
+    offloaded: bool = False,
 ) -> RankPlan:
     """tiers: fastest first; the last one is the disk (unbounded). disk_dtype: the dtype the
-    disk tier's files hold (the checkpoint's, or `dtype` for an offload folder). blocks: as for
-    shard_bytes."""
+    checkpoint's files hold; offloaded: the disk tier is an offload folder, which holds the layers
+    as memory does (quantized, in `dtype`). blocks: as for shard_bytes."""
     sizes = shard_bytes(cfg, tp, rank, dtype, max_seq_len, max_batch, quantize, blocks)
     tiers = list(tiers)
     fast = tiers[0]
     fixed = {"kv_cache": sizes.kv_cache, "activations": sizes.activations, "embedding": sizes.embedding, "lm_head": sizes.lm_head, "norm": sizes.norm, "staging": 0}
-    disk_scale = DTYPE_BYTES.get(disk_dtype or dtype, DTYPE_BYTES[dtype]) / DTYPE_BYTES[dtype]
+    disk_scale = 1.0  # an offload folder, or a GGUF's blocks: the file holds what memory does
+    if not offloaded and not blocks:
+        disk_scale = DTYPE_BYTES.get(disk_dtype or dtype, DTYPE_BYTES[dtype]) / DTYPE_BYTES[dtype]
+        if quantize:  # the checkpoint holds the values that streaming quantizes on every use
+            unquantized = shard_bytes(cfg, tp, rank, dtype, max_seq_len, max_batch)
+            disk_scale *= sum(unquantized.layers) / max(1, sum(sizes.layers))
     if fast.capacity is None or sum(fixed.values()) + sum(sizes.layers) <= fast.capacity:
         return RankPlan(rank, tp, device_type, sizes, tiers, [fast.name] * cfg.num_layers, fixed, disk_scale=disk_scale)
     fixed["staging"] = _staging_layers(device_type) * max(sizes.layers)

@@ -168,12 +168,21 @@ class CheckpointLayerSource:
         self.files = MappedCheckpoint(index)
         wanted = set(layers)
         self.entries: dict[int, list[tuple[TensorEntry, sharding.ShardSpec | None]]] = {i: [] for i in wanted}
+        self._stored_in: dict[int, tuple[str, ...]] = {}  # id(module) -> storage of the layer it holds
         for e in expected_tensors(cfg):
             if e.layer in wanted:
                 spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
                 self.entries[e.layer].append((e, spec))
 
     def fill(self, layer: int, module: torch.nn.Module) -> int:
+        stored = tuple(self.files.storage(e.hf_name) for e, _ in self.entries[layer])
+        if self._stored_in.setdefault(id(module), stored) != stored:
+            # a layer stored otherwise than the last one in `module` (a Q4_K_M file's layers
+            # differ in which slots are Q6_K): its block linears' parts are rebuilt as it loads
+            for m in module.modules():
+                if hasattr(m, "set_layout"):
+                    m.set_layout([], {})
+            self._stored_in[id(module)] = stored
         nbytes = 0
         with torch.no_grad():
             for e, spec in self.entries[layer]:

@@ -18,18 +18,24 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tp_runtime.checkpoint.index import fingerprint, index_files
+from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint, index_files
+from tp_runtime.checkpoint.layer_state import block_layouts, rederive, set_block_layouts, weight_tensors
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.checkpoint.mapped import MappedCheckpoint
 from tp_runtime.errors import CheckpointError
 
 META_FILE = "offload.json"
+LAYOUT_KEY = "tp_runtime.layout"  # a layer file's metadata: its block linears' parts (JSON)
 
 
-def rank_folder(root: str | Path, model_dir: str | Path, tp: int, rank: int, dtype: str) -> Path:
-    return Path(root) / f"{fingerprint(model_dir)[:16]}-tp{tp}-rank{rank}-{dtype}"
+def rank_folder(root: str | Path, index: CheckpointIndex, tp: int, rank: int, layout: str) -> Path:
+    """layout: how the runtime holds the layers (dtype, quantization), e.g. "float32-int8"."""
+    gguf = next((f for f in index.files if f.suffix == ".gguf"), None)  # its folder may hold others
+    identity = fingerprint(gguf, index) if gguf is not None else fingerprint(index.model_dir)
+    return Path(root) / f"{identity[:16]}-tp{tp}-rank{rank}-{layout}"
 
 
 def _layer_file(folder: Path, layer: int) -> Path:
@@ -85,12 +91,21 @@ def _prepare(folder, layers, layer_bytes, module, fill, meta, progress) -> int:
     written = 0
     for i in progress(missing):
         fill(i, module)
-        tensors = {name: p.detach().to("cpu").contiguous() for name, p in module.named_parameters()}
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in weight_tensors(module).items()}
         tmp = _layer_file(folder, i).with_suffix(".tmp")
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={LAYOUT_KEY: json.dumps(block_layouts(module))})
         os.replace(tmp, _layer_file(folder, i))
         written += sum(t.numel() * t.element_size() for t in tensors.values())
     return written
+
+
+def _layouts(file: Path) -> dict[str, list[list]]:
+    """The block linears' layouts a layer file was written with (none for float or int8 layers)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(LAYOUT_KEY, "{}"))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"offloaded layer {file}: unreadable ({e}); delete the folder to have it written again") from None
 
 
 class OffloadedLayerSource:
@@ -101,15 +116,20 @@ class OffloadedLayerSource:
         files = tuple(_layer_file(folder, i) for i in self.layers)
         self._file_index = {i: n for n, i in enumerate(self.layers)}
         self.files = [MappedCheckpoint(index_files(folder, (f,))) for f in files]
+        self.layouts = [_layouts(f) for f in files]
 
     def fill(self, layer: int, module: torch.nn.Module) -> int:
-        files = self.files[self._file_index[layer]]
+        n = self._file_index[layer]
+        files = self.files[n]
+        if self.layouts[n]:
+            set_block_layouts(module, self.layouts[n], {name: files.view(name) for name in files.names()})
         nbytes = 0
         with torch.no_grad():
-            for name, p in module.named_parameters():
+            for name, p in weight_tensors(module).items():
                 data = files.view(name)
                 copy_checked(p.data, data)  # releases the mapped pages as it goes
                 nbytes += data.numel() * data.element_size()
+        rederive(module)
         return nbytes
 
     def prefetch(self, layer: int) -> None:

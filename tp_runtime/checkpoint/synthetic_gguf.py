@@ -70,9 +70,11 @@ def _tokenizer_metadata(vocab_size: int) -> dict[str, Any]:
 
 
 def write_gguf(path: str | Path, cfg_dict: dict[str, Any], weight_type: str = "Q8_0", seed: int = 0, std: float = 0.05,
-               embedding_type: str | None = None, rope_freq_factors: list[float] | None = None) -> Path:
+               embedding_type: str | None = None, rope_freq_factors: list[float] | None = None,
+               tensor_types: dict[str, str] | None = None) -> Path:
     """A GGUF file of a random model with config `cfg_dict` (synthetic.llama_config_dict), its
-    2-D weights in `weight_type` (the embedding in `embedding_type`, default the same), and
+    2-D weights in `weight_type` (the embedding in `embedding_type`, default the same; single
+    tensors by GGUF name in `tensor_types`, as a Q4_K_M file mixes Q4_K and Q6_K), and
     llama3-style RoPE frequency divisors as a rope_freqs tensor where given."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
@@ -113,6 +115,7 @@ def write_gguf(path: str | Path, cfg_dict: dict[str, Any], weight_type: str = "Q
             values = permute_rope_rows(values, cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads)
         if values.ndim == 2:
             qtype = embedding_type if (hf == "model.embed_tokens.weight" and embedding_type) else weight_type
+            qtype = (tensor_types or {}).get(gguf_of[hf], qtype)
         else:
             qtype = "F32"
         data = encode(np.ascontiguousarray(values, dtype=np.float32), qtype, rng)

@@ -81,8 +81,8 @@ def plan_for(cfg: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
     host = runtime.max_host_memory if runtime.max_host_memory is not None else placement.default_host_budget(parallel.local_world_size)
     hardware = sol.HARDWARE["h100" if device.type == "cuda" else "this-cpu"]  # bandwidths matter only to estimates
     tiers = placement.make_tiers(device.type, device_budget(runtime, device), host, hardware)
-    disk_dtype = dtype_name if runtime.offload_dir else cfg.checkpoint_dtype  # what the streamed files hold
-    return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize, disk_dtype, blocks)
+    return placement.plan_rank(cfg, parallel.world_size, parallel.rank, dtype_name, max_seq_len, runtime.max_batch_size, device.type, tiers, runtime.quantize,
+                               cfg.checkpoint_dtype, blocks, offloaded=bool(runtime.offload_dir))
 
 
 def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype):
@@ -211,11 +211,6 @@ class LLM:
             raise ConfigError(why)
         keeps_blocks = _keeps_blocks(files, runtime, device)
         plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len, placement.stored_blocks(files.index) if keeps_blocks else None)
-        if plan.streamed and runtime.quantize:
-            raise ConfigError(
-                f"rank {parallel.rank}: --quantize {runtime.quantize} with streamed layers ({len(plan.streamed)} of {cfg.num_layers} do not fit) "
-                "is not supported yet; raise --max-device-memory / --max-host-memory or drop --quantize"
-            )
 
         owns_comm = comm is None
         if comm is None:
@@ -225,7 +220,8 @@ class LLM:
         # the runtime before any weight (interpreter, torch and what the meta build imports,
         # tokenizer, transport buffers): what a memory budget does not cover
         rss_at_start = rss_bytes()
-        streamer = attach_streaming(model, plan, index, cfg, device, runtime.offload_dir, dtype_name)
+        layout = "-".join([dtype_name] + ([runtime.quantize] if runtime.quantize else []) + (["blocks"] if keeps_blocks else []))
+        streamer = attach_streaming(model, plan, index, cfg, device, runtime.offload_dir, layout)
         model.to_empty(device=device)
         model.init_buffers()
         progress = _progress_bar(f"rank {parallel.rank} loading") if runtime.show_progress and parallel.rank == 0 else (lambda it: it)

@@ -15,6 +15,7 @@ import resource
 import torch
 from torch import nn
 
+from tp_runtime.checkpoint.layer_state import weight_tensors
 from tp_runtime.placement import RankPlan
 
 # the fields gathered from every rank, in order (bytes)
@@ -53,7 +54,7 @@ def rank_memory(model: nn.Module, plan: RankPlan, streamer, kv_bytes: int, devic
     resident = _nbytes(model.parameters()) + _nbytes(b for b in model.buffers())
     staging = 0
     if streamer is not None:
-        staging = sum(_nbytes(m.parameters()) for m in streamer.staging)
+        staging = sum(_nbytes(weight_tensors(m).values()) for m in streamer.staging)
     fast = plan.fast.name
     weights = {"device": 0, "host": 0, "disk": plan.disk_read_bytes}
     weights[fast] += resident

@@ -70,6 +70,22 @@ class _BlockLinear(nn.Module):
         self.parts.append(Part(lo, hi, storage, name))
         self.parts.sort(key=lambda p: p.lo)
 
+    def layout(self) -> list[list]:
+        """Its parts as [lo, hi, storage, buffer name]: what a staging layer refilled with
+        another layer must match, or be rebuilt to."""
+        return [[p.lo, p.hi, p.storage, p.name] for p in self.parts]
+
+    def set_layout(self, layout: list[list], like: dict[str, torch.Tensor]) -> None:
+        """Parts as `layout` lists them, each buffer allocated like `like[name]` (unfilled); the
+        old parts go (a staging layer about to hold a layer stored otherwise: a Q4_K_M file's
+        layers differ in which slots are Q6_K)."""
+        for p in self.parts:
+            delattr(self, p.name)
+        self.parts = []
+        for lo, hi, storage, name in layout:
+            self.register_buffer(name, torch.empty_like(like[name]))
+            self.parts.append(Part(lo, hi, storage, name))
+
     def load_blocks(self, name: str, data: torch.Tensor, storage: str, slot: str | None) -> None:
         """A slice of the weight as its file stores it: uint8 [rows, bytes per row] of `storage`."""
         if not cpu_quant.supported(storage):

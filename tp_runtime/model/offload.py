@@ -21,6 +21,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from tp_runtime.checkpoint.layer_state import weight_tensors
+
 
 class LayerSource(Protocol):
     def fill(self, layer: int, module: nn.Module) -> int:
@@ -149,14 +151,14 @@ class HostLayerSource:
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
 
     def add(self, layer: int, module: nn.Module) -> None:
-        """Keep pinned copies of a loaded CPU layer's parameters (one layer at a time, so the
+        """Keep pinned copies of a loaded CPU layer's weights (one layer at a time, so the
         unpinned copy never doubles the host tier)."""
-        self.tensors[layer] = {n: p.detach().pin_memory() for n, p in module.named_parameters()}
+        self.tensors[layer] = {n: p.detach().pin_memory() for n, p in weight_tensors(module).items()}
 
     def fill(self, layer: int, module: nn.Module) -> int:
         host = self.tensors[layer]
         n = 0
-        for name, p in module.named_parameters():
+        for name, p in weight_tensors(module).items():
             p.data.copy_(host[name], non_blocking=True)
             n += p.numel() * p.element_size()
         return n
@@ -178,8 +180,9 @@ class PinnedDiskSource:
             self.last_copy.synchronize()  # the previous device copy still reads the pinned buffer
         self.disk.fill(layer, self.pinned)
         n = 0
-        for (name, p), src in zip(module.named_parameters(), self.pinned.parameters()):
-            p.data.copy_(src, non_blocking=True)
+        pinned = weight_tensors(self.pinned)
+        for name, p in weight_tensors(module).items():
+            p.data.copy_(pinned[name], non_blocking=True)
             n += p.numel() * p.element_size()
         self.last_copy = torch.cuda.Event()
         self.last_copy.record(torch.cuda.current_stream())

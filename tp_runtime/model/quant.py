@@ -69,6 +69,13 @@ class _Int8Linear(nn.Module):
             if self.block_sums is not None and self.qweight.device.type == "cpu":
                 self.block_sums[lo + r : lo + r + rows.shape[0]].copy_(kernels.cpu_gemv.int8_block_sums(q))
 
+    def rederive(self) -> None:
+        """qweight copied in whole (an offloaded layer): its block sums again."""
+        if self.block_sums is not None and self.qweight.device.type == "cpu":
+            step = max(1, _CHUNK_VALUES // max(1, self.qweight.shape[1]))
+            for r in range(0, self.qweight.shape[0], step):
+                self.block_sums[r : r + step].copy_(kernels.cpu_gemv.int8_block_sums(self.qweight[r : r + step]))
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         sums = self.block_sums if self.qweight.device.type == "cpu" else None
         return kernels.int8_linear(x, self.qweight, self.scales, sums)
