@@ -1,8 +1,9 @@
 """Decode GEMV on GGML block-quantized weights (kernels/cpu_quant.c) on this CPU.
 
-    python bench/qgemv.py [--n 8192] [--k 8192] [--types Q4_0,Q4_1,Q8_0,Q4_K,Q6_K] [--repeats 9]
+    python bench/qgemv.py [--n 8192] [--k 8192] [--types Q4_0,Q4_0x8,Q8_0,Q4_K,Q6_K] [--repeats 9]
 
-Times y = W x for one activation row (nb = 1) with W [n, k] stored as each GGML type, by the
+Times y = W x for one activation row (nb = 1) with W [n, k] stored as each GGML type (or its
+8-row interleaved layout, "Q4_0x8", which the block linears load into where it is faster), by the
 C call the fused decode step makes (kernels/cpu_quant.c tp_qgemv, its arguments checked once
 by kernels/cpu_quant.py gemv_; x float32, quantised to int8 inside the call; rows split over the
 kernel's pool, started at torch's thread count), beside the project's float32 and bfloat16
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=8192)
     p.add_argument("--k", type=int, default=8192)
-    p.add_argument("--types", default="Q4_0,Q4_1,Q8_0,Q4_K,Q6_K")
+    p.add_argument("--types", default="Q4_0,Q4_0x8,Q4_1,Q4_1x8,Q8_0,Q8_0x8,Q4_K,Q6_K")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--no-float", action="store_true", help="skip the float32 / bfloat16 reference")
     a = p.parse_args(argv)
@@ -99,12 +100,15 @@ def main(argv=None) -> int:
 
     qlib = cpu_quant.lib()
     for type_name in a.types.split(","):
-        one = random_blocks(type_name, n, k, rng)
+        base = cpu_quant.base_type(type_name)
+        one = random_blocks(base, n, k, rng)
+        if base != type_name:
+            one = cpu_quant.pack(one, base)
         copies = max(2, -(-int(1.5 * l3) // one.numel()))
         ws = [one] + [one.clone() for _ in range(copies - 1)]
         outs = [torch.empty(1, n) for _ in ws]
         cpu_quant.gemv_(one, type_name, x, outs[0])  # the checks, once
-        tid = cpu_quant.TYPES[type_name]
+        tid = cpu_quant.type_id(type_name)
         # no Python per call: at K = 576 the checks cost as much as the multiply
         calls = [lambda w=w.data_ptr(), o=o.data_ptr(): qlib.tp_qgemv(tid, w, x.data_ptr(), o, k, n, 0, 1) for w, o in zip(ws, outs)]
         report(type_name, one.numel(), copies, cycled(calls))

@@ -69,35 +69,73 @@ def test_dequantize_is_bit_exact_with_the_gguf_codecs_on_any_bytes(name, rows, n
 _TAILS = [(name, n, k, nb) for name in TYPES if cpu_quant.BLOCKS[name][0] == 32 for n, k, nb in [(9, 576, 2), (3, 96, 1), (17, 1568, 1)]]
 
 
-@pytest.mark.parametrize(("name", "n", "k", "nb"), [(name, *shape) for name in TYPES for shape in [(1, 256, 1), (67, 512, 1), (130, 2048, 3), (1031, 4096, 1), (5, 768, 8)]] + _TAILS)
+# the 8-row interleaved layouts: whole groups of 8 rows, the same tails of blocks
+_PACKED_SHAPES = [(name, *shape) for name in cpu_quant.PACKED.values() for shape in [(8, 256, 1), (64, 512, 1), (128, 2048, 3), (1024, 4096, 1), (8, 768, 8), (16, 576, 2), (8, 96, 1)]]
+
+
+def _blocks(name: str, n: int, k: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight as `name` holds it, its values in float64) for a GGML type or a packed layout."""
+    base = cpu_quant.base_type(name)
+    raw = random_blocks(base, n, k, rng)
+    blocks = torch.from_numpy(raw)
+    return (cpu_quant.pack(blocks, base) if name != base else blocks), reference(raw, base)
+
+
+@pytest.mark.parametrize(("name", "n", "k", "nb"), [(name, *shape) for name in TYPES for shape in [(1, 256, 1), (67, 512, 1), (130, 2048, 3), (1031, 4096, 1), (5, 768, 8)]] + _TAILS + _PACKED_SHAPES)
 def test_gemv_is_float64_on_the_int8_rounded_activations(name, n, k, nb):
     rng = np.random.default_rng(n * 7 + k)
-    raw = random_blocks(name, n, k, rng)
-    w = reference(raw, name)
+    blocks, w = _blocks(name, n, k, rng)
+    block = cpu_quant.BLOCKS[cpu_quant.base_type(name)][0]
     x = torch.from_numpy(rng.normal(0, 1, (nb, k)).astype(np.float32))
     x[0, : k // 4] *= 50  # an outlier block: its own scale
     y = torch.empty(nb, n)
-    cpu_quant.gemv_(torch.from_numpy(raw), name, x, y)
-    want = int8_rounded(x, cpu_quant.BLOCKS[name][0]) @ w.T
+    cpu_quant.gemv_(blocks, name, x, y)
+    want = int8_rounded(x, block) @ w.T
     # only float32 summation order differs from the float64 product of the same integers
-    size = int8_rounded(x, cpu_quant.BLOCKS[name][0]).abs() @ w.abs().T
+    size = int8_rounded(x, block).abs() @ w.abs().T
     assert ((y.double() - want).abs() <= 1e-5 * size + 1e-30).all()
     # against the exact activations: at most amax/254 per value of its block
-    block = cpu_quant.BLOCKS[name][0]
     amax = x.double().reshape(nb, -1, block).abs().amax(-1).repeat_interleave(block, dim=1)
     bound = (amax / 254) @ w.abs().T
     exact = x.double() @ w.T
     assert ((y.double() - exact).abs() <= bound * (1 + 1e-4) + 1e-5 * size).all()
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K"])
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(cpu_quant.PACKED)), groups=st.integers(1, 3), nblocks=st.integers(1, 5), data=st.binary(min_size=16, max_size=16))
+def test_packed_layout_decodes_as_the_rows_it_came_from(name, groups, nblocks, data):
+    """Any bytes (non-finite scales included): packing moves bytes, it changes no value; row
+    ranges on whole groups of 8 are slices of the packed weight."""
+    rng = np.random.default_rng(list(data))
+    n, nbytes = 8 * groups, cpu_quant.BLOCKS[name][1]
+    raw = torch.from_numpy(rng.integers(0, 256, size=(n, nblocks * nbytes), dtype=np.uint8))
+    packed = cpu_quant.pack(raw, name)
+    k = nblocks * 32
+    a, b = torch.empty(n, k), torch.empty(n, k)
+    cpu_quant.dequantize_(raw, name, a)
+    cpu_quant.dequantize_(packed, cpu_quant.PACKED[name], b)
+    assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    assert torch.equal(cpu_quant.pack(raw[8:].contiguous(), name), packed[8:]) if groups > 1 else True
+
+
+def test_packed_layout_refuses_rows_outside_whole_groups():
+    raw = torch.from_numpy(random_blocks("Q4_0", 12, 64, np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="groups of 8"):
+        cpu_quant.pack(raw, "Q4_0")
+    with pytest.raises(ValueError, match="groups of 8"):
+        cpu_quant.gemv_(raw, "Q4_0x8", torch.randn(64), torch.empty(12))
+    with pytest.raises(ValueError, match="no packed layout"):
+        cpu_quant.pack(raw[:8].contiguous(), "Q4_K")
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "Q4_0x8", "Q8_0x8"])
 def test_bfloat16_output_and_one_dimensional_rows(name):
     rng = np.random.default_rng(3)
-    raw = torch.from_numpy(random_blocks(name, 300, 1024, rng))
+    raw, _ = _blocks(name, 304, 1024, rng)
     x = torch.randn(1024)
-    y32 = torch.empty(300)
+    y32 = torch.empty(304)
     cpu_quant.gemv_(raw, name, x, y32)
-    ybf = torch.empty(1, 300, dtype=torch.bfloat16)
+    ybf = torch.empty(1, 304, dtype=torch.bfloat16)
     cpu_quant.gemv_(raw, name, x[None], ybf)
     assert torch.equal(ybf[0], y32.bfloat16())
 

@@ -19,6 +19,7 @@ from tp_runtime.config import ParallelConfig, RuntimeConfig
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import CheckpointError
+from tp_runtime.kernels import cpu_quant
 
 pytest.importorskip("gguf")
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
@@ -91,7 +92,7 @@ def test_native_blocks_follow_transformers(gguf_dir, arch, qtype, decode_step):
     llm = _load(_file(gguf_dir, arch, qtype), decode_step=decode_step)
     model = llm.engine.model
     linears = [m for m in model.modules() if isinstance(m, (BlockColumnParallelLinear, BlockRowParallelLinear))]
-    assert len(linears) == 4 * llm.cfg.num_layers and all(p.storage == qtype for m in linears for p in m.parts)
+    assert len(linears) == 4 * llm.cfg.num_layers and all(cpu_quant.base_type(p.storage) == qtype for m in linears for p in m.parts)
     assert (llm.engine.fused_decode is not None) == (decode_step == "fused")
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT])).logits[0]
@@ -104,6 +105,31 @@ def test_native_blocks_follow_transformers(gguf_dir, arch, qtype, decode_step):
     gap = scored.max(-1).values - scored[torch.arange(n), torch.tensor(ours)]
     assert gap.max().item() <= NATIVE_GAP * scored.abs().max().item(), gap.tolist()
     llm.close()
+
+
+@pytest.mark.parametrize("qtype", sorted(cpu_quant.PACKED))
+def test_packed_rows_give_what_the_files_layout_gives(gguf_dir, qtype, monkeypatch):
+    """Q4_0 / Q4_1 / Q8_0 linears held with 8 rows interleaved (the AVX2 machine's default) or
+    as the file lays them out: prefill identical (the same decoded values), and decode (the
+    same integer dot products, summed in another float32 order) the same greedy tokens, in both
+    decode steps."""
+    from tp_runtime.model.blocks import BlockColumnParallelLinear, BlockRowParallelLinear
+
+    path = _file(gguf_dir, "llama", qtype)
+    runs = {}
+    for packed in (True, False):
+        monkeypatch.setattr(cpu_quant, "pack_at_load", packed)
+        for step in ("fused", "eager"):
+            llm = _load(path, decode_step=step)
+            parts = [p for m in llm.engine.model.modules() if isinstance(m, (BlockColumnParallelLinear, BlockRowParallelLinear)) for p in m.parts]
+            assert {p.storage for p in parts} == {cpu_quant.PACKED[qtype] if packed else qtype}
+            tokens = [e.token_id for e in llm.generate([PROMPT], SamplingParams(max_new_tokens=16, ignore_eos=True))]
+            runs[packed, step] = (llm.prompt_logits([PROMPT])[0], tokens)
+            llm.close()
+    base_logits, base_tokens = runs[False, "eager"]
+    for key, (logits, tokens) in runs.items():
+        assert torch.equal(logits, base_logits), key
+        assert tokens == base_tokens, key
 
 
 def test_native_weights_hold_the_files_bytes(gguf_dir):

@@ -54,6 +54,9 @@ class _BlockLinear(nn.Module):
         lo, hi = self._rows(slot)
         if data.shape[0] != hi - lo:
             raise ValueError(f"a slice of {data.shape[0]} rows for rows [{lo}, {hi}) of a {type(self).__name__}")
+        if storage in cpu_quant.PACKED and data.shape[0] % cpu_quant.PACK_ROWS == 0 and cpu_quant.packs():
+            # 8 rows interleaved (the faster kernel here); slices of whole groups concatenate
+            data, storage = cpu_quant.pack(data, storage), cpu_quant.PACKED[storage]
         for p in self.parts:
             if p.lo <= lo and hi <= p.hi and p.storage == storage and self.data(p).shape[1:] == data.shape[1:]:
                 self.data(p)[lo - p.lo : hi - p.lo].copy_(data)  # a staging layer refilled: in place
@@ -144,7 +147,7 @@ class _BlockLinear(nn.Module):
             if p.storage is None:
                 call = lambda nb, data=data, target=target: cpu_decode.gemv_(data, x[:nb], target[:nb])
             else:
-                call = _bound_qgemv(lib, binder, cpu_quant.TYPES[p.storage], data, x, target, self.in_features, p.hi - p.lo)
+                call = _bound_qgemv(lib, binder, cpu_quant.type_id(p.storage), data, x, target, self.in_features, p.hi - p.lo)
             calls.append((call, p, target))
 
         def run(nb: int) -> None:
