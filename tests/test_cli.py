@@ -33,3 +33,11 @@ def test_demo_with_the_random_model(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tp=1 and tp=2 produced identical tokens (12 generated)" in r.stdout
     assert (tmp_path / "demo" / "demo-llama-v1" / "tokenizer.json").is_file()
+
+
+def test_demo_explains_where_two_answers_part(small_model):
+    from tp_runtime.cli import _parting
+
+    text = _parting(small_model, [5, 6, 7, 8], [5, 6, 9], 2)
+    assert "first 2 tokens" in text and "token 2:" in text and "near tie" in text
+    assert "one answer ends there" in _parting(small_model, [5, 6], [5, 6, 7], 2)
