@@ -1,20 +1,20 @@
 """The engine: admit sequences into KV cache slots, run one step of a plan, release them.
 
-One loop drives every entry point: `generate()` (engine/generate.py) admits its prompts,
-prefills them in one step and decodes until each finishes; a server's scheduler admits and
-aborts between steps. A step prefills its prompt chunks (right-padded into one forward per
+One loop drives every entry point: a `Scheduler` (engine/scheduler.py) admits sequences,
+plans each step and aborts between steps; `generate()` runs one over its prompts (prefilled in
+one step, decoded until each finishes), a server over what arrives. A step prefills its prompt chunks (right-padded into one forward per
 distinct start position: causal attention never lets a real token see padding) and decodes
 its sequences (each at its own position, in its own slot; the fused CPU step when there is
 one), then samples one token for every sequence whose prompt is done. Finished sequences
-leave the batch and free their slot, so they cost nothing afterwards. A driver runs its decode
-steps inside `engine.decode_context()` (the CPU kernel's thread handover, entered once for a
-run of steps rather than per step).
+leave the batch and free their slot, so they cost nothing afterwards. Decode steps run inside
+`decode_context()` (the CPU kernel's thread handover), entered by the first decode step and
+left by the next prefill or `end_decode_run()`, so a run of decode steps enters it once.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Callable, ContextManager, Sequence as Seq
 
 import torch
@@ -56,6 +56,7 @@ class Engine:
         self.stats = RunStats()
         self.free_slots = list(range(max_batch))
         self.running: dict[int, Sequence] = {}
+        self._decode_run: ExitStack | None = None  # decode_context, open across decode-only steps
 
     @property
     def last_stats(self) -> RunStats:
@@ -134,11 +135,23 @@ class Engine:
             if s.seq_id not in self.running or s.finished or not s.prefilled or s.cached != s.num_tokens - 1:
                 raise GenerationError(f"step plan: sequence {s.seq_id} is not ready to decode (cached {s.cached} of {s.num_tokens} tokens)")
         starts = sorted({c.seq.cached for c in plan.prefill})
+        if starts:
+            self.end_decode_run()  # prefill's GEMMs want torch's threads back
         for start in starts:
             events += self._prefill([c for c in plan.prefill if c.seq.cached == start], start)
         if plan.decode:
+            if self._decode_run is None:
+                self._decode_run = ExitStack()
+                self._decode_run.enter_context(self.decode_context())
             events += self._decode(plan.decode)
         return events
+
+    def end_decode_run(self) -> None:
+        """Leave decode_context (entered by the first decode step after a prefill or a pause);
+        a driver calls it when it stops stepping."""
+        if self._decode_run is not None:
+            run, self._decode_run = self._decode_run, None
+            run.close()
 
     def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[TokenEvent]:
         tokens = self.sampler(logits, [(s.params, s.seed, len(s.output)) for s in seqs])
@@ -218,6 +231,7 @@ class Engine:
     def prompt_logits(self, prompts: Seq[Seq[int]]) -> list[torch.Tensor]:
         """float32 logits at every prompt position ([len_i, vocab] each), in free slots."""
         self.check_batch(prompts)
+        self.end_decode_run()
         ids = self._padded(prompts)
         width = ids.shape[1]
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)

@@ -1,5 +1,5 @@
-"""generate(): a batch of prompts through the engine loop, prefilled in one step and decoded
-until each finishes (its EOS / stop id, max_new_tokens, or the context's end)."""
+"""generate(): a batch of prompts through the engine loop (a Scheduler over them), prefilled in
+one step and decoded until each finishes (its EOS / stop id, max_new_tokens, or the context's end)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Iterator, Sequence
 
 from tp_runtime.engine.engine import Engine
 from tp_runtime.engine.sampling import SamplingParams, noise_seed
-from tp_runtime.engine.sequence import Chunk, StepPlan, TokenEvent
+from tp_runtime.engine.scheduler import Request, Scheduler
+from tp_runtime.engine.sequence import TokenEvent
 
 
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[TokenEvent]:
@@ -15,17 +16,23 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingP
     (`engine.stats`, the communicator's) describe this run afterwards."""
     engine.check_batch(prompts)  # every prompt checked before any work
     engine.reset_stats()
-    seqs = []
-    try:
+    # every prompt admitted at once and prefilled in one step: the whole batch's budget
+    scheduler = Scheduler(engine, max_num_seqs=len(prompts), prefix_reuse=False)
+    for i, p in enumerate(prompts):
         # each prompt its own noise (the first keeps the request's seed: alone, it samples as a
         # one-prompt call does)
-        for i, p in enumerate(prompts):
-            seqs.append(engine.add(i, p, params, seed=params.seed if i == 0 else noise_seed(params.seed, -i)))
-        yield from engine.step(StepPlan(prefill=tuple(Chunk(s, len(s.prompt)) for s in seqs)))
-        with engine.decode_context():
-            while live := tuple(s for s in seqs if not s.finished):
-                yield from engine.step(StepPlan(decode=live))
+        scheduler.add(Request(i, list(p), params, params.seed if i == 0 else noise_seed(params.seed, -i)))
+    reasons = [""] * len(prompts)
+    try:
+        while scheduler.has_work():
+            events, _ = scheduler.step()
+            for ev in events:
+                if ev.finish_reason:
+                    reasons[ev.seq] = ev.finish_reason
+            yield from events
     finally:  # a consumer that stops early (or an error) frees the slots
-        for s in seqs:
-            engine.abort(s)
-        engine.stats.finish_reasons = [s.finish_reason or "" for s in seqs]
+        for req_id in list(scheduler.running):
+            scheduler.abort(req_id)
+            reasons[req_id] = reasons[req_id] or "abort"
+        engine.end_decode_run()
+        engine.stats.finish_reasons = reasons
