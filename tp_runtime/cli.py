@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub, _size)
 
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching over the ranks")
+    srv.add_argument("--model", required=True, help="a Hugging Face folder or a GGUF file")
+    srv.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks to start on this host (default 1; under torchrun: WORLD_SIZE)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-num-seqs", type=int, default=8, help="sequences in the running batch (KV cache slots)")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step: decodes count one each, the rest goes to prompt chunks")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a place; beyond it: 429")
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
+    srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the model path's last part)")
+    _add_run_flags(srv)
+
     demo = sub.add_parser("demo", help="ask SmolLM2-135M-Instruct (a 4-bit GGUF, fetched once) a question at tp=1 and tp=2, compare")
     demo.add_argument("--tp", type=int, default=2, help="the parallel run to compare with tp=1 (default 2)")
     demo.add_argument("--prompt", default=None, help=f"the question (default {DEMO_QUESTION!r}; with --random: {DEMO_PROMPT!r})")
@@ -265,6 +277,10 @@ def _as_rank(args: argparse.Namespace) -> int:
     try:
         if args.tp is not None and args.tp != parallel.world_size:
             raise ConfigError(f"--tp {args.tp} does not match WORLD_SIZE={parallel.world_size} set by the launcher")
+        if args.command == "serve":
+            from tp_runtime.serve.server import run_serve
+
+            return run_serve(args, parallel, _runtime(args, args.max_num_seqs))
         result = run_generate(args, parallel)
         if parallel.rank == 0:
             write_result(result)
@@ -292,6 +308,21 @@ def generate(args: argparse.Namespace) -> dict[str, Any] | None:
         return run_generate(args, ParallelConfig())
     _check_before_spawn(args, tp)
     return spawn(args.argv, tp, threads=args.threads)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run `serve` with args.tp ranks: in this process for 1, as spawned ranks otherwise."""
+    from tp_runtime.launch.spawn import spawn
+    from tp_runtime.serve.server import run_serve
+
+    tp = args.tp or 1
+    if tp < 1:
+        raise ConfigError(f"--tp must be at least 1, got {tp}")
+    if tp == 1:
+        return run_serve(args, ParallelConfig(), _runtime(args, args.max_num_seqs))
+    _check_before_spawn(args, tp)
+    spawn(args.argv, tp, threads=args.threads)
+    return 0
 
 
 def _check_before_spawn(args: argparse.Namespace, tp: int) -> None:
@@ -370,13 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     from tp_runtime.launch.env import is_rank_process
 
     try:
-        if args.command == "generate" and is_rank_process():
+        if args.command in ("generate", "serve") and is_rank_process():
             return _as_rank(args)
         _setup_logging(0)
         if args.command == "demo":
             return demo(args)
         if args.command == "plan":
             return run_plan(args)
+        if args.command == "serve":
+            return serve(args)
         generate(args)
         return 0
     except TPRuntimeError as e:

@@ -32,23 +32,31 @@ def encode_prompt(tokenizer: Tokenizer | None, text: str) -> list[int]:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text increments, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of ids into text increments, holding back incomplete UTF-8 sequences.
+
+    Each push decodes only the ids since the last emitted piece, from one piece back (vLLM's
+    prefix and read offsets): a tokenizer that drops a leading space at the start of a decode
+    drops it from both texts compared, and a long answer costs a short decode per token."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters already returned
+        self.prefix = 0  # ids before this are out of the window
+        self.read = 0  # ids before this have been emitted as text
+
+    def _text(self, stop: int) -> str:
+        return self.tokenizer.decode(self.ids[self.prefix : stop], skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is still being spelled out
+        before, after = self._text(self.read), self._text(len(self.ids))
+        if after.endswith("\ufffd") or len(after) <= len(before):  # a character still being spelled out
             return ""
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
 
     def finish(self) -> str:
         """Whatever was held back (bytes that never completed a character)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        rest, self.emitted = text[self.emitted :], len(text)
-        return rest
+        before, after = self._text(self.read), self._text(len(self.ids))
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :] if len(after) > len(before) else ""

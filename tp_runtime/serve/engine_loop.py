@@ -1,0 +1,171 @@
+"""The serving engine loop: rank 0 schedules and leads, every other rank follows.
+
+Rank 0 runs `Leader.run()` in its main thread: it takes new requests and aborts from the HTTP
+server's threads (a queue), lets the scheduler plan the next step, broadcasts the step's
+changes (serve/plan_wire.py), runs the step and hands each request its tokens. A rank other
+than 0 runs `follow()`: receive the changes, apply them to its engine, run the same step. The
+engine, the scheduler and the step are those `generate()` uses: one engine loop.
+
+What a request sees (`Stream`): its token events, in order, then its end (a finish reason, or
+an error if the loop failed), delivered into the asyncio loop of the HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tp_runtime.engine.llm import LLM
+from tp_runtime.engine.scheduler import Request, Scheduler, apply_changes
+from tp_runtime.serve import plan_wire
+
+log = logging.getLogger("tp_runtime")
+
+IDLE_SECONDS = 1.0  # how often an idle rank 0 tells the others it is alive
+
+
+@dataclass
+class Stream:
+    """One request's channel from the engine loop to its HTTP handler."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None  # when its first step ran (queue time ends)
+
+    def put(self, item: Any) -> None:
+        """From the engine thread: an event, or ("end", reason, error)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    plan_bytes: int = 0
+    plan_seconds: float = 0.0
+    host_seconds: float = 0.0  # per-step time outside engine.step (scheduling, the broadcast, hand-out)
+    running: int = 0
+    waiting: int = 0
+
+
+class Leader:
+    """Rank 0's loop. submit/abort are called from other threads; run() from the main one."""
+
+    def __init__(self, llm: LLM, scheduler: Scheduler, max_queue: int, on_step: Callable[[LoopStats], None] | None = None) -> None:
+        self.llm, self.scheduler = llm, scheduler
+        self.max_queue = max_queue
+        self.inbox: queue.Queue = queue.Queue()
+        self.streams: dict[int, Stream] = {}
+        self.stats = LoopStats()
+        self.on_step = on_step or (lambda stats: None)
+        self._pending = 0  # submitted, not yet taken from the inbox
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self.stopping = threading.Event()
+        self.failed: str | None = None
+
+    # ---- from the HTTP threads -------------------------------------------------------------
+
+    def queue_full(self) -> bool:
+        with self._lock:
+            return self._pending + self.stats.waiting >= self.max_queue
+
+    def new_id(self) -> int:
+        with self._lock:
+            self._next_id += 1
+            return self._next_id
+
+    def submit(self, stream: Stream) -> None:
+        with self._lock:
+            self._pending += 1
+        self.inbox.put(("add", stream))
+
+    def abort(self, req_id: int) -> None:
+        self.inbox.put(("abort", req_id))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.inbox.put(("wake", None))
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _take(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=IDLE_SECONDS) if block else self.inbox.get_nowait()
+            while True:
+                kind, value = item
+                if kind == "add":
+                    with self._lock:
+                        self._pending -= 1
+                    self.streams[value.request.req_id] = value
+                    self.scheduler.add(value.request)
+                elif kind == "abort":
+                    stream = self.streams.pop(value, None)
+                    if stream is not None:
+                        self.scheduler.abort(value)
+                        stream.put(("end", "abort", None))
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def run(self) -> None:
+        comm, engine = self.llm.comm, self.llm.engine
+        try:
+            while not self.stopping.is_set():
+                self._take(block=not self.scheduler.has_work())
+                if not self.scheduler.has_work():
+                    engine.end_decode_run()
+                    plan_wire.send(comm, plan_wire.IDLE)
+                    continue
+                t0 = time.perf_counter()
+                plan, changes = self.scheduler.schedule()
+                nbytes = plan_wire.send(comm, plan_wire.STEP, changes)
+                t1 = time.perf_counter()
+                events = engine.step(plan)
+                t2 = time.perf_counter()
+                self.scheduler.retire()
+                for a in changes.admitted:
+                    s = self.streams.get(a.req_id)
+                    if s is not None:
+                        s.admitted = t1
+                for e in events:
+                    s = self.streams.get(e.seq)
+                    if s is None:
+                        continue
+                    s.put(e)
+                    if e.finish_reason:
+                        del self.streams[e.seq]
+                        s.put(("end", e.finish_reason, None))
+                st = self.stats
+                st.steps += 1
+                st.plan_bytes += nbytes
+                st.plan_seconds += t1 - t0
+                st.running, st.waiting = self.scheduler.num_running, self.scheduler.num_waiting
+                st.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
+                self.on_step(st)
+            plan_wire.send(comm, plan_wire.STOP)
+        except BaseException as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            for s in self.streams.values():
+                s.put(("end", "error", self.failed))
+            self.streams.clear()
+            raise
+
+
+def follow(llm: LLM) -> None:
+    """A rank other than 0: run rank 0's steps until it says stop."""
+    engine = llm.engine
+    while True:
+        op, changes = plan_wire.receive(llm.comm)
+        if op == plan_wire.STOP:
+            return
+        if op == plan_wire.IDLE:
+            engine.end_decode_run()
+            continue
+        engine.step(apply_changes(engine, changes))

@@ -1,0 +1,74 @@
+"""Rank 0's step changes on the wire: one small broadcast per engine step, timed like any
+collective (site `schedule`), so the control plane's cost shows in the comm stats.
+
+A message is JSON in a uint8 tensor, preceded by its length (an int64 tensor): two broadcasts,
+both under the site. It carries the diff (serve: engine/scheduler.py StepChanges): new
+sequences with their prompts and sampling parameters, aborted ids, and the step's plan as ids.
+Generated tokens never travel: every rank samples them itself from the same logits, so the
+bytes grow with the requests that change, not with the tokens generated so far.
+
+Besides a step, rank 0 sends "idle" while it has nothing to run (about once a second: a
+follower waiting longer than the collective timeout would take rank 0 for dead) and "stop" when
+the server shuts down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+
+from tp_runtime.communicator import Communicator
+from tp_runtime.engine.sampling import SamplingParams
+from tp_runtime.engine.scheduler import Admission, StepChanges
+from tp_runtime.errors import LaunchError
+
+SITE = "schedule"
+STEP, IDLE, STOP = "step", "idle", "stop"
+
+
+def encode(op: str, changes: StepChanges | None = None) -> bytes:
+    msg: dict[str, Any] = {"op": op}
+    if changes is not None:
+        msg["admit"] = [[a.req_id, a.slot, a.reused, a.prompt, _params(a.params), a.seed] for a in changes.admitted]
+        msg["abort"] = changes.aborted
+        msg["prefill"] = changes.prefill
+        msg["decode"] = changes.decode
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> tuple[str, StepChanges | None]:
+    try:
+        msg = json.loads(payload)
+        op = msg["op"]
+        if op != STEP:
+            return op, None
+        admitted = [Admission(int(i), int(slot), int(reused), [int(t) for t in prompt], SamplingParams(**{**p, "stop_token_ids": tuple(p["stop_token_ids"])}), int(seed))
+                    for i, slot, reused, prompt, p, seed in msg["admit"]]
+        return op, StepChanges(admitted, [int(i) for i in msg["abort"]], [(int(i), int(s)) for i, s in msg["prefill"]], [int(i) for i in msg["decode"]])
+    except (ValueError, KeyError, TypeError) as e:
+        raise LaunchError(f"a step plan from rank 0 could not be read ({type(e).__name__}: {e}); the ranks run different versions?") from None
+
+
+def _params(p: SamplingParams) -> dict[str, Any]:
+    d = dataclasses.asdict(p)
+    d["stop_token_ids"] = list(p.stop_token_ids)
+    return d
+
+
+def send(comm: Communicator, op: str, changes: StepChanges | None = None) -> int:
+    """Rank 0: broadcast a message; returns its bytes."""
+    payload = encode(op, changes)
+    if comm.world_size > 1:
+        comm.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0, site=SITE)
+        comm.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, site=SITE)
+    return len(payload)
+
+
+def receive(comm: Communicator) -> tuple[str, StepChanges | None]:
+    """A rank other than 0: the next message."""
+    n = comm.broadcast(torch.zeros(1, dtype=torch.int64), src=0, site=SITE)
+    buf = comm.broadcast(torch.empty(int(n.item()), dtype=torch.uint8), src=0, site=SITE)
+    return decode(buf.numpy().tobytes())
