@@ -27,6 +27,7 @@ from tp_runtime.errors import LaunchError, TPRuntimeError
 
 ERROR_FILE_ENV = "TP_RUNTIME_ERROR_FILE"
 RESULT_FILE_ENV = "TP_RUNTIME_RESULT_FILE"
+WIND_DOWN_S = 15.0  # a server's ranks, told to stop by rank 0, finish their step and exit
 GRACE_S = 3.0
 POLL_S = 0.05
 
@@ -116,6 +117,19 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _wind_down(procs: list[subprocess.Popen]) -> bool:
+    """Ask rank 0 to stop (it stops the others) and wait; whether every rank exited 0."""
+    if procs and procs[0].poll() is None:
+        procs[0].send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + WIND_DOWN_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+    return all(p.returncode == 0 for p in procs)
+
+
 def _failure_message(workdir: Path, failed: dict[int, int]) -> str:
     reports = []
     for rank, code in failed.items():
@@ -153,10 +167,13 @@ def spawn(
     threads: int | None = None,
     extra_env: dict[str, str] | None = None,
     program: list[str] | None = None,
+    graceful: bool = False,
 ) -> dict[str, Any] | None:
     """Run `program *argv` as ranks 0..nprocs-1; returns rank 0's result, if it wrote one.
 
-    program defaults to `python -m tp_runtime`; tests pass their own rank scripts.
+    program defaults to `python -m tp_runtime`; tests pass their own rank scripts. graceful (a
+    server): Ctrl-C or SIGTERM is passed to rank 0 alone, which tells the others to stop; the
+    launcher returns normally if they all then exit 0 within the grace time.
     """
     program = program or [sys.executable, "-m", "tp_runtime"]
     threads = threads or threads_per_rank(nprocs)
@@ -198,6 +215,8 @@ def spawn(
                     return json.loads(result.read_text()) if result.is_file() else None
                 time.sleep(POLL_S)
         except KeyboardInterrupt:
+            if graceful and _wind_down(procs):
+                return None
             _stop_all(procs)
             raise
         finally:

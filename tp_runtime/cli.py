@@ -321,7 +321,7 @@ def serve(args: argparse.Namespace) -> int:
     if tp == 1:
         return run_serve(args, ParallelConfig(), _runtime(args, args.max_num_seqs))
     _check_before_spawn(args, tp)
-    spawn(args.argv, tp, threads=args.threads)
+    spawn(args.argv, tp, threads=args.threads, graceful=True)
     return 0
 
 

@@ -268,8 +268,9 @@ async def _tokens(state: ServeState, request: HTTPRequest, ids: list[int], param
             if delta:
                 yield delta, None
     finally:
-        if not done:
+        if not done:  # the client went away (or the loop failed): free the slot on every rank
             leader.abort(req_id)
+            m.success.labels(*labels, "abort").inc()
 
 
 async def _respond(state: ServeState, request: HTTPRequest, body, ids: list[int], chat: bool):

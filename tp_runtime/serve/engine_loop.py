@@ -119,6 +119,7 @@ class Leader:
         try:
             while not self.stopping.is_set():
                 self._take(block=not self.scheduler.has_work())
+                self.stats.running, self.stats.waiting = self.scheduler.num_running, self.scheduler.num_waiting
                 if not self.scheduler.has_work():
                     engine.end_decode_run()
                     plan_wire.send(comm, plan_wire.IDLE)

@@ -42,6 +42,8 @@ def run_serve(args: Any, parallel: ParallelConfig, runtime: RuntimeConfig, comm:
     if args.max_queue < 1:
         raise ConfigError(f"--max-queue must be at least 1, got {args.max_queue}")
     if parallel.rank != 0:
+        # a terminal's Ctrl-C reaches every rank; only rank 0 acts on it (it tells the others)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         llm = LLM.load(args.model, parallel, runtime, comm=comm)
         try:
             follow(llm)

@@ -1,0 +1,300 @@
+"""tp-run serve through the `openai` client: completions and chat, streamed and whole, against
+the same request run alone in this process; concurrent requests each as if alone; every error
+code; cancellation; metrics. The server runs at tp=2 (rank 1 follows rank 0's plans)."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+from tp_runtime.config import ParallelConfig, RuntimeConfig
+from tp_runtime.engine.llm import LLM
+from tp_runtime.engine.sampling import SamplingParams
+
+openai = pytest.importorskip("openai")
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    cfg = llama_config_dict(hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=256, vocab_size=300)
+    path = write_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-chat", cfg, seed=5, tokenizer_vocab=300)
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, headers: dict | None = None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _post(url: str, body, headers: dict | None = None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
+
+
+class Server:
+    def __init__(self, model: Path, *flags: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "tp_runtime", "serve", "--model", str(model), "--port", str(self.port), "--quiet", "--max-seq-len", str(MAX_LEN), *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}: {self.proc.stderr.read()[-3000:]}")
+            try:
+                if _get(self.url + "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise AssertionError("the server did not become healthy in 180 s")
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def metric(self, name: str, headers: dict | None = None) -> float:
+        status, text = _get(self.url + "/metrics", headers)
+        assert status == 200, text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    s = Server(chat_model, "--tp", "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--served-model-name", "tiny")
+    yield s
+    assert s.stop() == 0, s.proc.stderr.read()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def alone(chat_model):
+    """The same requests run alone, in this process at tp=1 (the reference)."""
+    llm = LLM.load(chat_model, ParallelConfig(), RuntimeConfig(show_progress=False, max_seq_len=MAX_LEN, max_batch_size=1))
+
+    def run(ids, **kw):
+        params = SamplingParams(**{"max_new_tokens": 12, "ignore_eos": True, **kw})
+        tokens = [e.token_id for e in llm.generate([ids], params)]
+        return tokens, llm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    run.llm = llm
+    yield run
+    llm.close()
+
+
+PROMPT = "the quick brown fox jumps over"
+
+
+def test_completion_equals_the_request_run_alone_streamed_or_not(server, alone):
+    c = server.client()
+    ids = alone.llm.encode(PROMPT)
+    _, want = alone(ids, max_new_tokens=12)
+    whole = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert whole.choices[0].text == want and whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 12)
+    chunks = list(c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    # token ids as the prompt
+    by_ids = c.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == want
+
+
+def test_chat_goes_through_the_template_and_streams_with_the_role_first(server, alone):
+    c = server.client()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    ids = alone.llm.chat_ids(messages)
+    _, want = alone(ids, max_new_tokens=10, temperature=0.7, seed=42)
+    whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0.7, seed=42, extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content == want
+    assert whole.usage.prompt_tokens == len(ids)
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0.7, seed=42, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_concurrent_requests_each_get_what_they_get_alone(server, alone):
+    """Batch invariance: 6 seeded sampled requests at once (over 4 slots: some wait), each equal
+    to itself run alone; their prompts differ in length, so prefill chunks interleave."""
+    prompts = [PROMPT[: 5 + 4 * i] for i in range(6)]
+    want = [alone(alone.llm.encode(p), max_new_tokens=10, temperature=0.9, top_p=0.95, seed=i)[1] for i, p in enumerate(prompts)]
+    got = [None] * len(prompts)
+
+    def one(i):
+        r = server.client().completions.create(model="tiny", prompt=prompts[i], max_tokens=10, temperature=0.9, top_p=0.95, seed=i, extra_body={"ignore_eos": True})
+        got[i] = r.choices[0].text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == want
+
+
+def test_stop_strings_end_the_text_before_them(server, alone):
+    c = server.client()
+    _, full = alone(alone.llm.encode(PROMPT), max_new_tokens=12)
+    stop = full[4:7]
+    r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks) == full[: full.index(stop)]
+
+
+def _quiet_steps(server) -> float:
+    """The step count once the engine has nothing left to run (an aborted request may still
+    be finishing its step)."""
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        steps = server.metric("tp_runtime:engine_steps_total")
+        time.sleep(0.3)
+        if server.metric("vllm:num_requests_running") == 0 and server.metric("tp_runtime:engine_steps_total") == steps:
+            return steps
+    raise AssertionError("the engine did not go quiet")
+
+
+def test_bad_requests_get_openai_errors_and_never_reach_the_ranks(server):
+    steps = _quiet_steps(server)
+    url = server.url + "/v1/completions"
+    cases = [
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": [1, 2, 99999]}, 400, "prompt"),
+        ({"prompt": ["a", "b"]}, 400, "prompt"),
+        ({"max_tokens": 3}, 400, "prompt"),
+        ({"prompt": "x", "model": "other"}, 404, "model"),
+        ({"prompt": list(range(1, 200)) * 2}, 400, "prompt"),
+        ({"prompt": list(range(1, 200)), "max_tokens": 100}, 400, "max_tokens"),
+    ]
+    for body, status, param in cases:
+        code, err, _ = _post(url, body)
+        assert code == status and set(err["error"]) == {"message", "type", "param", "code"}, (body, code, err)
+        assert err["error"]["param"] == param, (body, err)
+    code, err, _ = _post(url, {"prompt": list(range(1, 200)) * 2})
+    assert "256" in err["error"]["message"] and "398" in err["error"]["message"]  # both numbers
+    code, err, _ = _post(url, b"{not json")
+    assert code == 400 and "JSON" in err["error"]["message"]
+    code, err, _ = _post(url, b"[1, 2]")
+    assert code == 400
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # a body announced over the limit: refused unread
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(1 << 30))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "limit" in json.loads(resp.read())["error"]["message"]
+    conn.close()
+    code, err, _ = _post(server.url + "/v1/nothing", {})
+    assert code == 404 and "error" in err
+    assert server.metric("tp_runtime:engine_steps_total") == steps  # none of them ran a step
+    assert _get(server.url + "/health")[0] == 200
+
+
+def test_a_client_that_leaves_mid_stream_is_aborted_and_the_slot_freed(server, alone):
+    c = server.client()
+    stream = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and server.metric("vllm:num_requests_running") > 0:
+        time.sleep(0.1)
+    assert server.metric("vllm:num_requests_running") == 0
+    assert server.metric('vllm:request_success_total{finished_reason="abort"') >= 1
+    _, want = alone(alone.llm.encode(PROMPT), max_new_tokens=12)
+    r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want
+
+
+def test_models_health_and_metrics(server):
+    status, body = _get(server.url + "/v1/models")
+    data = json.loads(body)["data"]
+    assert status == 200 and data[0]["id"] == "tiny" and data[0]["max_model_len"] == MAX_LEN
+    server.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "tp_runtime:schedule_bytes_total"):
+        assert server.metric(name) > 0, name
+    # the plan broadcast is a timed collective like the others, under its own site
+    assert server.metric('tp_runtime:collective_calls_total{op="broadcast",phase="prefill",site="schedule"}') > 0
+
+
+def test_api_key_and_a_full_queue(chat_model):
+    s = Server(chat_model, "--api-key", "sekret", "--max-num-seqs", "1", "--max-queue", "1")
+    try:
+        assert _get(s.url + "/health")[0] == 200  # health is open
+        code, err, _ = _post(s.url + "/v1/completions", {"prompt": "x"})
+        assert code == 401 and err["error"]["type"] == "authentication_error"
+        assert _get(s.url + "/metrics")[0] == 401
+        auth = {"Authorization": "Bearer sekret"}
+        # one runs, one waits; the third finds the queue full
+        long = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(_post(s.url + "/v1/completions", long, auth)[0])) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        code, err, headers = _post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2}, auth)
+        assert code == 429 and headers.get("retry-after") == "1" and err["error"]["type"] == "rate_limit_error"
+        for t in threads:
+            t.join(120)
+        assert results == [200, 200]
+        ok = s.client(api_key="sekret").completions.create(model=s_model_name(chat_model), prompt="x", max_tokens=2)
+        assert ok.usage.completion_tokens >= 1
+    finally:
+        assert s.stop() == 0
+
+
+def s_model_name(path: Path) -> str:
+    return path.name
