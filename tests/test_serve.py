@@ -298,3 +298,50 @@ def test_api_key_and_a_full_queue(chat_model):
 
 def s_model_name(path: Path) -> str:
     return path.name
+
+
+def test_a_repeated_prefix_is_served_from_the_slot_cache(server, alone):
+    """A chat resending its history prefills only the new tokens, and answers as if alone."""
+    c = server.client()
+    history = [{"role": "user", "content": "tell me about the quick brown fox"}]
+    first = c.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    history += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "and then?"}]
+    before = server.metric("tp_runtime:prefix_reused_tokens_total")
+    second = c.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    reused = server.metric("tp_runtime:prefix_reused_tokens_total") - before
+    assert reused >= first.usage.prompt_tokens  # at least the first turn's prompt came from the cache
+    assert second.choices[0].message.content == alone(alone.llm.chat_ids(history), max_new_tokens=8)[1]
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher and f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                return int(d.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    raise AssertionError(f"no rank {rank} under {launcher}")
+
+
+def test_a_rank_that_dies_ends_open_streams_with_an_error_and_the_server_exits_naming_it(chat_model):
+    s = Server(chat_model, "--tp", "2")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 220, "temperature": 0, "stream": True, "ignore_eos": True}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: {")  # the stream is running
+        os.kill(_rank_pid(s.proc.pid, 1), signal.SIGKILL)
+        t0 = time.time()
+        events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+        # the open stream ends with an error event, then [DONE]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["type"] == "server_error"
+        s.proc.wait(timeout=10)
+        assert time.time() - t0 < 10
+        assert s.proc.returncode not in (0, None)
+        assert "rank 1" in s.proc.stderr.read()
+    finally:
+        s.stop()

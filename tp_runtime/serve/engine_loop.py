@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.scheduler import Request, Scheduler, apply_changes
+from tp_runtime.errors import LaunchError
 from tp_runtime.serve import plan_wire
 
 log = logging.getLogger("tp_runtime")
@@ -126,7 +127,7 @@ class Leader:
                     continue
                 t0 = time.perf_counter()
                 plan, changes = self.scheduler.schedule()
-                nbytes = plan_wire.send(comm, plan_wire.STEP, changes)
+                nbytes = plan_wire.send(comm, plan_wire.STEP, changes, plan_wire.digest(engine))
                 t1 = time.perf_counter()
                 events = engine.step(plan)
                 t2 = time.perf_counter()
@@ -162,11 +163,17 @@ class Leader:
 def follow(llm: LLM) -> None:
     """A rank other than 0: run rank 0's steps until it says stop."""
     engine = llm.engine
+    steps = 0
     while True:
-        op, changes = plan_wire.receive(llm.comm)
+        op, changes, check = plan_wire.receive(llm.comm)
         if op == plan_wire.STOP:
             return
         if op == plan_wire.IDLE:
             engine.end_decode_run()
             continue
-        engine.step(apply_changes(engine, changes))
+        plan = apply_changes(engine, changes)
+        if check is not None and plan_wire.digest(engine) != check:
+            raise LaunchError(f"rank {llm.comm.rank} holds other sequences than rank 0 before step {steps + 1} "
+                              f"({sorted((s.seq_id, s.num_tokens) for s in engine.running.values())[:8]}); the ranks diverged")
+        engine.step(plan)
+        steps += 1

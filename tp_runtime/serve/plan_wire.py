@@ -9,13 +9,16 @@ bytes grow with the requests that change, not with the tokens generated so far.
 
 Besides a step, rank 0 sends "idle" while it has nothing to run (about once a second: a
 follower waiting longer than the collective timeout would take rank 0 for dead) and "stop" when
-the server shuts down.
+the server shuts down. A step carries rank 0's `digest` of its sequences after the changes;
+each follower compares its own, so ranks that drift apart stop at once instead of serving
+different tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from typing import Any
 
 import torch
@@ -29,8 +32,17 @@ SITE = "schedule"
 STEP, IDLE, STOP = "step", "idle", "stop"
 
 
-def encode(op: str, changes: StepChanges | None = None) -> bytes:
+def digest(engine) -> int:
+    """What every rank must agree on before a step: its sequences, their slots and token counts
+    (the tokens each rank sampled itself). A follower that differs stops the job, naming itself."""
+    state = sorted((s.seq_id, s.slot, s.num_tokens, s.cached) for s in engine.running.values())
+    return zlib.crc32(repr(state).encode())
+
+
+def encode(op: str, changes: StepChanges | None = None, check: int | None = None) -> bytes:
     msg: dict[str, Any] = {"op": op}
+    if check is not None:
+        msg["check"] = check
     if changes is not None:
         msg["admit"] = [[a.req_id, a.slot, a.reused, a.prompt, _params(a.params), a.seed] for a in changes.admitted]
         msg["abort"] = changes.aborted
@@ -39,15 +51,16 @@ def encode(op: str, changes: StepChanges | None = None) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
 
 
-def decode(payload: bytes) -> tuple[str, StepChanges | None]:
+def decode(payload: bytes) -> tuple[str, StepChanges | None, int | None]:
     try:
         msg = json.loads(payload)
         op = msg["op"]
         if op != STEP:
-            return op, None
+            return op, None, None
         admitted = [Admission(int(i), int(slot), int(reused), [int(t) for t in prompt], SamplingParams(**{**p, "stop_token_ids": tuple(p["stop_token_ids"])}), int(seed))
                     for i, slot, reused, prompt, p, seed in msg["admit"]]
-        return op, StepChanges(admitted, [int(i) for i in msg["abort"]], [(int(i), int(s)) for i, s in msg["prefill"]], [int(i) for i in msg["decode"]])
+        changes = StepChanges(admitted, [int(i) for i in msg["abort"]], [(int(i), int(s)) for i, s in msg["prefill"]], [int(i) for i in msg["decode"]])
+        return op, changes, msg.get("check")
     except (ValueError, KeyError, TypeError) as e:
         raise LaunchError(f"a step plan from rank 0 could not be read ({type(e).__name__}: {e}); the ranks run different versions?") from None
 
@@ -58,17 +71,17 @@ def _params(p: SamplingParams) -> dict[str, Any]:
     return d
 
 
-def send(comm: Communicator, op: str, changes: StepChanges | None = None) -> int:
+def send(comm: Communicator, op: str, changes: StepChanges | None = None, check: int | None = None) -> int:
     """Rank 0: broadcast a message; returns its bytes."""
-    payload = encode(op, changes)
+    payload = encode(op, changes, check)
     if comm.world_size > 1:
         comm.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0, site=SITE)
         comm.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, site=SITE)
     return len(payload)
 
 
-def receive(comm: Communicator) -> tuple[str, StepChanges | None]:
-    """A rank other than 0: the next message."""
+def receive(comm: Communicator) -> tuple[str, StepChanges | None, int | None]:
+    """A rank other than 0: the next message (op, changes, rank 0's digest after them)."""
     n = comm.broadcast(torch.zeros(1, dtype=torch.int64), src=0, site=SITE)
     buf = comm.broadcast(torch.empty(int(n.item()), dtype=torch.uint8), src=0, site=SITE)
     return decode(buf.numpy().tobytes())

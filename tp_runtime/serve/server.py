@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from tp_runtime.config import ParallelConfig, RuntimeConfig
 from tp_runtime.errors import ConfigError
 
 log = logging.getLogger("tp_runtime")
+
+FLUSH_SECONDS = 1.0  # after a failed step: time for the error events to reach the clients
 
 
 def _uvicorn_thread(app, host: str, port: int):
@@ -67,6 +70,11 @@ def run_serve(args: Any, parallel: ParallelConfig, runtime: RuntimeConfig, comm:
               f"context {llm.engine.max_seq_len}); Ctrl-C stops", file=sys.stderr, flush=True)
         try:
             leader.run()
+        except BaseException:
+            # open requests were handed their error: let the HTTP thread write it out (and
+            # /health say 503) before the process goes
+            time.sleep(FLUSH_SECONDS)
+            raise
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
