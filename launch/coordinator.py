@@ -90,11 +90,13 @@ def run_with_workers(
     runtime: RuntimeConfig,
     prompts: list[list[int]],
     sampling: dict[str, Any],
-    run_rank0: Callable[[ParallelConfig, Any, dict[str, Any]], dict[str, Any]],
+    run_rank0: Callable[[ParallelConfig, Any, dict[str, Any]], Any],
     advertise: str | None = None,
-) -> dict[str, Any]:
+    mode: str = "generate",
+) -> Any:
     """Drive the workers through a job and run rank 0 here with `run_rank0(parallel, comm, extra)`;
-    extra holds what the coordinator learnt (bytes of weights streamed) for the result."""
+    extra holds what the coordinator learnt (bytes of weights streamed) for the result. mode
+    "serve": the workers follow rank 0's steps (serve/engine_loop.py) until it stops them."""
     model = open_model(model_dir)  # a Hugging Face folder or a GGUF file, checked before any worker is contacted
     cfg, index = runtime.split_config(model.cfg), model.index
     tp = len(workers) + 1
@@ -122,7 +124,7 @@ def run_with_workers(
                 "generation_config": gen_cfg,
                 "tp": tp, "rank": rank, "names": rank_names, "epoch": epoch,
                 "runtime": runtime.for_job(),  # every setting but the rank-local ones: all ranks run alike
-                "prompts": prompts, "sampling": sampling,
+                "prompts": prompts, "sampling": sampling, "mode": mode,
             })
         ports = {}
         for rank, c in enumerate(clients, start=1):

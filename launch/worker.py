@@ -113,9 +113,14 @@ class Worker:
             comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
             parallel = ParallelConfig(world_size=len(peers), rank=rank, local_rank=0, local_world_size=1)
             llm = LLM.load(source, parallel, runtime, comm=comm)
-            for _ in llm.generate(job["prompts"], SamplingParams(**job["sampling"])):
-                pass
-            llm.gather_memory()  # rank 0 collects every rank's memory report
+            if job.get("mode") == "serve":  # a server's rank: rank 0's steps until it stops
+                from tp_runtime.serve.engine_loop import follow
+
+                follow(llm)
+            else:
+                for _ in llm.generate(job["prompts"], SamplingParams(**job["sampling"])):
+                    pass
+                llm.gather_memory()  # rank 0 collects every rank's memory report
             self.server.send(peer, Kind.DONE, {})
             log.warning("job done: rank %d of %d, %d prompt(s)", rank, len(peers), len(job["prompts"]))
         except Exception as e:  # a job's failure must never take the daemon down

@@ -63,11 +63,11 @@ def _post(url: str, body, headers: dict | None = None):
 
 
 class Server:
-    def __init__(self, model: Path, *flags: str) -> None:
+    def __init__(self, model: Path, *flags: str, env: dict | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "tp_runtime", "serve", "--model", str(model), "--port", str(self.port), "--quiet", "--max-seq-len", str(MAX_LEN), *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -345,3 +345,31 @@ def test_a_rank_that_dies_ends_open_streams_with_an_error_and_the_server_exits_n
         assert "rank 1" in s.proc.stderr.read()
     finally:
         s.stop()
+
+
+def test_serve_over_two_tp_workers(chat_model, alone, tmp_path):
+    """Hand-started tp-worker daemons as ranks 1 and 2 (pyzmq): the same answers; they go back to
+    waiting for the next job when the server stops."""
+    from test_workers import ENV, WorkerProc
+
+    workers = [WorkerProc(tmp_path, f"w{i}") for i in range(2)]
+    try:
+        s = Server(chat_model, "--workers", ",".join(w.addr for w in workers), "--threads", "1", env=ENV)
+        try:
+            c = s.client()
+            _, want = alone(alone.llm.encode(PROMPT), max_new_tokens=12)
+            r = c.completions.create(model=chat_model.name, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+            assert r.choices[0].text == want
+            chunks = list(c.completions.create(model=chat_model.name, prompt=PROMPT, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+            assert "".join(ch.choices[0].text for ch in chunks) == want
+            assert s.metric('tp_runtime:collective_calls_total{op="broadcast",phase="prefill",site="schedule"}') > 0
+        finally:
+            assert s.stop() == 0, s.proc.stderr.read()[-3000:]
+        assert all(w.proc.poll() is None for w in workers)  # daemons outlive the job
+        deadline = time.time() + 10
+        while time.time() < deadline and not all("job done" in w.log.read_text() for w in workers):
+            time.sleep(0.2)
+        assert all("job done" in w.log.read_text() for w in workers)
+    finally:
+        for w in workers:
+            w.stop()

@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
     _add_run_flags(gen)
     gen.add_argument("--json", action="store_true", help="end stdout with one JSON object of results")
-    gen.add_argument("--workers", default=None, metavar="HOST:PORT,...", help="run ranks 1..N on these tp-worker daemons (pyzmq); this process is rank 0")
-    gen.add_argument("--secret-file", default=None, help="shared secret of the workers (default $TP_RUNTIME_SECRET)")
-    gen.add_argument("--advertise-addr", default=None, help="this machine's address as the workers reach it (default: found by routing)")
+    _add_worker_flags(gen)
 
     add_plan_parser(sub, _size)
 
@@ -88,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the model path's last part)")
     _add_run_flags(srv)
+    _add_worker_flags(srv)
 
     demo = sub.add_parser("demo", help="ask SmolLM2-135M-Instruct (a 4-bit GGUF, fetched once) a question at tp=1 and tp=2, compare")
     demo.add_argument("--tp", type=int, default=2, help="the parallel run to compare with tp=1 (default 2)")
@@ -96,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--random", action="store_true", help="use a tiny random Llama built locally instead of the real model")
     demo.add_argument("--cache-dir", default=None, help="where the demo's models are kept (default: the user's cache folder)")
     return parser
+
+
+def _add_worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", default=None, metavar="HOST:PORT,...", help="run ranks 1..N on these tp-worker daemons (pyzmq); this process is rank 0")
+    p.add_argument("--secret-file", default=None, help="shared secret of the workers (default $TP_RUNTIME_SECRET)")
+    p.add_argument("--advertise-addr", default=None, help="this machine's address as the workers reach it (default: found by routing)")
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -315,11 +320,21 @@ def serve(args: argparse.Namespace) -> int:
     from tp_runtime.launch.spawn import spawn
     from tp_runtime.serve.server import run_serve
 
+    runtime = _runtime(args, args.max_num_seqs)
+    if args.workers:
+        from tp_runtime.launch.coordinator import parse_workers, run_with_workers
+        from tp_runtime.launch.worker import load_secret
+
+        workers = parse_workers(args.workers)
+        if args.tp is not None and args.tp != len(workers) + 1:
+            raise ConfigError(f"--tp {args.tp} does not match 1 + {len(workers)} workers")
+        return run_with_workers(args.model, workers, load_secret(args.secret_file), runtime, [], {},
+                                run_rank0=lambda parallel, comm, extra: run_serve(args, parallel, runtime, comm), advertise=args.advertise_addr, mode="serve")
     tp = args.tp or 1
     if tp < 1:
         raise ConfigError(f"--tp must be at least 1, got {tp}")
     if tp == 1:
-        return run_serve(args, ParallelConfig(), _runtime(args, args.max_num_seqs))
+        return run_serve(args, ParallelConfig(), runtime)
     _check_before_spawn(args, tp)
     spawn(args.argv, tp, threads=args.threads, graceful=True)
     return 0
