@@ -373,3 +373,15 @@ def test_serve_over_two_tp_workers(chat_model, alone, tmp_path):
     finally:
         for w in workers:
             w.stop()
+
+
+def test_chat_in_the_terminal_keeps_the_history(chat_model, alone):
+    p = subprocess.run([sys.executable, "-m", "tp_runtime", "chat", "--model", str(chat_model), "--tp", "2", "--max-new-tokens", "8", "--max-seq-len", str(MAX_LEN)],
+                       input="hello there\n/clear\nhello there\nand then\n", capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = [{"role": "user", "content": "hello there"}]
+    a1 = alone(alone.llm.chat_ids(first), max_new_tokens=8, ignore_eos=False)[1]
+    second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "and then"}]
+    a2 = alone(alone.llm.chat_ids(second), max_new_tokens=8, ignore_eos=False)[1]
+    # /clear: the second "hello there" answers as the first did
+    assert p.stdout.splitlines() == [a1, a1, a2]

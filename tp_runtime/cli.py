@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(srv)
     _add_worker_flags(srv)
 
+    chat = sub.add_parser("chat", help="an interactive chat in the terminal (history, the model's template, streamed answers) on the serving engine")
+    chat.add_argument("--model", required=True, help="a Hugging Face folder or a GGUF file with a chat template")
+    chat.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks to start on this host (default 1)")
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _add_run_flags(chat)
+    _add_worker_flags(chat)
+
     demo = sub.add_parser("demo", help="ask SmolLM2-135M-Instruct (a 4-bit GGUF, fetched once) a question at tp=1 and tp=2, compare")
     demo.add_argument("--tp", type=int, default=2, help="the parallel run to compare with tp=1 (default 2)")
     demo.add_argument("--prompt", default=None, help=f"the question (default {DEMO_QUESTION!r}; with --random: {DEMO_PROMPT!r})")
@@ -425,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_plan(args)
         if args.command == "serve":
             return serve(args)
+        if args.command == "chat":
+            from tp_runtime.serve.chat_cli import run_chat
+
+            return run_chat(args)
         generate(args)
         return 0
     except TPRuntimeError as e:
