@@ -385,3 +385,21 @@ def test_chat_in_the_terminal_keeps_the_history(chat_model, alone):
     a2 = alone(alone.llm.chat_ids(second), max_new_tokens=8, ignore_eos=False)[1]
     # /clear: the second "hello there" answers as the first did
     assert p.stdout.splitlines() == [a1, a1, a2]
+
+
+def test_the_load_generator_measures_a_running_server(server, tmp_path):
+    from tp_runtime.bench_cli import main as bench
+
+    out = tmp_path / "bench"
+    assert bench(["serve", "--url", f"ours={server.url}", "--request-rate", "20,inf", "--num-prompts", "6", "--input-len", "8", "--output-len", "6",
+                  "--out", str(out)]) == 0
+    import csv as _csv
+
+    rows = list(_csv.DictReader(open(out / "serve.csv")))
+    assert [r["request_rate"] for r in rows] == ["20.0", "inf"]
+    for r in rows:
+        assert int(r["completed"]) == 6 and int(r["failed"]) == 0
+        assert float(r["output_throughput"]) > 0 and 0 < float(r["median_ttft_ms"]) <= float(r["median_e2el_ms"])
+    lines = [json.loads(x) for x in open(out / "serve.jsonl")]
+    assert sum("summary" in x for x in lines) == 2 and sum(x.get("ok", False) for x in lines) == 12
+    assert (out / "serve.png").stat().st_size > 0

@@ -345,7 +345,15 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "sol": ("speed-of-light tokens/s vs chips and link latency (CSV + PNG + tables)", _add_sol, run_sol),
     "calibrate": ("measure this machine's memory bandwidth and matmul rate; save as a preset", _add_calibrate, run_calibrate),
     "sweep": ("measured decode tokens/s vs tp and injected latency, beside the model's prediction", _add_sweep_lazy, _run_sweep_lazy),
+    "serve": ("load an OpenAI-compatible server (ours, transformers serve, llama-server) like `vllm bench serve`: TTFT, TPOT, ITL, E2EL",
+              lambda p: _serve_module()._add_serve(p), lambda a: _serve_module().run_serve_bench(a)),
 }
+
+
+def _serve_module():
+    from tp_runtime import bench_serve
+
+    return bench_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
