@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # source folder -> the package it installs as (pyproject: package-dir)
 SOURCE_DIRS = {"tp_runtime": "tp_runtime", "kernels": "tp_runtime.kernels", "launch": "tp_runtime.launch"}
 
-ORDER = ("config", "sol", "sharding", "communicator", "checkpoint", "placement", "model", "comm", "engine", "launch", "cli")
+ORDER = ("config", "sol", "sharding", "communicator", "checkpoint", "placement", "model", "comm", "engine", "serve", "launch", "cli")
 
 # first component under tp_runtime -> layer (DESIGN: "engine -> cli/server")
 LAYER_OF_COMPONENT = {
@@ -45,11 +45,14 @@ LAYER_OF_COMPONENT = {
     "model": "model",
     "comm": "comm",
     "engine": "engine",
+    "serve": "serve",
     "cli": "cli",
     "server": "cli",
     "bench_cli": "cli",
     "bench_sweep": "cli",
     "plan_cli": "cli",
+    "chat_cli": "cli",
+    "bench_serve": "cli",
     "errors": "errors",
     "units": "errors",  # a leaf like errors: flag-value parsing, imports only errors
     "optional": "errors",  # a leaf like errors: optional packages imported with an install hint

@@ -25,9 +25,7 @@ import csv
 import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +35,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from tp_runtime.errors import ConfigError, LaunchError
+from tp_runtime.errors import ConfigError
+from tp_runtime.launch.servers import ServerProcess
+from tp_runtime.launch.spawn import free_port
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they you were her she there "
          "one all we their can has been if more when will would who so no time out up about into than them only other new some could these "
@@ -69,16 +69,11 @@ class Target:
     url: str
     model: str
     ignore_eos: bool  # whether the server takes vLLM's ignore_eos (ours and llama-server do)
-    proc: subprocess.Popen | None = None
+    server: ServerProcess | None = None  # started here: stopped at the end
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.server is not None:
+            self.server.stop()
 
 
 @dataclass
@@ -93,29 +88,6 @@ class Result:
     error: str = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen | None, what: str, timeout: float = 900) -> None:
-    u = urlparse(url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise LaunchError(f"{what} exited with code {proc.returncode} before it was ready")
-        try:
-            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise LaunchError(f"{what} was not ready after {timeout:.0f} s")
-
-
 def _models(url: str) -> list[str]:
     u = urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
@@ -124,33 +96,34 @@ def _models(url: str) -> list[str]:
 
 
 def _start_targets(args) -> list[Target]:
-    targets = []
+    targets: list[Target] = []
     for spec in args.url:
         name, _, url = spec.partition("=")
         if not url:
             raise ConfigError(f"--url {spec!r}: give NAME=URL")
         targets.append(Target(name, url.rstrip("/"), args.served_model or _models(url)[0], ignore_eos=False))
-    if args.model:
-        port = _free_port()
-        cmd = [sys.executable, "-m", "tp_runtime", "serve", "--model", args.model, "--tp", str(args.tp), "--port", str(port), "--quiet", *args.serve_arg]
-        t = Target(f"tp-runtime tp={args.tp}", f"http://127.0.0.1:{port}", "", True, subprocess.Popen(cmd))
+    def start(name: str, cmd: list[str], model: str, ignore_eos: bool, port: int, env: dict | None = None) -> Target:
+        server = ServerProcess(cmd, f"http://127.0.0.1:{port}", name, env)
+        t = Target(name, server.url, model, ignore_eos, server)
         targets.append(t)
-        _wait_healthy(t.url, t.proc, "tp-run serve")
+        server.wait_healthy()
+        return t
+
+    if args.model:
+        port = free_port()
+        t = start(f"tp-runtime tp={args.tp}", [sys.executable, "-m", "tp_runtime", "serve", "--model", args.model, "--tp", str(args.tp), "--port", str(port), "--quiet",
+                                                *args.serve_arg], "", True, port)
         t.model = _models(t.url)[0]
     if args.transformers:
         if not args.model or not Path(args.model).is_dir():
             raise ConfigError("--transformers needs --model to be a Hugging Face folder")
-        port = _free_port()
-        cmd = ["transformers", "serve", args.model, "--port", str(port), "--continuous-batching", "--device", "cpu"]
-        t = Target("transformers serve", f"http://127.0.0.1:{port}", args.model, False, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}))
-        targets.append(t)
-        _wait_healthy(t.url, t.proc, "transformers serve")
+        port = free_port()
+        start("transformers serve", ["transformers", "serve", args.model, "--port", str(port), "--continuous-batching", "--device", "cpu"], args.model, False, port,
+              {"OMP_NUM_THREADS": str(args.threads)})
     if args.llama_server:
-        port = _free_port()
-        cmd = [args.llama_server, "-m", args.model, "--port", str(port), "-t", str(args.threads), "-np", "8", "-c", "8192", "--log-disable"]
-        t = Target("llama.cpp llama-server", f"http://127.0.0.1:{port}", Path(args.model).name, True, subprocess.Popen(cmd))
-        targets.append(t)
-        _wait_healthy(t.url, t.proc, "llama-server")
+        port = free_port()
+        start("llama.cpp llama-server", [args.llama_server, "-m", args.model, "--port", str(port), "-t", str(args.threads), "-np", "8", "-c", "8192"],
+              Path(args.model).name, True, port)
     if not targets:
         raise ConfigError("nothing to measure: give --model (ours, and --transformers / --llama-server) or --url")
     return targets

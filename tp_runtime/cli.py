@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "chat":
-            from tp_runtime.serve.chat_cli import run_chat
+            from tp_runtime.chat_cli import run_chat
 
             return run_chat(args)
         generate(args)

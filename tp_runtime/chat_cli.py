@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
-import time
 from typing import Any, Iterator
 
 from tp_runtime.errors import LaunchError
+from tp_runtime.launch.servers import ServerProcess
+from tp_runtime.launch.spawn import free_port
 
 _OWN_FLAGS = {"--system": 1}  # chat's flags that serve does not take, with their value counts
 READY_TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_argv(argv: list[str], port: int, key: str) -> list[str]:
@@ -49,23 +40,9 @@ def serve_argv(argv: list[str], port: int, key: str) -> list[str]:
 
 class _Backend:
     def __init__(self, argv: list[str]) -> None:
-        self.port, self.key = _free_port(), secrets.token_hex(16)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tp_runtime", *serve_argv(argv, self.port, self.key)], start_new_session=True)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise LaunchError(f"the chat's server exited with code {self.proc.returncode} before it was ready (its error is above)")
-            if time.monotonic() > deadline:
-                self.close()
-                raise LaunchError(f"the chat's server was not ready after {READY_TIMEOUT_S} s")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
+        self.port, self.key = free_port(), secrets.token_hex(16)
+        self.server = ServerProcess([sys.executable, "-m", "tp_runtime", *serve_argv(argv, self.port, self.key)], f"http://127.0.0.1:{self.port}", "the chat's server")
+        self.server.wait_healthy(READY_TIMEOUT_S)
 
     def stream(self, body: dict[str, Any]) -> Iterator[str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
@@ -89,14 +66,7 @@ class _Backend:
             conn.close()  # closed early (Ctrl-C): the server aborts the request
 
     def close(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+        return self.server.stop()
 
 
 def run_chat(args: Any) -> int:
