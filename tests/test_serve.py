@@ -403,3 +403,54 @@ def test_the_load_generator_measures_a_running_server(server, tmp_path):
     lines = [json.loads(x) for x in open(out / "serve.jsonl")]
     assert sum("summary" in x for x in lines) == 2 and sum(x.get("ok", False) for x in lines) == 12
     assert (out / "serve.png").stat().st_size > 0
+
+
+def test_followers_that_hold_other_sequences_stop_naming_their_rank(small_model, monkeypatch):
+    from tp_runtime.config import ParallelConfig, RuntimeConfig
+    from tp_runtime.engine.llm import LLM
+    from tp_runtime.engine.sampling import SamplingParams
+    from tp_runtime.engine.scheduler import Request, Scheduler
+    from tp_runtime.errors import LaunchError
+    from tp_runtime.serve import engine_loop, plan_wire
+
+    llm = LLM.load(small_model, ParallelConfig(), RuntimeConfig(show_progress=False, max_batch_size=2, max_seq_len=64))
+    try:
+        s = Scheduler(llm.engine)
+        s.add(Request(0, [1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True), 0))
+        _, changes = s.schedule()
+        llm.engine.abort(llm.engine.running[0])  # undo: the follower below applies the same admission
+        wrong = plan_wire.digest(llm.engine) + 1
+        messages = iter([plan_wire.decode(plan_wire.encode(plan_wire.STEP, changes, wrong))])
+        monkeypatch.setattr(plan_wire, "receive", lambda comm: next(messages))
+        with pytest.raises(LaunchError, match="rank 0 holds other sequences than rank 0"):  # (this follower is rank 0 of a world of 1)
+            engine_loop.follow(llm)
+    finally:
+        llm.close()
+    assert json.loads(plan_wire.encode(plan_wire.IDLE)) == {"op": "idle"}
+
+
+def test_fuzzed_bodies_get_an_answer_and_leave_the_server_healthy(server):
+    """Random JSON, wrong types, huge numbers, deep nesting: always a status with a JSON body
+    (an OpenAI error unless it is a valid request), never a 5xx, and /health stays 200."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+    fields = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n", "model", "stream_options", "logprobs", "stop_token_ids"]
+    bodies = st.dictionaries(st.sampled_from(fields), values, max_size=6) | values
+    deep = st.integers(1, 3000).map(lambda n: "[" * n + "]" * n)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies, nested=deep, route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    def one(body, nested, route):
+        if isinstance(body, dict) and "max_tokens" not in body:
+            body["max_tokens"] = 2  # a valid one finishes quickly
+        raw = json.dumps(body, allow_nan=True).encode()
+        for payload in (raw, nested.encode()):
+            code, answer, _ = _post(server.url + route, payload)
+            assert code in (200, 400, 404, 413, 429), (body, code, answer)
+            assert code == 200 or set(answer["error"]) == {"message", "type", "param", "code"}
+
+    one()
+    assert _get(server.url + "/health")[0] == 200
