@@ -573,7 +573,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    from tp_runtime.bench_sweep import git_sha
+    from tp_runtime.cli.sweep import git_sha
 
     meta = {"git_sha": git_sha(), "host": socket.gethostname(), "cpu_cores": cores, "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),

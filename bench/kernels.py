@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     print(f"{device} (sm_{cap.replace('.', '')}), {args.dtype}: measured peak {peak_tflops:.0f} TFLOP/s (matmul), {peak_gbps:.0f} GB/s (copy); flash-attn {'found' if flash else 'not installed'}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    from tp_runtime.bench_sweep import git_sha
+    from tp_runtime.cli.sweep import git_sha
 
     sha, stamp = git_sha(), time.strftime("%Y-%m-%dT%H:%M:%S")
     rows: list[dict] = []

@@ -68,7 +68,7 @@ for p in (REPO, HERE):  # the package, and the sibling benchmark whose helpers a
 from peers import _last_json, open_jsonl, summarise  # noqa: E402
 
 from tp_runtime import optional, placement, sol  # noqa: E402
-from tp_runtime.bench_sweep import DUMMY_SHAPES, dummy_checkpoint  # noqa: E402
+from tp_runtime.cli.sweep import DUMMY_SHAPES, dummy_checkpoint  # noqa: E402
 from tp_runtime.config import ModelConfig  # noqa: E402
 
 SHAPES = ("tiny", "small", "tinyllama")

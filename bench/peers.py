@@ -65,7 +65,7 @@ if str(REPO) not in sys.path:
 
 from tp_runtime import optional  # noqa: E402
 from tp_runtime.errors import ConfigError  # noqa: E402
-from tp_runtime.bench_sweep import DUMMY_SHAPES, dummy_checkpoint, git_sha  # noqa: E402
+from tp_runtime.cli.sweep import DUMMY_SHAPES, dummy_checkpoint, git_sha  # noqa: E402
 
 SHAPES = ("small", "tinyllama")
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

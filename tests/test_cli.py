@@ -36,7 +36,7 @@ def test_demo_with_the_random_model(tmp_path):
 
 
 def test_demo_explains_where_two_answers_part(small_model):
-    from tp_runtime.cli import _parting
+    from tp_runtime.cli.run import _parting
 
     text = _parting(small_model, [5, 6, 7, 8], [5, 6, 9], 2)
     assert "first 2 tokens" in text and "token 2:" in text and "near tie" in text

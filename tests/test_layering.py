@@ -47,12 +47,6 @@ LAYER_OF_COMPONENT = {
     "engine": "engine",
     "serve": "serve",
     "cli": "cli",
-    "server": "cli",
-    "bench_cli": "cli",
-    "bench_sweep": "cli",
-    "plan_cli": "cli",
-    "chat_cli": "cli",
-    "bench_serve": "cli",
     "errors": "errors",
     "units": "errors",  # a leaf like errors: flag-value parsing, imports only errors
     "optional": "errors",  # a leaf like errors: optional packages imported with an install hint
@@ -223,7 +217,7 @@ def source_files() -> list[Path]:
 
 def test_sources_found():
     files = {p.as_posix() for p in source_files()}
-    for must in ("tp_runtime/config.py", "tp_runtime/sharding.py", "kernels/__init__.py", "launch/__init__.py", "tp_runtime/cli.py"):
+    for must in ("tp_runtime/config.py", "tp_runtime/sharding.py", "kernels/__init__.py", "launch/__init__.py", "tp_runtime/cli/run.py"):
         assert must in files, f"{must} not found: is ROOT ({ROOT}) the repository root?"
 
 
@@ -252,12 +246,12 @@ def test_import_rules():
         ("tp_runtime/engine/llm.py", "from torch import distributed\n"),
         ("tp_runtime/engine/llm.py", "import torch\nok = torch.distributed.is_initialized()\n"),
         ("tp_runtime/model/linear.py", "import zmq\n"),
-        ("tp_runtime/cli.py", "import zmq.asyncio\n"),
+        ("tp_runtime/cli/run.py", "import zmq.asyncio\n"),
         ("launch/spawn.py", "import torch.distributed\n"),
         ("tp_runtime/engine/llm.py", "import subprocess\n"),
         ("tp_runtime/comm/local.py", "from multiprocessing import Process\n"),
         ("tp_runtime/comm/local.py", "import torch.multiprocessing as mp\n"),
-        ("tp_runtime/cli.py", "import subprocess\n"),
+        ("tp_runtime/cli/run.py", "import subprocess\n"),
         ("kernels/reference.py", "import numpy\n"),
         ("kernels/reference.py", "from tp_runtime.errors import ConfigError\n"),
         ("kernels/reference.py", "from tp_runtime.config import ModelConfig\n"),
@@ -287,13 +281,13 @@ def test_checker_catches(rel, source):
         ("tp_runtime/model/norm.py", "import torch\nfrom torch import nn\nfrom tp_runtime.kernels import reference\n"),
         ("tp_runtime/comm/torch_dist.py", "import torch.distributed as dist\nimport zmq\nfrom tp_runtime.communicator import Timer\n"),
         ("tp_runtime/engine/llm.py", "from tp_runtime.comm import create\nfrom tp_runtime.model.registry import model_class\n"),
-        ("tp_runtime/cli.py", "from tp_runtime.launch.spawn import spawn\nfrom tp_runtime.engine.llm import LLM\n"),
+        ("tp_runtime/cli/run.py", "from tp_runtime.launch.spawn import spawn\nfrom tp_runtime.engine.llm import LLM\n"),
         ("tp_runtime/__main__.py", "from tp_runtime.cli import main\n"),
         ("kernels/__init__.py", "import os\nfrom tp_runtime.kernels import reference\nfrom . import flash_prefill\nimport triton.language as tl\n"),
         ("launch/spawn.py", "import subprocess\nimport multiprocessing\nfrom tp_runtime.errors import LaunchError\nfrom tp_runtime.config import ParallelConfig\n"),
         ("launch/env.py", "from tp_runtime.launch import spawn\nfrom .spawn import x\n"),
         ("tp_runtime/sol.py", "import json, math\nfrom tp_runtime.config import ModelConfig\nfrom tp_runtime.errors import ConfigError\n"),
-        ("tp_runtime/bench_cli.py", "from tp_runtime import sol\nimport torch\nimport matplotlib\n"),
+        ("tp_runtime/cli/bench.py", "from tp_runtime import sol\nimport torch\nimport matplotlib\n"),
     ],
 )
 def test_checker_allows(rel, source):

@@ -388,7 +388,7 @@ def test_chat_in_the_terminal_keeps_the_history(chat_model, alone):
 
 
 def test_the_load_generator_measures_a_running_server(server, tmp_path):
-    from tp_runtime.bench_cli import main as bench
+    from tp_runtime.cli.bench import main as bench
 
     out = tmp_path / "bench"
     assert bench(["serve", "--url", f"ours={server.url}", "--request-rate", "20,inf", "--num-prompts", "6", "--input-len", "8", "--output-len", "6",

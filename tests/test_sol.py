@@ -14,7 +14,7 @@ import math
 import pytest
 
 from tp_runtime import sol
-from tp_runtime.bench_cli import main, parse_chips, parse_duration
+from tp_runtime.cli.bench import main, parse_chips, parse_duration
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ConfigError
 

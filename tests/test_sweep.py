@@ -17,7 +17,7 @@ TINY = ["--dummy", "tiny", "--tp", "1", "--repeats", "1", "--new-tokens", "4", "
 def sweep(tmp_path, out_name, *extra, env=None):
     out = tmp_path / out_name
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), **(env or {}))  # its own calibration and dummy model
-    r = subprocess.run([sys.executable, "-m", "tp_runtime.bench_cli", "sweep", *TINY, *extra, "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "tp_runtime.cli.bench", "sweep", *TINY, *extra, "--out", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]

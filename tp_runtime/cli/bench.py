@@ -281,7 +281,7 @@ def _memory_capacity(device: str) -> float:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     if args.ranks:
-        from tp_runtime.bench_sweep import calibrate_local
+        from tp_runtime.cli.sweep import calibrate_local
 
         ranks = sorted({int(r) for r in args.ranks.split(",") if r.strip()})
         path = calibrate_local(args.transport, ranks, repeats=args.repeats)  # generic width; the sweep calibrates its model's
@@ -327,13 +327,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_sweep_lazy(p: argparse.ArgumentParser) -> None:
-    from tp_runtime.bench_sweep import _add_sweep
+    from tp_runtime.cli.sweep import _add_sweep
 
     _add_sweep(p)
 
 
 def _run_sweep_lazy(args: argparse.Namespace) -> int:
-    from tp_runtime.bench_sweep import run_sweep
+    from tp_runtime.cli.sweep import run_sweep
 
     return run_sweep(args)
 
@@ -351,7 +351,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def _serve_module():
-    from tp_runtime import bench_serve
+    from tp_runtime.cli import bench_serve
 
     return bench_serve
 

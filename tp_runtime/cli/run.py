@@ -22,7 +22,7 @@ from typing import Any
 
 from tp_runtime.config import DTYPE_NAMES, CommConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.errors import ConfigError, TPRuntimeError
-from tp_runtime.plan_cli import add_memory_flags, add_offload_flag, add_plan_parser, run_plan
+from tp_runtime.cli.plan import add_memory_flags, add_offload_flag, add_plan_parser, run_plan
 from tp_runtime.units import parse_bandwidth, parse_bytes, parse_duration
 
 DEMO_PROMPT = "Tensor parallelism splits"
@@ -187,7 +187,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
     llm = LLM.load(args.model, parallel, _runtime(args, batch), comm=comm)
     try:
         if not args.quiet or args.verbose:  # every rank, at load: where its memory went (and its plan)
-            from tp_runtime.plan_cli import print_rank_load
+            from tp_runtime.cli.plan import print_rank_load
 
             print_rank_load(parallel.rank, llm.plan, llm.memory_at_load, args.verbose)
         if args.chat and args.prompt:
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "chat":
-            from tp_runtime.chat_cli import run_chat
+            from tp_runtime.cli.chat import run_chat
 
             return run_chat(args)
         generate(args)

@@ -88,7 +88,7 @@ def dummy_checkpoint(shape: dict[str, int], name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# rank side: `python -m tp_runtime.bench_sweep SPEC` under launch.spawn
+# rank side: `python -m tp_runtime.cli.sweep SPEC` under launch.spawn
 
 
 def _communicator(spec: dict[str, Any], parallel):
@@ -256,7 +256,7 @@ def _spawn(spec: dict[str, Any], tp: int) -> dict[str, Any]:
     from tp_runtime.launch.spawn import free_port, spawn, threads_per_rank
 
     spec = dict(spec, ports=[free_port() for _ in range(tp)])
-    return spawn([json.dumps(spec)], tp, threads=threads_per_rank(tp), program=[sys.executable, "-m", "tp_runtime.bench_sweep"])
+    return spawn([json.dumps(spec)], tp, threads=threads_per_rank(tp), program=[sys.executable, "-m", "tp_runtime.cli.sweep"])
 
 
 def _width_tag(width: dict[str, int]) -> str:
