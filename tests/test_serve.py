@@ -179,6 +179,18 @@ def test_concurrent_requests_each_get_what_they_get_alone(server, alone):
     assert got == want
 
 
+def test_a_late_request_is_answered_while_an_earlier_stream_goes_on(server):
+    """Continuous admission: a short request sent after a long stream started finishes first."""
+    c = server.client()
+    long = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    it = iter(long)
+    next(it)
+    short = c.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 3
+    rest = list(it)  # the long one was still running: most of its tokens came after the short answer
+    assert len(rest) > 100 and rest[-1].choices[0].finish_reason == "length"
+
+
 def test_stop_strings_end_the_text_before_them(server, alone):
     c = server.client()
     _, full = alone(alone.llm.encode(PROMPT), max_new_tokens=12)
@@ -287,6 +299,7 @@ def test_api_key_and_a_full_queue(chat_model):
             time.sleep(0.1)
         code, err, headers = _post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2}, auth)
         assert code == 429 and headers.get("retry-after") == "1" and err["error"]["type"] == "rate_limit_error"
+        assert (s.metric("vllm:num_requests_running", auth), s.metric("vllm:num_requests_waiting", auth)) == (1, 1)
         for t in threads:
             t.join(120)
         assert results == [200, 200]
