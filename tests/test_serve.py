@@ -283,7 +283,7 @@ def test_models_health_and_metrics(server):
 
 
 def test_api_key_and_a_full_queue(chat_model):
-    s = Server(chat_model, "--api-key", "sekret", "--max-num-seqs", "1", "--max-queue", "1")
+    s = Server(chat_model, "--api-key", "sekret", "--max-num-seqs", "1", "--max-queue", "1", "--max-seq-len", "2048")
     try:
         assert _get(s.url + "/health")[0] == 200  # health is open
         code, err, _ = _post(s.url + "/v1/completions", {"prompt": "x"})
@@ -291,12 +291,14 @@ def test_api_key_and_a_full_queue(chat_model):
         assert _get(s.url + "/metrics")[0] == 401
         auth = {"Authorization": "Bearer sekret"}
         # one runs, one waits; the third finds the queue full
-        long = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        long = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
         results = []
         threads = [threading.Thread(target=lambda: results.append(_post(s.url + "/v1/completions", long, auth)[0])) for _ in range(2)]
         for t in threads:
             t.start()
-            time.sleep(0.1)
+        deadline = time.time() + 30
+        while time.time() < deadline and s.metric("vllm:num_requests_waiting", auth) < 1:
+            time.sleep(0.05)
         code, err, headers = _post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2}, auth)
         assert code == 429 and headers.get("retry-after") == "1" and err["error"]["type"] == "rate_limit_error"
         assert (s.metric("vllm:num_requests_running", auth), s.metric("vllm:num_requests_waiting", auth)) == (1, 1)
