@@ -270,6 +270,22 @@ def test_a_client_that_leaves_mid_stream_is_aborted_and_the_slot_freed(server, a
     assert r.choices[0].text == want
 
 
+def test_a_client_that_leaves_a_whole_request_is_aborted_too(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 220, "temperature": 0, "ignore_eos": True}),
+                 {"Content-Type": "application/json"})
+    deadline = time.time() + 10
+    while time.time() < deadline and server.metric("vllm:num_requests_running") < 1:
+        time.sleep(0.02)
+    aborted = server.metric('vllm:request_success_total{finished_reason="abort"')
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    while time.time() < deadline and server.metric("vllm:num_requests_running") > 0:
+        time.sleep(0.05)
+    assert server.metric("vllm:num_requests_running") == 0
+    assert server.metric('vllm:request_success_total{finished_reason="abort"') == aborted + 1
+
+
 def test_models_health_and_metrics(server):
     status, body = _get(server.url + "/v1/models")
     data = json.loads(body)["data"]
@@ -469,3 +485,31 @@ def test_fuzzed_bodies_get_an_answer_and_leave_the_server_healthy(server):
 
     one()
     assert _get(server.url + "/health")[0] == 200
+
+
+def test_serve_under_plain_torchrun(chat_model, alone):
+    """torchrun starts the ranks (rank 0 serves, the other follows); its SIGTERM reaches both,
+    rank 0 stops the other, and all exit 0."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tp_runtime", "serve", "--model", str(chat_model),
+           "--port", str(port), "--quiet", "--max-seq-len", str(MAX_LEN)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() is not None else "not healthy in time"
+            try:
+                if _get(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        _, want = alone(alone.llm.encode(PROMPT), max_new_tokens=12)
+        r = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
+            model=chat_model.name, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]

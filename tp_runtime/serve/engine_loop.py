@@ -151,6 +151,9 @@ class Leader:
                 st.running, st.waiting = self.scheduler.num_running, self.scheduler.num_waiting
                 st.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
                 self.on_step(st)
+            for s in self.streams.values():  # stopped with requests open: each is told, none hangs
+                s.put(("end", "error", "the server is shutting down"))
+            self.streams.clear()
             plan_wire.send(comm, plan_wire.STOP)
         except BaseException as e:
             self.failed = f"{type(e).__name__}: {e}"

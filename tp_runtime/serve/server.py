@@ -45,8 +45,10 @@ def run_serve(args: Any, parallel: ParallelConfig, runtime: RuntimeConfig, comm:
     if args.max_queue < 1:
         raise ConfigError(f"--max-queue must be at least 1, got {args.max_queue}")
     if parallel.rank != 0:
-        # a terminal's Ctrl-C reaches every rank; only rank 0 acts on it (it tells the others)
+        # a terminal's Ctrl-C, or torchrun's SIGTERM, reaches every rank; only rank 0 acts on it
+        # and tells the others (a follower also ends when rank 0 is gone: its collective fails)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         llm = LLM.load(args.model, parallel, runtime, comm=comm)
         try:
             follow(llm)
