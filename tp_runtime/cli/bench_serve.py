@@ -13,7 +13,9 @@ every server gets the same requests), streamed /v1/completions, greedy.
 
 Per request, with vLLM's definitions: TTFT (send to first text), ITL (between text chunks), TPOT
 ((E2EL - TTFT) / (output tokens - 1)), E2EL (send to last chunk); output tokens from the usage
-chunk. Per run: mean / median / p99 of each in ms, output tokens/s and requests/s over the run.
+chunk. Per run: mean / median / p99 of each in ms, output tokens/s and requests/s over the run;
+for our server also, from its /metrics, the host time per engine step outside the model and
+the plan broadcast's bytes per step.
 Writes OUT/serve.jsonl (every request and every summary), OUT/serve.csv (the summaries) and
 OUT/serve.png (TTFT, TPOT and output tokens/s against the request rate, a line per server).
 """
@@ -193,6 +195,27 @@ def _one(t: Target, prompt: str, words: int, max_tokens: int) -> Result:
     return r
 
 
+_OUR_COUNTERS = ("tp_runtime:engine_steps_total", "tp_runtime:step_host_seconds_total", "tp_runtime:schedule_bytes_total", "tp_runtime:schedule_seconds_total")
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """Our server's step counters from /metrics (empty for a server that has none)."""
+    u = urlparse(url)
+    try:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode() if resp.status == 200 else ""
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _OUR_COUNTERS:
+            out[name] = float(value)
+    return out
+
+
 def run_load(t: Target, work, rate: float, seed: int, max_concurrency: int | None) -> tuple[list[Result], float]:
     times = arrivals(len(work), rate, seed)
     results: list[Result | None] = [None] * len(work)
@@ -236,11 +259,13 @@ def summarize(name: str, rate: float, results: list[Result], duration: float) ->
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'server':<24} {'rate':>6} {'ok':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} {'TPOT med':>9} {'ITL med':>8} {'E2EL med':>9}"
+    head = (f"{'server':<24} {'rate':>6} {'ok':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} {'TPOT med':>9} {'ITL med':>8} "
+            f"{'E2EL med':>9} {'host ms/step':>12} {'plan B/step':>11}")
     lines = [head]
     for r in rows:
+        ours = f"{r['host_ms_per_step']:>12.3f} {r['plan_bytes_per_step']:>11.0f}" if "host_ms_per_step" in r else f"{'':>12} {'':>11}"
         lines.append(f"{r['server']:<24} {r['request_rate']:>6g} {r['completed']:>4} {r['failed']:>4} {r['output_throughput']:>10.1f} {r['request_throughput']:>7.2f} "
-                     f"{r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.1f} {r['median_itl_ms']:>8.1f} {r['median_e2el_ms']:>9.1f}")
+                     f"{r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.1f} {r['median_itl_ms']:>8.1f} {r['median_e2el_ms']:>9.1f} {ours}")
     return "\n".join(lines)
 
 
@@ -277,8 +302,16 @@ def run_serve_bench(args) -> int:
             for t in targets:
                 _one(t, "warm up", 2, 4)  # first-request costs (lazy loads) out of the numbers
                 for rate in rates:
+                    before = engine_counters(t.url)
                     results, duration = run_load(t, work, rate, args.seed, args.max_concurrency)
                     row = summarize(t.name, rate, results, duration)
+                    after = engine_counters(t.url)
+                    if before and after:  # ours: what each engine step cost outside the model
+                        steps = max(1.0, after[_OUR_COUNTERS[0]] - before[_OUR_COUNTERS[0]])
+                        row["engine_steps"] = steps
+                        row["host_ms_per_step"] = (after[_OUR_COUNTERS[1]] - before[_OUR_COUNTERS[1]]) / steps * 1e3
+                        row["plan_bytes_per_step"] = (after[_OUR_COUNTERS[2]] - before[_OUR_COUNTERS[2]]) / steps
+                        row["plan_ms_per_step"] = (after[_OUR_COUNTERS[3]] - before[_OUR_COUNTERS[3]]) / steps * 1e3
                     rows.append(row)
                     for r in results:
                         log.write(json.dumps({"server": t.name, "request_rate": rate, **asdict(r)}) + "\n")
@@ -290,8 +323,9 @@ def run_serve_bench(args) -> int:
     finally:
         for t in targets:
             t.close()
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "serve.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     print("\n" + _table(rows))

@@ -45,18 +45,30 @@ def _err(e: P.APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+class _Guard:
+    """The API key and the body-size limit, before any route. Plain ASGI (not FastAPI's
+    http middleware, whose wrapped receive hides a client's disconnect from the handlers)."""
+
+    def __init__(self, app, state: ServeState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            key = self.state.api_key
+            if key and scope["path"] != "/health" and headers.get(b"authorization", b"") != f"Bearer {key}".encode():
+                e = P.APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error", code="invalid_api_key")
+                return await _err(e)(scope, receive, send)
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.state.max_body_bytes:
+                e = P.APIError(413, f"the request body has {int(length)} bytes; the limit is {self.state.max_body_bytes}", code="request_too_large")
+                return await _err(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(state: ServeState) -> FastAPI:
     app = FastAPI(title="tp-runtime", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        if state.api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-                return _err(P.APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error", code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
-            return _err(P.APIError(413, f"the request body has {length} bytes; the limit is {state.max_body_bytes}", code="request_too_large"))
-        return await call_next(request)
+    app.add_middleware(_Guard, state=state)
 
     @app.exception_handler(404)
     async def not_found(request: HTTPRequest, exc):
@@ -328,7 +340,7 @@ async def _whole(state: ServeState, request: HTTPRequest, gen, rid: str, ids: li
         while True:
             nxt = asyncio.ensure_future(_next(gen))
             done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if nxt not in done:  # the client left: abort (closing gen does) and answer no one
+            if watcher in done:  # the client left: abort (closing gen does) and answer no one
                 nxt.cancel()
                 return Response(status_code=499)
             item = nxt.result()
