@@ -74,8 +74,11 @@ class Leader:
     # ---- from the HTTP threads -------------------------------------------------------------
 
     def queue_full(self) -> bool:
+        """Whether --max-queue requests already wait (those handed in but not yet taken count,
+        less the places free in the running batch, which they will take)."""
         with self._lock:
-            return self._pending + self.stats.waiting >= self.max_queue
+            free = max(0, self.scheduler.max_num_seqs - self.stats.running)
+            return self._pending + self.stats.waiting - free >= self.max_queue
 
     def new_id(self) -> int:
         with self._lock:
