@@ -478,7 +478,7 @@ def test_fuzzed_bodies_get_an_answer_and_leave_the_server_healthy(server):
     bodies = st.dictionaries(st.sampled_from(fields), values, max_size=6) | values
     deep = st.integers(1, 3000).map(lambda n: "[" * n + "]" * n)
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
     @given(body=bodies, nested=deep, route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
     def one(body, nested, route):
         if isinstance(body, dict) and "max_tokens" not in body:
