@@ -89,7 +89,10 @@ def test_rank_killed_by_signal_is_named(small_model):
 
 def test_ctrl_c_leaves_no_process(small_model):
     marker = uuid.uuid4().hex
-    p = _start(["generate", "--model", str(small_model), "--tp", "2", *LONG_RUN], marker, start_new_session=True)
+    # SIGINT as a terminal leaves it: a suite started in the background (`cmd &` in a script)
+    # runs with SIGINT ignored, which every child would inherit, and Python would then keep
+    p = _start(["generate", "--model", str(small_model), "--tp", "2", *LONG_RUN], marker, start_new_session=True,
+               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _rank_pid(marker, 1)
     time.sleep(3)
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
