@@ -97,38 +97,50 @@ def _models(url: str) -> list[str]:
     return [m["id"] for m in json.loads(conn.getresponse().read())["data"]]
 
 
-def _start_targets(args) -> list[Target]:
-    targets: list[Target] = []
+def _target_starters(args) -> list:
+    """One function per server to measure, each starting it (or finding it) and returning its
+    Target: servers are started one at a time, so that an idle one never shares the CPU with
+    the one being measured."""
+    starters = []
     for spec in args.url:
         name, _, url = spec.partition("=")
         if not url:
             raise ConfigError(f"--url {spec!r}: give NAME=URL")
-        targets.append(Target(name, url.rstrip("/"), args.served_model or _models(url)[0], ignore_eos=False))
+        starters.append(lambda name=name, url=url: Target(name, url.rstrip("/"), args.served_model or _models(url)[0], ignore_eos=False))
+
     def start(name: str, cmd: list[str], model: str, ignore_eos: bool, port: int, env: dict | None = None) -> Target:
         server = ServerProcess(cmd, f"http://127.0.0.1:{port}", name, env)
         t = Target(name, server.url, model, ignore_eos, server)
-        targets.append(t)
-        server.wait_healthy()
+        try:
+            server.wait_healthy()
+            t.model = t.model or _models(t.url)[0]
+        except BaseException:
+            t.close()
+            raise
         return t
 
     if args.model:
-        port = free_port()
-        t = start(f"tp-runtime tp={args.tp}", [sys.executable, "-m", "tp_runtime", "serve", "--model", args.model, "--tp", str(args.tp), "--port", str(port), "--quiet",
-                                                *args.serve_arg], "", True, port)
-        t.model = _models(t.url)[0]
+        def ours(port=free_port()):
+            return start(f"tp-runtime tp={args.tp}", [sys.executable, "-m", "tp_runtime", "serve", "--model", args.model, "--tp", str(args.tp), "--port", str(port),
+                                                       "--quiet", *args.serve_arg], "", True, port)
+        starters.append(ours)
     if args.transformers:
         if not args.model or not Path(args.model).is_dir():
             raise ConfigError("--transformers needs --model to be a Hugging Face folder")
-        port = free_port()
-        start("transformers serve", ["transformers", "serve", args.model, "--port", str(port), "--continuous-batching", "--device", "cpu"], args.model, False, port,
-              {"OMP_NUM_THREADS": str(args.threads)})
+        exe = Path(sys.executable).with_name("transformers")  # the CLI beside this interpreter (a venv's bin/)
+
+        def peer(port=free_port()):
+            return start("transformers serve", [str(exe) if exe.is_file() else "transformers", "serve", args.model, "--port", str(port), "--continuous-batching",
+                                                "--device", "cpu"], args.model, False, port, {"OMP_NUM_THREADS": str(args.threads)})
+        starters.append(peer)
     if args.llama_server:
-        port = free_port()
-        start("llama.cpp llama-server", [args.llama_server, "-m", args.model, "--port", str(port), "-t", str(args.threads), "-np", "8", "-c", "8192"],
-              Path(args.model).name, True, port)
-    if not targets:
+        def llama(port=free_port()):
+            return start("llama.cpp llama-server", [args.llama_server, "-m", args.model, "--port", str(port), "-t", str(args.threads), "-np", "8", "-c", "8192"],
+                         Path(args.model).name, True, port)
+        starters.append(llama)
+    if not starters:
         raise ConfigError("nothing to measure: give --model (ours, and --transformers / --llama-server) or --url")
-    return targets
+    return starters
 
 
 def workload(args) -> list[tuple[str, int, int]]:
@@ -296,10 +308,10 @@ def run_serve_bench(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = workload(args)
     rows = []
-    targets = _start_targets(args)
-    try:
-        with open(out / "serve.jsonl", "a") as log:
-            for t in targets:
+    with open(out / "serve.jsonl", "a") as log:
+        for starter in _target_starters(args):
+            t = starter()
+            try:
                 _one(t, "warm up", 2, 4)  # first-request costs (lazy loads) out of the numbers
                 for rate in rates:
                     before = engine_counters(t.url)
@@ -320,9 +332,8 @@ def run_serve_bench(args) -> int:
                     errors = [r.error for r in results if not r.ok]
                     if errors:
                         print(f"  {len(errors)} failed, e.g. {errors[0]}", flush=True)
-    finally:
-        for t in targets:
-            t.close()
+            finally:
+                t.close()
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "serve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
