@@ -60,9 +60,6 @@ class StepChanges:
     prefill: list[tuple[int, int]] = field(default_factory=list)
     decode: list[int] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.admitted or self.aborted or self.prefill or self.decode)
-
 
 def apply_changes(engine: Engine, changes: StepChanges) -> StepPlan:
     """Bring an engine to the state `changes` describes (a rank following rank 0's scheduler);

@@ -101,23 +101,20 @@ def build_app(state: ServeState) -> FastAPI:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "tp-runtime",
                                             "max_model_len": state.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest):
+    async def generation(request: HTTPRequest, model: type, prompt_ids, chat: bool):
         try:
-            body = await _body(request, P.CompletionRequest, state)
-            ids = _prompt_ids(state, body)
-            return await _respond(state, request, body, ids, chat=False)
+            body = await _body(request, model, state)
+            return await _respond(state, request, body, prompt_ids(state, body), chat)
         except P.APIError as e:
             return _err(e)
 
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await generation(request, P.CompletionRequest, _prompt_ids, chat=False)
+
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
-        try:
-            body = await _body(request, P.ChatRequest, state)
-            ids = _chat_ids(state, body)
-            return await _respond(state, request, body, ids, chat=True)
-        except P.APIError as e:
-            return _err(e)
+        return await generation(request, P.ChatRequest, _chat_ids, chat=True)
 
     return app
 
@@ -245,6 +242,12 @@ async def _tokens(state: ServeState, request: HTTPRequest, ids: list[int], param
     done = False
     last = None
     labels = (state.model_name,)
+
+    def finished(reason: str, now: float) -> None:
+        m.e2e.labels(*labels).observe(now - stream.arrived)
+        m.success.labels(*labels, reason).inc()
+        m.prompt_tokens.labels(*labels).inc(len(ids))
+
     try:
         while True:
             item = await stream.events.get()
@@ -254,9 +257,7 @@ async def _tokens(state: ServeState, request: HTTPRequest, ids: list[int], param
                 if error is not None:
                     raise P.APIError(500, f"the engine failed while serving this request: {error}", "server_error")
                 done = True
-                m.e2e.labels(*labels).observe(now - stream.arrived)
-                m.success.labels(*labels, reason).inc()
-                m.prompt_tokens.labels(*labels).inc(len(ids))
+                finished(reason, now)
                 yield text.finish(), reason
                 return
             counts["completion"] += 1
@@ -272,9 +273,7 @@ async def _tokens(state: ServeState, request: HTTPRequest, ids: list[int], param
             if text.stopped:  # a stop string: the engine need not go on
                 done = True
                 leader.abort(req_id)
-                m.e2e.labels(*labels).observe(now - stream.arrived)
-                m.success.labels(*labels, "stop").inc()
-                m.prompt_tokens.labels(*labels).inc(len(ids))
+                finished("stop", now)
                 yield delta, "stop"
                 return
             if delta:
