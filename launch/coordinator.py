@@ -23,7 +23,7 @@ from tp_runtime.checkpoint.index import CheckpointIndex, fingerprint
 from tp_runtime.checkpoint.loader import validate
 from tp_runtime.checkpoint.mapped import MappedCheckpoint, release_pages
 from tp_runtime.checkpoint.model_files import open_model
-from tp_runtime.checkpoint.names import TensorEntry
+from tp_runtime.checkpoint.names import TensorEntry, held_by
 from tp_runtime.comm.control import ControlClient
 from tp_runtime.comm.sockets import new_context
 from tp_runtime.comm.protocol import Kind
@@ -64,6 +64,7 @@ def _local_address_towards(host: str) -> str:
 def _stream_slices(client: ControlClient, index: CheckpointIndex, entries: list[TensorEntry], cfg: ModelConfig, tp: int, rank: int) -> int:
     """Send worker `rank` exactly its slices; returns the bytes sent. A GGUF file's quantized
     slices go as their blocks (rows in the Hugging Face order), their types named up front."""
+    entries = held_by(entries, cfg, tp, rank)  # not other ranks' experts (--moe ep)
     files = MappedCheckpoint(index)
     sent = 0
     try:

@@ -35,6 +35,26 @@ MODELS = {
 }
 
 
+# Mixture-of-experts models (tests/test_moe.py): 8 experts, so that --moe ep splits them unevenly
+# at world 3; routers scaled by ROUTER_SCALE so that routing decisions are not near-ties
+MOE_MODELS = {
+    "mixtral": ("MixtralForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, vocab_size=300,
+                                           num_local_experts=8, num_experts_per_tok=2), {}),
+    # shared expert with its sigmoid gate, weights not renormalised, layer 1 dense (mlp_only_layers)
+    "qwen2_moe": ("Qwen2MoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, vocab_size=300,
+                                              num_hidden_layers=3, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+                                              num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1]), {}),
+    # renormalised top-4, every second layer sparse (decoder_sparse_step 2), no shared expert sizes
+    "qwen2_moe_step": ("Qwen2MoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=80, vocab_size=300,
+                                                   moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=4,
+                                                   norm_topk_prob=True, decoder_sparse_step=2), {}),
+    # per-head q/k norms, explicit head_dim
+    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96, vocab_size=300,
+                                              moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True), {}),
+}
+ROUTER_SCALE = 4.0
+
+
 def _config(arch: str, kwargs: dict):
     import transformers
 
@@ -47,10 +67,11 @@ def _config(arch: str, kwargs: dict):
 
 
 def build(name: str, root: Path, seed: int = 0):
-    """Builds checkpoint `name` under root/name; returns (path, transformers model in float32)."""
+    """Builds checkpoint `name` (of MODELS or MOE_MODELS) under root/name; returns (path,
+    transformers model in float32)."""
     import transformers
 
-    arch, cfg_kwargs, save_kwargs = MODELS[name]
+    arch, cfg_kwargs, save_kwargs = MODELS[name] if name in MODELS else MOE_MODELS[name]
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(_config(arch, cfg_kwargs)).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -60,8 +81,9 @@ def build(name: str, root: Path, seed: int = 0):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif p.dim() == 2 and "embed_tokens" in pname:
                 p.copy_(torch.randn(p.shape, generator=gen))
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            elif p.dim() >= 2:  # transformers 5 holds a MoE layer's experts as one [E, out, in] tensor
+                scale = ROUTER_SCALE if pname.endswith("mlp.gate.weight") else 1.0
+                p.copy_(scale * torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
             else:  # biases
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     path = root / name

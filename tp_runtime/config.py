@@ -29,7 +29,15 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+QWEN_FAMILIES = ("qwen2", "qwen2_moe", "qwen3_moe")  # sliding window only with use_sliding_window
+# how the experts of a MoE layer are split over the ranks (--moe): "tp" slices every expert like
+# the dense MLP, "ep" gives each rank whole experts (model/moe.py)
+MOE_PARALLEL = ("tp", "ep")
 
 # config.json `model_type` -> architecture, for configs written without `architectures`
 # (transformers' GGUF loader, community converters); transformers infers the class the same way.
@@ -37,6 +45,9 @@ MODEL_TYPE_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -74,6 +85,49 @@ def _architecture(raw: dict[str, Any], source: str) -> str:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The mixture-of-experts part of a config (model/moe.py has the routing rules)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one routed expert
+    sparse_layers: tuple[bool, ...]  # per decoder layer: experts (True) or the dense MLP
+    scoring: str = "softmax"  # "softmax" (Mixtral, Qwen-MoE) or "sigmoid" (DeepSeek-V3)
+    norm_topk_prob: bool = True
+    shared_intermediate_size: int = 0  # the shared expert's (0: none)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(x g^T)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False  # DeepSeek-V3's e_score_correction_bias (choice only)
+    parallel: str = "tp"  # how this runtime splits the experts (RuntimeConfig.split_config sets it)
+
+
+def _parse_moe(raw: dict[str, Any], family: str, num_layers: int, source: str) -> MoeConfig | None:
+    if family not in MOE_FAMILIES:
+        return None
+    if family == "mixtral":
+        experts, inter = int(raw.get("num_local_experts") or 0), raw.get("intermediate_size")
+        sparse = tuple([True] * num_layers)
+        kw: dict[str, Any] = {}
+    else:  # Qwen2-MoE / Qwen3-MoE: every decoder_sparse_step-th layer, minus mlp_only_layers
+        # transformers 5 writes Qwen3-MoE's count as num_local_experts
+        experts, inter = int(raw.get("num_experts") or raw.get("num_local_experts") or 0), raw.get("moe_intermediate_size")
+        step = int(raw.get("decoder_sparse_step") or 1)
+        dense = set(raw.get("mlp_only_layers") or ())
+        sparse = tuple(experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+        kw = {"norm_topk_prob": bool(raw.get("norm_topk_prob", False))}
+        if family == "qwen2_moe" and raw.get("shared_expert_intermediate_size"):
+            kw.update(shared_intermediate_size=int(raw["shared_expert_intermediate_size"]), shared_expert_gate=True)
+    top_k = int(raw.get("num_experts_per_tok") or 0)
+    if experts < 1 or inter is None or int(inter) < 1:
+        raise ConfigError(f"{source}: a {family} config needs a positive number of experts and an expert intermediate size")
+    if not 1 <= top_k <= experts:
+        raise ConfigError(f"{source}: num_experts_per_tok {top_k} must be between 1 and the number of experts ({experts})")
+    return MoeConfig(num_experts=experts, top_k=top_k, intermediate_size=int(inter), sparse_layers=sparse, **kw)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     family: str
@@ -98,6 +152,8 @@ class ModelConfig:
     # the MLP's features are split over ranks in whole units of this where each rank still gets
     # one (a GGUF file's down_proj block: its row-parallel column ranges then fall on blocks)
     mlp_unit: int = 1
+    moe: MoeConfig | None = None
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each q and k head before RoPE
 
     @property
     def q_size(self) -> int:
@@ -109,11 +165,17 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        h, i_, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        per_layer = attn + 3 * h * i + 2 * h
+        layers = self.num_layers * (attn + 2 * h + (2 * self.head_dim if self.qk_norm else 0))
+        moe = self.moe
+        for i in range(self.num_layers):
+            if moe is not None and moe.sparse_layers[i]:
+                layers += moe.num_experts * (3 * h * moe.intermediate_size + h) + 3 * h * moe.shared_intermediate_size + h * moe.shared_expert_gate
+            else:
+                layers += 3 * h * i_
         head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_layers * per_layer + h + head
+        return v * h + layers + h + head
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
@@ -146,7 +208,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
 
         sliding = raw.get("sliding_window")
-        if family == "qwen2" and not raw.get("use_sliding_window", False):
+        if family in QWEN_FAMILIES and not raw.get("use_sliding_window", False):
             sliding = None
 
         eos = raw.get("eos_token_id")
@@ -159,11 +221,16 @@ class ModelConfig:
             if len(factors) != head_dim // 2:
                 raise ConfigError(f"{source}: {len(factors)} rope frequency factors (a GGUF file's rope_freqs.weight) for a head size of {head_dim}")
             rope = replace(rope, freq_factors=tuple(float(f) for f in factors))
+        num_layers = int(need("num_hidden_layers"))
+        if family == "qwen2_moe":
+            qkv_bias = bool(raw.get("qkv_bias", True))
+        else:
+            qkv_bias = family == "qwen2" or bool(raw.get("attention_bias", False))
         return cls(
             architecture=arch,
             family=family,
             hidden_size=hidden,
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -173,14 +240,16 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope=rope,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
-            o_bias=family != "qwen2" and bool(raw.get("attention_bias", False)),
+            qkv_bias=qkv_bias,
+            o_bias=family not in QWEN_FAMILIES and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             sliding_window=int(sliding) if sliding else None,
             checkpoint_dtype=str(dtype) if dtype else None,
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
             mlp_unit=int(extra.get("mlp_unit", 1)),
+            moe=_parse_moe(raw, family, num_layers, source),
+            qk_norm=family == "qwen3_moe",
         )
 
     @classmethod
@@ -303,6 +372,7 @@ class RuntimeConfig:
     # decode on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
     # buffers), "eager" (the model's forward), "auto": fused wherever it applies
     decode_step: str = "auto"
+    moe: str = "tp"  # MOE_PARALLEL: a MoE model's experts sliced over ranks, or whole experts per rank
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None
@@ -321,6 +391,8 @@ class RuntimeConfig:
             raise ConfigError(f"decode step {self.decode_step!r} is not one of auto, fused, eager")
         if self.decode_step == "fused" and self.gemv == "blas":
             raise ConfigError("--decode-step fused multiplies with the C kernel, and --gemv blas asks for BLAS: drop one of the two")
+        if self.moe not in MOE_PARALLEL:
+            raise ConfigError(f"--moe {self.moe!r}: choose one of {', '.join(MOE_PARALLEL)}")
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize {self.quantize!r} is not supported; the choices are {', '.join(q for q in QUANTIZE if q)} (weight-only)")
         for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):
@@ -333,9 +405,12 @@ class RuntimeConfig:
 
     def split_config(self, cfg: ModelConfig) -> ModelConfig:
         """The model's config as this runtime splits it: with --quantize int4 every rank's
-        down_proj input must be whole 32-value groups, so the MLP is cut in whole groups."""
+        down_proj input must be whole 32-value groups, so the MLP is cut in whole groups; a MoE
+        model's experts are split as --moe says."""
         if self.quantize == "int4" and cfg.mlp_unit % INT4_GROUP:
-            return replace(cfg, mlp_unit=math.lcm(cfg.mlp_unit, INT4_GROUP))
+            cfg = replace(cfg, mlp_unit=math.lcm(cfg.mlp_unit, INT4_GROUP))
+        if cfg.moe is not None and cfg.moe.parallel != self.moe:
+            cfg = replace(cfg, moe=replace(cfg.moe, parallel=self.moe))
         return cfg
 
     def for_job(self) -> dict[str, Any]:

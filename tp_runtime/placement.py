@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from tp_runtime import sharding, sol
 from tp_runtime.checkpoint.loader import sliced_shape
-from tp_runtime.checkpoint.names import expected_tensors
+from tp_runtime.checkpoint.names import expected_tensors, held_by
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import ConfigError
 from tp_runtime.units import format_bytes
@@ -101,7 +101,7 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
     layers = [0] * cfg.num_layers
     embedding = lm_head = norm = 0
     vocab_rows = sharding.vocab_shard_padded(cfg, tp)
-    for e in expected_tensors(cfg):
+    for e in held_by(expected_tensors(cfg), cfg, tp, rank):
         spec = sharding.spec(e.role, e.kind, cfg, tp, rank)
         shape = sliced_shape(e.shape, spec)
         if e.layer is not None:
@@ -110,6 +110,8 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
                 block, block_bytes = stored
                 aligned = spec.dim != 1 or (spec.start % block == 0 and spec.stop % block == 0)
                 layers[e.layer] += shape[0] * shape[1] // block * block_bytes if aligned else shape[0] * shape[1] * 4
+            elif e.role in ("router", "router_bias"):  # float32 whatever the dtype (model/moe.py Router)
+                layers[e.layer] += _param_bytes(tuple(shape), 4)
             else:
                 quantized = e.kind == "weight" and e.role.endswith("_proj")
                 layers[e.layer] += _param_bytes(tuple(shape), nb, quantize if quantized else None)

@@ -72,6 +72,9 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
             f"tp={tp} is larger than the number of attention heads ({cfg.num_heads}) of this "
             f"{cfg.architecture}; use tp between 1 and {cfg.num_heads}"
         )
+    if cfg.moe is not None and cfg.moe.parallel == "ep" and cfg.moe.num_experts < tp:
+        raise ShardingError(f"--moe ep gives each rank whole experts, and this {cfg.architecture} has {cfg.moe.num_experts} experts "
+                            f"for {tp} ranks; use --moe tp or at most {cfg.moe.num_experts} ranks")
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,56 @@ def head_layout(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] |
     return HeadLayout(q_start, q_stop, kv_start, kv_stop, kv_of_q)
 
 
-def mlp_unit(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None) -> int:
-    """The unit the MLP is split in: the config's (a GGUF's down_proj block) where every rank
-    then gets at least one, else single features (the slices inside blocks are decoded)."""
+def mlp_unit(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None, total: int | None = None) -> int:
+    """The unit the MLP (or an expert's `total` features) is split in: the config's (a GGUF's
+    down_proj block) where every rank then gets at least one, else single features (the slices
+    inside blocks are decoded)."""
     u = cfg.mlp_unit
-    if u > 1 and cfg.intermediate_size % u == 0 and all(split_sizes(cfg.intermediate_size, tp, weights, u)):
+    total = cfg.intermediate_size if total is None else total
+    if u > 1 and total % u == 0 and all(split_sizes(total, tp, weights, u)):
         return u
     return 1
+
+
+def _feature_range(total: int, what: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None) -> tuple[int, int]:
+    unit = mlp_unit(cfg, tp, weights, total)
+    lo, hi = split_ranges(total, tp, weights, unit)[rank]
+    if lo == hi:
+        raise ShardingError(f"{what}'s {total} features in units of {unit} leave rank {rank} of tp={tp} without any; use a smaller tp")
+    return lo, hi
+
+
+def expert_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
+    """The routed experts [lo, hi) whose weights `rank` holds: all of them (--moe tp, each
+    sliced), or whole experts, E/tp each, uneven counts allowed (--moe ep)."""
+    moe = cfg.moe
+    if moe.parallel == "tp":
+        return 0, moe.num_experts
+    check_tp(cfg, tp)
+    lo, hi = split_ranges(moe.num_experts, tp, weights)[rank]
+    if lo == hi:
+        raise ShardingError(f"--moe ep: split weights {list(weights or [])} leave rank {rank} without an expert")
+    return lo, hi
+
+
+def expert_intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
+    """An expert's intermediate features on `rank`: a slice (--moe tp) or all of them (--moe ep)."""
+    if cfg.moe.parallel == "ep":
+        return 0, cfg.moe.intermediate_size
+    return _feature_range(cfg.moe.intermediate_size, "an expert", cfg, tp, rank, weights)
+
+
+def shared_expert_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
+    """The shared expert's features on `rank`: split like the dense MLP's in either --moe mode."""
+    return _feature_range(cfg.moe.shared_intermediate_size, "the shared expert", cfg, tp, rank, weights)
+
+
+def holds_expert(cfg: ModelConfig, tp: int, rank: int, expert: int | None, weights: Sequence[float] | None = None) -> bool:
+    """Whether `rank` holds any of routed expert `expert`'s weights (None: not an expert's tensor)."""
+    if expert is None:
+        return True
+    lo, hi = expert_range(cfg, tp, rank, weights)
+    return lo <= expert < hi
 
 
 def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None, unit: int | None = None) -> tuple[int, int]:
@@ -175,6 +221,17 @@ _STYLE_BY_ROLE = {
     "up_proj": Parallel.COLUMN,
     "o_proj": Parallel.ROW,
     "down_proj": Parallel.ROW,
+    "expert_gate_proj": Parallel.COLUMN,
+    "expert_up_proj": Parallel.COLUMN,
+    "expert_down_proj": Parallel.ROW,
+    "shared_gate_proj": Parallel.COLUMN,
+    "shared_up_proj": Parallel.COLUMN,
+    "shared_down_proj": Parallel.ROW,
+    "router": Parallel.REPLICATED,
+    "router_bias": Parallel.REPLICATED,
+    "shared_expert_gate": Parallel.REPLICATED,
+    "q_norm": Parallel.REPLICATED,
+    "k_norm": Parallel.REPLICATED,
     "embed_tokens": Parallel.VOCAB,
     "lm_head": Parallel.VOCAB,
     "input_layernorm": Parallel.REPLICATED,
@@ -203,6 +260,10 @@ def spec(role: str, kind: str, cfg: ModelConfig, tp: int, rank: int, weights: Se
         lo, hi = heads.kv_start * hd, heads.kv_stop * hd
     elif role in ("gate_proj", "up_proj", "down_proj"):
         lo, hi = intermediate_range(cfg, tp, rank, weights, unit)
+    elif role.startswith("expert_"):
+        lo, hi = expert_intermediate_range(cfg, tp, rank, weights)
+    elif role.startswith("shared_"):
+        lo, hi = shared_expert_range(cfg, tp, rank, weights)
     else:  # o_proj: its input is the concatenated q heads
         lo, hi = heads.q_start * hd, heads.q_stop * hd
     if style is Parallel.ROW:

@@ -18,7 +18,7 @@ import torch
 from tp_runtime import sharding
 from tp_runtime.checkpoint.index import CheckpointIndex
 from tp_runtime.checkpoint.mapped import MappedCheckpoint, release_pages
-from tp_runtime.checkpoint.names import TensorEntry, expected_tensors, is_ignored
+from tp_runtime.checkpoint.names import TensorEntry, expected_tensors, held_by, is_ignored
 from tp_runtime.config import ModelConfig
 from tp_runtime.errors import CheckpointError
 
@@ -38,11 +38,14 @@ def sliced_shape(shape: tuple[int, ...], spec: sharding.ShardSpec) -> tuple[int,
 
 
 def validate(index: CheckpointIndex, cfg: ModelConfig, tp: int = 1, rank: int = 0) -> list[TensorEntry]:
-    """Checks the files against the config; tp and rank matter only for a cache of pre-cut slices."""
+    """Checks the files against the config; returns the entries `rank` of `tp` reads (all but
+    other ranks' experts under --moe ep). A cache of pre-cut slices holds only those."""
     entries = expected_tensors(cfg)
     problems: list[str] = []
     if index.sliced_for is not None and index.sliced_for != (tp, rank):
         raise CheckpointError(f"{index.model_dir} holds the slices of rank {index.sliced_for[1]} of tp={index.sliced_for[0]}, not of rank {rank} of tp={tp}")
+    if index.sliced_for is not None:
+        entries = held_by(entries, cfg, tp, rank)
     for e in entries:
         meta = index.tensors.get(e.hf_name)
         want = e.shape if index.sliced_for is None else sliced_shape(e.shape, sharding.spec(e.role, e.kind, cfg, tp, rank))
@@ -57,7 +60,7 @@ def validate(index: CheckpointIndex, cfg: ModelConfig, tp: int = 1, rank: int = 
     problems += [f"unexpected tensor {n} in {index.tensors[n].file.name} (not used by {cfg.architecture})" for n in unused]
     if problems:
         raise CheckpointError(_bullet_list(f"checkpoint {index.model_dir} does not match its config.json:", problems))
-    return entries
+    return held_by(entries, cfg, tp, rank)
 
 
 _CHUNK_BYTES = 8 << 20
@@ -169,7 +172,7 @@ class CheckpointLayerSource:
         wanted = set(layers)
         self.entries: dict[int, list[tuple[TensorEntry, sharding.ShardSpec | None]]] = {i: [] for i in wanted}
         self._stored_in: dict[int, tuple[str, ...]] = {}  # id(module) -> storage of the layer it holds
-        for e in expected_tensors(cfg):
+        for e in held_by(expected_tensors(cfg), cfg, tp, rank):
             if e.layer in wanted:
                 spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
                 self.entries[e.layer].append((e, spec))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tp_runtime import sharding
 from tp_runtime.config import ModelConfig
 
 
@@ -22,6 +23,7 @@ class TensorEntry:
     layer: int | None  # the decoder layer it belongs to (None: embedding, final norm, head)
     role: str  # what it is, for sharding.spec: "q_proj", "down_proj", "embed_tokens", ...
     kind: str  # "weight" or "bias"
+    expert: int | None = None  # the routed expert it belongs to (sharding.holds_expert: which ranks read it)
 
     @property
     def target_in_layer(self) -> str:
@@ -51,15 +53,65 @@ def expected_tensors(cfg: ModelConfig) -> list[TensorEntry]:
         for slot, rows in (("q", q), ("k", kv), ("v", kv)):
             add(i, f"self_attn.{slot}_proj", f"{slot}_proj", (rows, h), "attn.qkv_proj", slot, cfg.qkv_bias)
         add(i, "self_attn.o_proj", "o_proj", (h, q), "attn.o_proj", None, cfg.o_bias)
-        for slot in ("gate", "up"):
-            add(i, f"mlp.{slot}_proj", f"{slot}_proj", (inter, h), "mlp.gate_up_proj", slot, cfg.mlp_bias)
-        add(i, "mlp.down_proj", "down_proj", (h, inter), "mlp.down_proj", None, cfg.mlp_bias)
+        if cfg.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                out.append(TensorEntry(f"model.layers.{i}.self_attn.{norm}.weight", (cfg.head_dim,), f"layers.{i}.attn.{norm}.weight", None, i, norm, "weight"))
+        if cfg.moe is not None and cfg.moe.sparse_layers[i]:
+            out += _moe_tensors(cfg, i)
+        else:
+            for slot in ("gate", "up"):
+                add(i, f"mlp.{slot}_proj", f"{slot}_proj", (inter, h), "mlp.gate_up_proj", slot, cfg.mlp_bias)
+            add(i, "mlp.down_proj", "down_proj", (h, inter), "mlp.down_proj", None, cfg.mlp_bias)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out.append(TensorEntry(f"model.layers.{i}.{norm}.weight", (h,), f"layers.{i}.{norm}.weight", None, i, norm, "weight"))
     out.append(TensorEntry("model.norm.weight", (h,), "norm.weight", None, None, "norm", "weight"))
     if not cfg.tie_word_embeddings:
         out.append(TensorEntry("lm_head.weight", (v, h), "lm_head.weight", None, None, "lm_head", "weight"))
     return out
+
+
+# a MoE layer's checkpoint names: (module, router, expert's gate / up / down) per family
+_MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+    "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def _moe_tensors(cfg: ModelConfig, i: int) -> list[TensorEntry]:
+    """Layer i's router, routed experts (per-expert names, as checkpoints keep them) and shared
+    expert, into model/moe.py's SparseMoe at layers.i.mlp."""
+    moe, h = cfg.moe, cfg.hidden_size
+    module, router, (gate, up, down) = _MOE_NAMES[cfg.family]
+    hf, ours = f"model.layers.{i}.{module}", f"layers.{i}.mlp"
+    out = [TensorEntry(f"{hf}.{router}.weight", (moe.num_experts, h), f"{ours}.router.weight", None, i, "router", "weight")]
+    if moe.correction_bias:
+        out.append(TensorEntry(f"{hf}.{router}.e_score_correction_bias", (moe.num_experts,), f"{ours}.router.correction_bias", None, i, "router_bias", "weight"))
+    inter = moe.intermediate_size
+    for e in range(moe.num_experts):
+        x = f"{hf}.experts.{e}"
+        out += [
+            TensorEntry(f"{x}.{gate}.weight", (inter, h), f"{ours}.experts.{e}.gate_up_proj.weight", "gate", i, "expert_gate_proj", "weight", e),
+            TensorEntry(f"{x}.{up}.weight", (inter, h), f"{ours}.experts.{e}.gate_up_proj.weight", "up", i, "expert_up_proj", "weight", e),
+            TensorEntry(f"{x}.{down}.weight", (h, inter), f"{ours}.experts.{e}.down_proj.weight", None, i, "expert_down_proj", "weight", e),
+        ]
+    if moe.shared_intermediate_size:
+        s, x = moe.shared_intermediate_size, f"{hf}.shared_expert"
+        out += [
+            TensorEntry(f"{x}.gate_proj.weight", (s, h), f"{ours}.shared.gate_up_proj.weight", "gate", i, "shared_gate_proj", "weight"),
+            TensorEntry(f"{x}.up_proj.weight", (s, h), f"{ours}.shared.gate_up_proj.weight", "up", i, "shared_up_proj", "weight"),
+            TensorEntry(f"{x}.down_proj.weight", (h, s), f"{ours}.shared.down_proj.weight", None, i, "shared_down_proj", "weight"),
+        ]
+    if moe.shared_expert_gate:
+        out.append(TensorEntry(f"{hf}.shared_expert_gate.weight", (1, h), f"{ours}.shared_gate", None, i, "shared_expert_gate", "weight"))
+    return out
+
+
+def held_by(entries: list[TensorEntry], cfg: ModelConfig, tp: int, rank: int) -> list[TensorEntry]:
+    """The entries `rank` reads any part of: all but other ranks' routed experts (--moe ep)."""
+    if cfg.moe is None or cfg.moe.parallel == "tp":
+        return list(entries)
+    return [e for e in entries if sharding.holds_expert(cfg, tp, rank, e.expert)]
 
 
 def is_ignored(name: str, cfg: ModelConfig) -> bool:

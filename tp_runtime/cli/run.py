@@ -131,6 +131,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--decode-step", choices=("auto", "fused", "eager"), default="auto",
         help="decode on CPU: fused kernel calls on buffers allocated once (auto: wherever it applies) or the eager model",
     )
+    p.add_argument(
+        "--moe", choices=("tp", "ep"), default="tp",
+        help="a mixture-of-experts model's experts: every expert sliced over the ranks (tp) or whole experts per rank (ep); one all-reduce per layer either way",
+    )
     p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences the KV cache holds (default: the number of prompts)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
@@ -158,6 +162,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         gemv=args.gemv,
         gguf_weights=args.gguf_weights,
         decode_step=args.decode_step,
+        moe=args.moe,
         max_device_memory=args.max_device_memory,
         max_host_memory=args.max_host_memory,
         offload_dir=args.offload_dir,
@@ -229,6 +234,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             "transport": llm.comm.transport,
             "comm": llm.comm.stats.summary(stats.decode_seconds, stats.decode_steps),
             "memory": {"ranks": memory, "streamed_layers": len(llm.plan.streamed), "layer_tier": llm.plan.layer_tier},
+            **({"experts": llm.expert_load()} if llm.cfg.moe else {}),
             **(extra or {}),
         }
         if args.comm_trace:

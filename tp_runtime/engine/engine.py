@@ -173,6 +173,14 @@ class Engine:
             ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         return ids.to(self.device)
 
+    def _real_rows(self, lens: Seq[int]) -> torch.Tensor | None:
+        """Indices into the padded [n, longest] batch of its real tokens (StepInfo.real_rows);
+        None when no prompt is padded. Only a MoE model reads them (routing skips the padding)."""
+        width = max(lens)
+        if self.model.cfg.moe is None or min(lens) == width:
+            return None
+        return torch.tensor([i * width + j for i, n in enumerate(lens) for j in range(n)], dtype=torch.long, device=self.device)
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -187,7 +195,7 @@ class Engine:
         positions = torch.arange(start, start + width, device=dev).expand(len(chunks), width)
         logit_rows = torch.tensor([i * width + lens[i] - 1 for i in done], dtype=torch.long, device=dev)
         # a step of mid-prompt chunks only needs no logits: every rank skips the LM head alike
-        step = StepInfo(positions, prefill=True, start=start, logit_rows=logit_rows, slots=self._slots([c.seq.slot for c in chunks]))
+        step = StepInfo(positions, prefill=True, start=start, logit_rows=logit_rows, slots=self._slots([c.seq.slot for c in chunks]), real_rows=self._real_rows(lens))
         with self.comm.stats.in_phase("prefill"):
             logits = self.model(ids, step, self.cache)
         for c in chunks:
@@ -237,6 +245,6 @@ class Engine:
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
         slots = self._slots(sorted(self.free_slots)[: len(prompts)])
         with self.comm.stats.in_phase("prefill"):
-            logits = self.model(ids, StepInfo(positions, prefill=True, start=0, slots=slots), self.cache)
+            logits = self.model(ids, StepInfo(positions, prefill=True, start=0, slots=slots, real_rows=self._real_rows([len(p) for p in prompts])), self.cache)
         logits = logits.view(len(prompts), width, -1)
         return [logits[i, : len(p)] for i, p in enumerate(prompts)]

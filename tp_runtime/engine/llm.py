@@ -178,6 +178,7 @@ class LLM:
         self.memory_at_load: dict[str, int] = {}
         self.chat_template: str | None = None  # the model's own (tokenizer_config.json, or the GGUF's)
         self.format = "safetensors"
+        self.bytes_read = 0  # of weights, from the checkpoint at load (this rank's slices only)
 
     @property
     def comm(self):
@@ -239,6 +240,7 @@ class LLM:
         llm.chat_template, llm.format = files.chat_template, files.format
         llm.plan, llm.streamer, llm.rss_at_start = plan, streamer, rss_at_start
         llm.memory_at_load = llm.memory()
+        llm.bytes_read = nbytes
         log.info("rank %d: %.1f MB of weights read, %d of %d layers streamed, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, len(plan.streamed), cfg.num_layers, engine.cache.nbytes / 1e6, device)
         return llm
 
@@ -255,6 +257,14 @@ class LLM:
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """float32 logits at every prompt position ([len_i, vocab] each), as a scoring API would return."""
         return self.engine.prompt_logits(prompts)
+
+    def expert_load(self) -> dict:
+        """Tokens routed to each expert of each MoE layer since load (every rank counts all of
+        them alike), prefill and decode apart, with what each rank's experts took (--moe ep: its
+        own experts; tp: a slice of every one) and the imbalance, max / mean over the ranks."""
+        from tp_runtime.model.moe import load_table
+
+        return load_table(self.engine.model, self.comm.world_size)
 
     def memory(self) -> dict[str, int]:
         """This rank's memory now: weights per tier, KV cache, staging, peak use, streamed bytes."""

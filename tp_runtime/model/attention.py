@@ -12,6 +12,7 @@ from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig
 from tp_runtime.model.kv_cache import KVCache
 from tp_runtime.model.linear import FLOAT, LinearKinds, linear_binding_problem
+from tp_runtime.model.norm import RMSNorm
 from tp_runtime.model.step import StepInfo
 from tp_runtime.sharding import HeadLayout
 
@@ -31,6 +32,9 @@ class ParallelAttention(nn.Module):
             dtype=dtype,
         )
         self.o_proj = linears.row(heads.num_q_local * hd, cfg.hidden_size, cfg.o_bias, dtype, comm, site=f"layer.{layer}.attn_out")
+        # Qwen3: each q and k head RMS-normalised before RoPE (replicated weights of one head's size)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         # an uneven q->kv mapping (a group cut by the split) is passed to the kernel explicitly
         self._kv_of_q = None if heads.uniform_group is not None else list(heads.kv_head_of_q)
         self.register_buffer("kv_head_of_q", torch.empty(len(heads.kv_head_of_q) if self._kv_of_q else 0, dtype=torch.long), persistent=False)
@@ -48,6 +52,8 @@ class ParallelAttention(nn.Module):
         q = q.view(b, s, self.q_heads_local, hd).transpose(1, 2)  # [batch, q_local, seq, hd]
         k = k.view(b, s, self.kv_heads_local, hd).transpose(1, 2)  # [batch, kv_local, seq, hd]
         v = v.view(b, s, self.kv_heads_local, hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.apply_rope_qk_(q, k, cos, sin)  # in place, in the qkv output
         kv_map = self.kv_head_of_q if self._kv_of_q else None
         if step.prefill:
@@ -65,6 +71,8 @@ class ParallelAttention(nn.Module):
         return self.o_proj(out)
 
     def fused_problem(self) -> str | None:
+        if self.q_norm is not None:
+            return "attention with per-head q/k norms has no fused binding yet"
         for m in (self.qkv_proj, self.o_proj):
             if why := linear_binding_problem(m):
                 return f"attention {why}"

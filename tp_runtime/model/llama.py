@@ -1,8 +1,10 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2), one tensor-parallel shard of it.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2; Mixtral, Qwen2-MoE, Qwen3-MoE with
+model/moe.py's expert layers), one tensor-parallel shard of it.
 
 Per block: attention (column-parallel qkv, row-parallel o_proj -> 1 all-reduce) and MLP
-(column-parallel merged gate/up, row-parallel down_proj -> 1 all-reduce). The embedding is
-vocab-parallel (1 all-reduce per step) and the LM head ends in one all-gather of logits.
+(column-parallel merged gate/up, row-parallel down_proj -> 1 all-reduce; a MoE layer's experts
+end in one all-reduce too). The embedding is vocab-parallel (1 all-reduce per step) and the LM
+head ends in one all-gather of logits.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tp_runtime.config import ModelConfig
 from tp_runtime.model.attention import ParallelAttention
 from tp_runtime.model.kv_cache import KVCache
 from tp_runtime.model.linear import FLOAT, LinearKinds, linear_binding_problem
+from tp_runtime.model.moe import SparseMoe
 from tp_runtime.model.norm import RMSNorm
 from tp_runtime.model.rope import RotaryTable
 from tp_runtime.model.step import StepInfo
@@ -31,9 +34,12 @@ class ParallelMLP(nn.Module):
         self.gate_up_proj = linears.column(cfg.hidden_size, [("gate", inter_local), ("up", inter_local)], cfg.mlp_bias, dtype)
         self.down_proj = linears.row(inter_local, cfg.hidden_size, cfg.mlp_bias, dtype, comm, site=f"layer.{layer}.mlp_out")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepInfo | None = None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter_local, dim=-1)  # [batch, seq, inter_local] each
         return self.down_proj(F.silu(gate) * up)
+
+    def retarget(self, layer: int) -> None:
+        self.down_proj.site = f"layer.{layer}.mlp_out"
 
     def fused_problem(self) -> str | None:
         for m in (self.gate_up_proj, self.down_proj):
@@ -63,14 +69,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = ParallelAttention(cfg, heads, layer, dtype, comm, linears)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm, linears)
+        if cfg.moe is not None and cfg.moe.sparse_layers[layer]:
+            self.mlp = SparseMoe(cfg, layer, dtype, comm, linears)
+        else:
+            self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm, linears)
 
     def retarget(self, layer: int) -> None:
         """Make this module act as decoder layer `layer` (a staging layer of streamed weights):
         the KV cache layer it reads and writes, and the sites its collectives are timed under."""
         self.attn.layer = layer
         self.attn.o_proj.site = f"layer.{layer}.attn_out"
-        self.mlp.down_proj.site = f"layer.{layer}.mlp_out"
+        self.mlp.retarget(layer)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, step: StepInfo):
         """(block output, residual stream); the residual add is fused into the next norm."""
@@ -79,7 +88,7 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(h, residual)
         x, residual = self.post_attention_layernorm(self.attn(x, cos, sin, cache, step), residual)
-        return self.mlp(x), residual
+        return self.mlp(x, step), residual
 
     def fused_problem(self) -> str | None:
         return self.attn.fused_problem() or self.mlp.fused_problem()

@@ -22,3 +22,6 @@ class StepInfo:
     logit_rows: torch.Tensor | None = None
     # the KV cache slot of each sequence, int64 [batch]; None: slots 0..batch-1
     slots: torch.Tensor | None = None
+    # prefill of prompts of different lengths: indices into batch*seq of the real tokens (the rest
+    # pad the batch to its widest prompt); None: every token is real. Routing skips the padding.
+    real_rows: torch.Tensor | None = None
