@@ -7,6 +7,7 @@ receive; the parent compares.
 """
 
 import json
+import math
 import os
 import signal
 import sys
@@ -53,6 +54,91 @@ def all_to_all(comm, world: int, rank: int, width: int) -> dict:
     return {"ok": bool(torch.equal(got, want)), "shape": list(got.shape), "send": send, "recv": recv}
 
 
+class CountingFallback:
+    """The shm transport's gloo group, counting the broadcasts handed to it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.broadcasts = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def broadcast(self, obj, src=0, *, site):
+        self.broadcasts += 1
+        return self.inner.broadcast(obj, src, site=site)
+
+
+BROADCAST_CASES = [  # (dtype, shape); 300_000 float32 (1.2 MB) exceeds the default 1 MiB slot
+    (torch.float32, (5,)), (torch.bfloat16, (3, 7)), (torch.int64, ()), (torch.uint8, (138,)),
+    (torch.bool, (2, 3, 4)), (torch.float16, (0,)), (torch.float64, (4, 0, 2)), (torch.int32, (64, 16)),
+    (torch.float32, (300_000,)),
+]
+
+
+def broadcast_value(src: int, case: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    n = math.prod(shape)
+    v = torch.arange(n, dtype=torch.float64) * (src + 2) + 10 * case + src
+    return (v.remainder(2) if dtype == torch.bool else v.remainder(251 if dtype == torch.uint8 else 1 << 20)).to(dtype).view(shape)
+
+
+def broadcasts(comm, shm, small, world: int, rank: int) -> dict:
+    """Tensor broadcasts over shm (slots, or gloo when too large) against gloo's and the values
+    every rank can compute; interleaved with all-reduces; step messages (plan_wire) both ways."""
+    from tp_runtime.engine.sampling import SamplingParams
+    from tp_runtime.engine.scheduler import Admission, StepChanges
+    from tp_runtime.serve import plan_wire
+
+    failures: list[str] = []
+    cases = 0
+
+    def check(what: str, ok: bool) -> None:
+        nonlocal cases
+        cases += 1
+        if not ok:
+            failures.append(what)
+
+    for src in range(world):
+        for i, (dtype, shape) in enumerate(BROADCAST_CASES):
+            want = broadcast_value(src, i, dtype, shape)
+            mine = want.clone() if rank == src else torch.full(shape, 7, dtype=dtype)  # a receiver's own bytes must go
+            via_gloo = want.clone() if rank == src else torch.zeros(shape, dtype=dtype)
+            got = shm.broadcast(mine, src, site="test")
+            comm.broadcast(via_gloo, src, site="test")
+            check(f"src {src} {dtype} {shape}", got is mine and got.dtype == dtype and got.shape == shape and torch.equal(got, want) and torch.equal(got, via_gloo))
+            if i % 3 == 2:  # an all-reduce between some of them: the slots' double buffer stays in step
+                check(f"all_reduce after case {i} from {src}", torch.equal(shm.all_reduce(torch.full((3,), float(rank + 1)), site="test"), torch.full((3,), world * (world + 1) / 2)))
+        # a non-contiguous tensor on every rank (gloo refuses those): filled in place
+        want = broadcast_value(src, 99, torch.float32, (4, 3)).t()
+        mine = want.clone().t().contiguous().t() if rank == src else torch.full((4, 3), -1.0).t()
+        check(f"src {src} non-contiguous", shm.broadcast(mine, src, site="test") is mine and torch.equal(mine, want))
+        check(f"src {src} object", shm.broadcast({"from": src} if rank == src else None, src, site="test") == {"from": src})
+    # back to back from every source in turn, an all-reduce now and then, then exactly a slot
+    # (the slots' path) and a byte more (gloo) on 4 KiB slots
+    for i in range(200):
+        src = i % world
+        t = torch.tensor([i, src, 3 * i], dtype=torch.int64) if rank == src else torch.zeros(3, dtype=torch.int64)
+        check(f"round {i}", shm.broadcast(t, src, site="test").tolist() == [i, src, 3 * i])
+        if i % 7 == 0:
+            check(f"round {i} all_reduce", shm.all_reduce(torch.ones(2), site="test").tolist() == [world, world])
+    for n in (4096, 4097):
+        want = torch.arange(n).remainder(256).to(torch.uint8)
+        t = want.clone() if rank == world - 1 else torch.zeros(n, dtype=torch.uint8)
+        check(f"{n} bytes on 4 KiB slots", torch.equal(small.broadcast(t, world - 1, site="test"), want))
+    # step messages: a decode step (~140 bytes: the slots) and one admitting a long prompt (gloo)
+    params = SamplingParams(max_new_tokens=9, temperature=0.5, top_k=4, stop_token_ids=(2, 3))
+    messages = [(plan_wire.STEP, StepChanges([], [], [], list(range(17, 37))), 1234),
+                (plan_wire.STEP, StepChanges([Admission(5, 1, 0, list(range(1000, 3000)), params, 77)], [4], [(5, 0)], [1, 2]), 99),
+                (plan_wire.IDLE, None, None), (plan_wire.STEP, StepChanges([], [3], [], [1]), 5), (plan_wire.STOP, None, None)]
+    sizes = []
+    for op, changes, digest in messages:
+        if rank == 0:
+            sizes.append(plan_wire.send(small, op, changes, digest))
+        else:
+            got = plan_wire.receive(small)
+            check(f"plan {op} {digest}", got == (op, changes, digest))
+    return {"cases": cases, "failures": failures, "fallback": shm.fallback.broadcasts, "small_fallback": small.fallback.broadcasts, "plan_bytes": sizes}
+
+
 def main() -> None:
     transport, scenario, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     ports = [int(p) for p in sys.argv[4].split(",")]
@@ -95,6 +181,12 @@ def main() -> None:
                     (out / f"rank{rank}.json").write_text(json.dumps(result))
                     os._exit(0)  # the peer is gone or stuck: no orderly close
             comm.close()
+        elif scenario == "broadcast":
+            comm = make("gloo", parallel, ports)
+            shm, small = ShmCommunicator(comm), ShmCommunicator(comm, slot_bytes=4096)
+            shm.fallback, small.fallback = CountingFallback(comm), CountingFallback(comm)
+            result.update(broadcasts(comm, shm, small, world, rank))
+            shm.close()
         else:
             raise SystemExit(f"unknown scenario {scenario}")
     finally:

@@ -1,7 +1,8 @@
 """The transports' collectives between real processes: all_to_all with uneven and zero split sizes
-on gloo, shared memory and pyzmq (and the shm fallback decided alike on every rank), and a dead
-or late peer named within seconds by shm (at the configured timeout) and zmq (even while other
-peers keep its inbox busy)."""
+on gloo, shared memory and pyzmq (and the shm fallback decided alike on every rank), shm's tensor
+broadcast through its slots (equal to gloo's; gloo past a slot), and a dead or late peer named
+within seconds by shm (at the configured timeout) and zmq (even while other peers keep its inbox
+busy)."""
 
 import json
 import os
@@ -36,6 +37,20 @@ def test_all_to_all_with_uneven_and_zero_splits(tmp_path, transport, world):
         assert res["equal"], (r, res)
         if transport == "shm":
             assert res["mixed"]["ok"], (r, res)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shm_broadcast_through_the_slots_equals_gloo(tmp_path, world):
+    """Tensors of several dtypes and shapes (empty, 0-d, non-contiguous) from every source, each
+    also broadcast over gloo; back to back and between all-reduces (the double buffer); larger
+    than a slot and objects through the gloo group; plan_wire's step messages both ways."""
+    results, _ = run_ranks(tmp_path, "shm", "broadcast", world)
+    for r, res in enumerate(results):
+        assert res is not None and not res["failures"], (r, res)
+        assert res["cases"] > 250, (r, res)
+        assert res["fallback"] == 2 * world, (r, res)  # per source: the 1.2 MB tensor and the object, nothing else
+        assert res["small_fallback"] == 2, (r, res)  # 4097 bytes and the long step message (the payload, not its length)
+    assert results[0]["plan_bytes"][0] < 4096 < results[0]["plan_bytes"][1], results[0]
 
 
 def test_split_sizes_are_checked_before_anything_moves():

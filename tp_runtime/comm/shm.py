@@ -19,16 +19,21 @@ slot's bytes are visible before its flag on any CPU; without the library, plain 
 ordered only on x86, and elsewhere the transport refuses to start (`ordering_available`).
 
 Waiting spins for ~50 us, then yields the core, then naps, so that more ranks than cores still
-progress. While waiting it checks every ~0.2 s that the late peers' processes live: a dead peer
+progress; a long wait naps longer (1/64 of the time waited so far, at most 1 ms), so that a
+serve follower waiting between requests for the next step's plan (a broadcast: up to a second
+between rank 0's idle keepalives) costs next to no CPU, and a new plan is seen within 1 ms.
+While waiting it checks every ~0.2 s that the late peers' processes live: a dead peer
 is named within that; a live one is waited for up to the configured collective timeout (a rank
 still loading from a cold disk, a server rank between requests), then named as hung.
 
 Which collectives use the slots is decided from sizes every rank shares, never by one rank
-alone: all-reduce and all-gather take equal shapes everywhere, and an all-to-all's rows differ
-per rank, so each rank first writes a header (whether its rows fit, its split sizes) beside
-them, and all fall back together when one does not fit. Tensors larger than a slot (slots are
-sized by the engine for the model's largest decode message) and the rarer collectives
-(broadcast of objects, barrier) go through the gloo group.
+alone: all-reduce, all-gather and a tensor broadcast take equal shapes everywhere, and an
+all-to-all's rows differ per rank, so each rank first writes a header (whether its rows fit, its
+split sizes) beside them, and all fall back together when one does not fit. A broadcast is a
+collective like the others (every rank opens it and publishes its flag, so the double buffer
+stays in step) in which only the source writes its slot; the others copy from it into their
+tensor. Tensors larger than a slot (slots are sized by the engine for the model's largest decode
+message) and the rarer collectives (broadcast of objects, barrier) go through the gloo group.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from tp_runtime.kernels import cpu_gemv
 DEFAULT_SLOT_BYTES = 1 << 20  # one hidden vector is a few KiB; logits of a 128k vocab are 512 KiB
 SHM_DIR = "/dev/shm"
 _SPIN_S, _YIELD_S, _NAP_S = 50e-6, 1e-3, 50e-6
+_MAX_NAP_S = 1e-3  # a long wait naps waited / 64, at most this: it adds at most 1/64 of the wait, and at most 1 ms
 LIVENESS_CHECK_S = 0.2  # how often a waiting rank checks that the peers it waits for live
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
@@ -93,6 +99,10 @@ class _Flags:
     def close(self) -> None:
         self.view = self._anchor = None
         self.base = 0
+
+
+def _write_nothing(slot: torch.Tensor) -> None:
+    """A broadcast's receivers publish their flag with an empty slot."""
 
 
 class ShmCommunicator:
@@ -138,7 +148,8 @@ class ShmCommunicator:
 
     def _wait_all(self, at_least: int) -> None:
         """Spin ~50 us (peers are usually that close), then yield the core up to ~1 ms, then nap:
-        with more ranks than cores, a spinning rank would steal the core its peer computes on."""
+        with more ranks than cores, a spinning rank would steal the core its peer computes on.
+        Naps grow with the wait (an idle serve follower would otherwise wake 10k times a second)."""
         flags = self.flags
         if flags.min() >= at_least:
             return
@@ -152,7 +163,7 @@ class ShmCommunicator:
             if waited < _YIELD_S:
                 os.sched_yield()
                 continue
-            time.sleep(_NAP_S)
+            time.sleep(min(_MAX_NAP_S, max(_NAP_S, waited / 64)))
             if now > next_check:
                 self._check_peers(at_least, waited)
                 next_check = now + LIVENESS_CHECK_S
@@ -241,7 +252,21 @@ class ShmCommunicator:
         return torch.cat(parts, dim=0)
 
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
-        return self.fallback.broadcast(obj, src, site=site)
+        """A tensor that fits a slot: src writes it into its slot, the others copy it from there
+        into theirs (in place); every rank opens the collective, the others writing nothing.
+        Larger tensors and objects: the gloo group (every rank passes the same shape, so every
+        rank decides alike)."""
+        if not isinstance(obj, torch.Tensor):
+            return self.fallback.broadcast(obj, src, site=site)
+        nbytes = obj.numel() * obj.element_size()
+        if nbytes > self.slot_bytes:
+            return self.fallback.broadcast(obj, src, site=site)
+        if self.rank == src:
+            self._publish(lambda slot: slot.copy_(obj.contiguous().view(-1).view(torch.uint8)), nbytes)
+        else:
+            s = self._publish(_write_nothing, 0)
+            obj.copy_(self._slot(s, src, nbytes).view(obj.dtype).view(obj.shape))
+        return obj
 
     def barrier(self, *, site: str) -> None:
         self.fallback.barrier(site=site)
