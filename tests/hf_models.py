@@ -51,6 +51,25 @@ MOE_MODELS = {
     # per-head q/k norms, explicit head_dim
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96, vocab_size=300,
                                               moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True), {}),
+    # DeepSeek-V3: MLA with a q latent, interleaved RoPE, values (16) narrower than keys (16 + 8);
+    # grouped sigmoid routing (top-2 of 4 groups, then top-4 of 16) with a correction bias, scaled
+    # weights; a shared expert; layer 0 dense. num_key_value_heads is left at transformers' 128
+    # (MLA does not read it)
+    "deepseek_v3": ("DeepseekV3ForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=3, intermediate_size=96, vocab_size=300,
+                                                  q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                                  n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_shared_experts=1,
+                                                  n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True), {}),
+    # Kimi K2's shape scaled down: one group, many small experts, top-8, a shared expert, layer 0
+    # dense, YaRN (mscale_all_dim != mscale, so both the cos/sin factor and the softmax's mscale
+    # count); a plain q_proj (no q latent), values as wide as keys, and RoPE not interleaved (the
+    # other layout: together the two models run both q paths and both RoPE layouts)
+    "kimi_like": ("DeepseekV3ForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, vocab_size=300,
+                                                q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+                                                rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=16.0, original_max_position_embeddings=32,
+                                                                     mscale=1.0, mscale_all_dim=0.8, beta_fast=32.0, beta_slow=1.0),
+                                                rope_interleave=False, n_routed_experts=32, num_experts_per_tok=8, moe_intermediate_size=16,
+                                                n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827,
+                                                norm_topk_prob=True), {}),
 }
 ROUTER_SCALE = 4.0
 
@@ -86,6 +105,9 @@ def build(name: str, root: Path, seed: int = 0):
                 p.copy_(scale * torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
             else:  # biases
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):  # DeepSeek's router bias: a buffer, zero at init
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
     path = root / name
     model.save_pretrained(path, **save_kwargs)
     return path, model

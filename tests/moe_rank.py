@@ -2,7 +2,8 @@
 what the test process compares (logits, greedy tokens, collective counts per decode step,
 weight bytes read by every rank, the routed-token counts).
 
-argv: OUT_FILE JSON_SPEC  with spec {"models": [dirs], "modes": ["tp", "ep"], "prompts": [[ids]], "new_tokens": n}
+argv: OUT_FILE JSON_SPEC  with spec {"models": [dirs], "modes": ["tp", "ep", "dp"], "prompts": [[ids]], "new_tokens": n}
+(modes: --moe tp, --moe ep, --moe ep --attention dp)
 """
 
 import json
@@ -18,6 +19,7 @@ from tp_runtime.launch.env import parallel_from_env
 from tp_runtime.launch.spawn import record_failure
 
 OPS = ("all_reduce", "all_gather", "all_to_all", "broadcast", "barrier")
+SPLITS = {"tp": {"moe": "tp"}, "ep": {"moe": "ep"}, "dp": {"moe": "ep", "attention": "dp"}}
 
 
 def main() -> None:
@@ -29,7 +31,7 @@ def main() -> None:
         results = {}
         for model_dir in spec["models"]:
             for mode in spec["modes"]:
-                llm = LLM.load(model_dir, parallel, RuntimeConfig(**{**base.__dict__, "moe": mode}), comm=comm)
+                llm = LLM.load(model_dir, parallel, RuntimeConfig(**{**base.__dict__, **SPLITS[mode]}), comm=comm)
                 logits = [t.float().cpu() for t in llm.prompt_logits(spec["prompts"])]
                 llm.engine.model.init_buffers()  # routed-token counts of the generation alone
                 comm.stats.reset()
@@ -38,12 +40,13 @@ def main() -> None:
                     tokens[ev.seq].append(ev.token_id)
                 counts = {op: comm.stats.count(op) for op in OPS}
                 decode = {op: comm.stats.count(op, phase="decode") for op in OPS}
+                sites = sorted({site for (phase, _, site) in comm.stats.by_key if phase == "decode"})
                 read = torch.zeros(parallel.world_size, dtype=torch.float64)
                 read[parallel.rank] = llm.bytes_read
                 with comm.stats.in_phase("report"):
                     comm.all_reduce(read, site="test.bytes")
                 results[(model_dir, mode)] = {
-                    "logits": logits, "tokens": tokens, "counts": counts, "decode_counts": decode,
+                    "logits": logits, "tokens": tokens, "counts": counts, "decode_counts": decode, "decode_sites": sites,
                     "decode_steps": llm.engine.last_stats.decode_steps, "layers": llm.cfg.num_layers,
                     "fused": llm.engine.fused_decode is not None, "bytes_read": read.tolist(), "experts": llm.expert_load(),
                 }

@@ -16,13 +16,14 @@ import hf_models
 from tp_runtime import sharding
 from tp_runtime.config import ModelConfig, MoeConfig, RuntimeConfig
 from tp_runtime.errors import ShardingError
+from tp_runtime.kernels import cpu_gemv
 from tp_runtime.launch.spawn import spawn
 from tp_runtime.model.moe import route
 
 PROMPTS = [[1, 17, 42, 7, 99], [1, *range(3, 19)], [1, 250, 3, 8, 5, 77, 31, 64, 2, 11, 13]]
 NEW_TOKENS = 24
 FP32_ATOL = 1e-4
-MODES = ("tp", "ep")
+MODES = ("tp", "ep", "dp")  # --moe tp, --moe ep, --moe ep --attention dp
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +132,32 @@ def test_moe_models_match_transformers_in_both_modes(world, moe_checkpoints, tmp
                 err = (mine - ref).abs().max().item()
                 assert err < FP32_ATOL, f"{where} prompt {i}: max |logit diff| {err:.2e} >= {FP32_ATOL}"
             assert got["tokens"] == ref_tokens, f"{where}: greedy tokens differ from transformers"
-            # per decode step: 2 all-reduces per block (attention out; the MoE layer's one
-            # combine, like the dense MLP's), 1 for the embedding, 1 all-gather of logits; no all-to-all
-            steps, layers = got["decode_steps"], got["layers"]
-            assert got["fused"] is False
-            want = {"all_reduce": steps * (2 * layers + 1), "all_gather": steps} if world > 1 else {"all_reduce": 0, "all_gather": 0}
+            steps, layers, sparse = got["decode_steps"], got["layers"], sum(cfg.moe.sparse_layers)
+            # the fused CPU decode step takes MoE layers (not under dp, nor Qwen3's q/k norms or MLA)
+            fusable = cpu_gemv.available() and mode != "dp" and not cfg.qk_norm and getattr(cfg, "mla", None) is None
+            assert got["fused"] is fusable, where
+            if world == 1:
+                want = {"all_reduce": 0, "all_gather": 0, "all_to_all": 0}
+            elif mode == "dp":
+                # each rank its own sequences: per decode step one all-gather agreeing on the
+                # forwards (plus the one that finds every rank done) and, per MoE layer, the
+                # counts, dispatch and combine all-to-alls; nothing else (dense parts are whole)
+                want = {"all_reduce": 0, "all_gather": steps + 1, "all_to_all": 3 * sparse * steps}
+                assert {s.split(".")[-1] for s in got["decode_sites"] if s.startswith("layer.")} == {"moe_counts", "moe_dispatch", "moe_combine"}
+            else:
+                # 2 all-reduces per block (attention out; the MoE layer's one combine, like the
+                # dense MLP's), 1 for the embedding (none where the fused step looks rows up
+                # itself), 1 all-gather of logits; no all-to-all
+                want = {"all_reduce": steps * (2 * layers + (0 if fusable else 1)), "all_gather": steps, "all_to_all": 0}
             assert {op: got["decode_counts"][op] for op in want} == want, f"{where}: {got['decode_counts']}"
-            assert got["counts"]["all_to_all"] == got["counts"]["broadcast"] == got["counts"]["barrier"] == 0
+            # dp: at the end each rank hands the others its sequences' tokens (one broadcast each)
+            assert got["counts"]["broadcast"] == (world if mode == "dp" else 0) and got["counts"]["barrier"] == 0
             # every routed choice counted once: tokens x top_k per MoE layer, prefill and decode apart
             prompt_tokens, decode_tokens = sum(map(len, PROMPTS)), steps * len(PROMPTS)
             for row in got["experts"]["layers"]:
                 assert sum(row["prefill"]) == prompt_tokens * cfg.moe.top_k, where
                 assert sum(row["decode"]) == decode_tokens * cfg.moe.top_k, where
-                if mode == "ep":
+                if mode != "tp":
                     assert sum(row["rank_tokens"]) == (prompt_tokens + decode_tokens) * cfg.moe.top_k
             assert [r["layer"] for r in got["experts"]["layers"]] == [i for i, s in enumerate(cfg.moe.sparse_layers) if s]
         if world > 1:
@@ -179,3 +193,32 @@ def test_bad_moe_configs_are_refused_naming_the_key(tmp_path):
         ModelConfig.from_dict({**base, "num_experts_per_tok": 2})
     with pytest.raises(ConfigError, match="--moe 'dp'"):
         RuntimeConfig(moe="dp")
+
+
+def test_adversarial_routing_every_token_to_one_rank_at_batch_1(tmp_path):
+    """A zero router ties every expert: every token's top-k lands on the same two experts (torch's
+    topk breaks the tie alike here and in transformers), both on one rank under --moe ep; at
+    batch 1 under --attention dp the other rank has no token at all and only meets the
+    all-to-alls. Same logits and tokens as transformers, nothing hangs."""
+    path, model = hf_models.build("mixtral", tmp_path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.zero_()
+    model.save_pretrained(path)
+    prompt = [PROMPTS[1]]
+    ref_logits, ref_tokens = hf_models.reference(model, prompt, NEW_TOKENS)
+    out = tmp_path / "adversarial.pt"
+    spec = {"models": [str(path)], "modes": ["ep", "dp"], "prompts": prompt, "new_tokens": NEW_TOKENS}
+    spawn([str(out), json.dumps(spec)], 2, threads=1, program=[sys.executable, str(hf_models.__file__).replace("hf_models.py", "moe_rank.py")])
+    results = torch.load(out)
+    cfg = RuntimeConfig(moe="ep").split_config(ModelConfig.from_model_dir(path))
+    for mode in ("ep", "dp"):
+        got = results[(str(path), mode)]
+        assert (got["logits"][0] - ref_logits[0]).abs().max().item() < FP32_ATOL, mode
+        assert got["tokens"] == ref_tokens, mode
+        for row in got["experts"]["layers"]:
+            hit = {e for e, n in enumerate(row["prefill"]) if n} | {e for e, n in enumerate(row["decode"]) if n}
+            owners = {r for r in range(2) for e in hit if sharding.holds_expert(cfg, 2, r, e)}
+            assert len(hit) == 2 and len(owners) == 1, (mode, hit)  # every choice on one rank's experts
+            assert max(row["rank_tokens"]) == sum(row["rank_tokens"]) and row["imbalance"] == 2.0, (mode, row)

@@ -32,12 +32,17 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",  # DeepSeek-V3, Kimi K2 / K2.5: MLA attention (model/mla.py)
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 QWEN_FAMILIES = ("qwen2", "qwen2_moe", "qwen3_moe")  # sliding window only with use_sliding_window
 # how the experts of a MoE layer are split over the ranks (--moe): "tp" slices every expert like
 # the dense MLP, "ep" gives each rank whole experts (model/moe.py)
 MOE_PARALLEL = ("tp", "ep")
+# how attention (and every other dense part) is split (--attention): "tp" by heads, or "dp":
+# replicated, each rank running its own sequences, with the experts (--moe ep) reached through
+# all-to-all (the DeepSeek / Kimi serving layout)
+ATTENTION_PARALLEL = ("tp", "dp")
 
 # config.json `model_type` -> architecture, for configs written without `architectures`
 # (transformers' GGUF loader, community converters); transformers infers the class the same way.
@@ -48,9 +53,10 @@ MODEL_TYPE_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # yarn: MLA models only (ModelConfig.from_dict)
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -63,7 +69,12 @@ class RopeConfig:
     # llama3 only
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int = 8192  # (yarn's too)
+    # yarn only (with factor and original_max_position_embeddings)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # cos and sin are scaled by it (transformers' attention_scaling)
     # per-frequency divisors given outright (a GGUF's rope_freqs tensor: llama3 scaling as stored
     # by llama.cpp's converter); applied after rope_type
     freq_factors: tuple[float, ...] = ()
@@ -101,6 +112,11 @@ class MoeConfig:
     routed_scaling_factor: float = 1.0
     correction_bias: bool = False  # DeepSeek-V3's e_score_correction_bias (choice only)
     parallel: str = "tp"  # how this runtime splits the experts (RuntimeConfig.split_config sets it)
+    attention: str = "tp"  # how it splits the rest: ATTENTION_PARALLEL (split_config too)
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.attention == "dp"
 
 
 def _parse_moe(raw: dict[str, Any], family: str, num_layers: int, source: str) -> MoeConfig | None:
@@ -119,12 +135,110 @@ def _parse_moe(raw: dict[str, Any], family: str, num_layers: int, source: str) -
         kw = {"norm_topk_prob": bool(raw.get("norm_topk_prob", False))}
         if family == "qwen2_moe" and raw.get("shared_expert_intermediate_size"):
             kw.update(shared_intermediate_size=int(raw["shared_expert_intermediate_size"]), shared_expert_gate=True)
+    if family == "deepseek_v3":
+        experts, inter, kw = _deepseek_moe(raw, source)
+        # transformers' DeepseekV3DecoderLayer: experts from layer first_k_dense_replace on, every layer
+        first_dense = int(_deepseek_key(raw, "first_k_dense_replace"))
+        sparse = tuple(i >= first_dense for i in range(num_layers))
     top_k = int(raw.get("num_experts_per_tok") or 0)
     if experts < 1 or inter is None or int(inter) < 1:
         raise ConfigError(f"{source}: a {family} config needs a positive number of experts and an expert intermediate size")
     if not 1 <= top_k <= experts:
         raise ConfigError(f"{source}: num_experts_per_tok {top_k} must be between 1 and the number of experts ({experts})")
+    if kw.get("n_group", 1) > 1 and top_k > kw["topk_group"] * (experts // kw["n_group"]):
+        raise ConfigError(f"{source}: num_experts_per_tok {top_k} is more than the {kw['topk_group']} groups (topk_group) of "
+                          f"{experts // kw['n_group']} experts that a token may choose from")
     return MoeConfig(num_experts=experts, top_k=top_k, intermediate_size=int(inter), sparse_layers=sparse, **kw)
+
+
+# transformers' DeepseekV3Config defaults, for the keys a config.json may leave out
+_DEEPSEEK_DEFAULTS = {
+    "n_group": 8, "topk_group": 4, "n_shared_experts": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+    "first_k_dense_replace": 3, "rope_interleave": True, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+}
+
+
+def _deepseek_key(raw: dict[str, Any], key: str) -> Any:
+    return raw[key] if key in raw else _DEEPSEEK_DEFAULTS[key]
+
+
+def _deepseek_moe(raw: dict[str, Any], source: str) -> tuple[int, Any, dict[str, Any]]:
+    """(routed experts, expert intermediate size, the other MoeConfig fields) of a DeepSeek-V3
+    config: sigmoid scores, grouped choice with e_score_correction_bias, scaled weights; its
+    n_shared_experts shared experts are one MLP of n_shared_experts x moe_intermediate_size
+    features without a gate."""
+    experts, inter = int(raw.get("n_routed_experts") or 0), raw.get("moe_intermediate_size")
+    freq = raw.get("moe_layer_freq", 1)
+    if freq != 1:
+        raise ConfigError(f"{source}: moe_layer_freq {freq} is not supported: transformers' DeepseekV3 makes every layer from "
+                          "first_k_dense_replace on a mixture-of-experts layer (moe_layer_freq 1)")
+    n_group, topk_group = _deepseek_key(raw, "n_group"), _deepseek_key(raw, "topk_group")
+    if not isinstance(n_group, int) or n_group < 1 or (experts and experts % n_group):
+        raise ConfigError(f"{source}: n_group {n_group!r} must be a positive divisor of n_routed_experts ({experts})")
+    if n_group > 1 and experts // n_group < 2:
+        raise ConfigError(f"{source}: n_group {n_group} leaves groups of one expert; a group is scored by its two best")
+    if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        raise ConfigError(f"{source}: topk_group {topk_group!r} must be between 1 and n_group ({n_group})")
+    shared = int(_deepseek_key(raw, "n_shared_experts") or 0)
+    kw = dict(scoring="sigmoid", norm_topk_prob=bool(_deepseek_key(raw, "norm_topk_prob")), n_group=n_group, topk_group=topk_group,
+              routed_scaling_factor=float(_deepseek_key(raw, "routed_scaling_factor")), correction_bias=True,
+              shared_intermediate_size=shared * int(inter or 0))
+    return experts, inter, kw
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    """DeepSeek's multi-head latent attention (model/mla.py): q from a low-rank latent (or a
+    plain projection), keys and values from one shared latent plus one shared RoPE key."""
+
+    q_lora_rank: int | None  # None: a plain q_proj instead of q_a_proj -> q_a_layernorm -> q_b_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float  # qk_head_dim ** -0.5, times YaRN's mscale(mscale_all_dim) squared where given
+    rope_interleave: bool = True  # RoPE on the pairs (x0, x1), (x2, x3), ... of the rope part
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+def _parse_mla(raw: dict[str, Any], family: str, source: str) -> MlaConfig | None:
+    if family != "deepseek_v3":
+        return None
+    dims = {}
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        v = _deepseek_key(raw, key)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{source}: {key} must be a positive integer, got {v!r}")
+        dims[key] = v
+    q_lora = _deepseek_key(raw, "q_lora_rank")
+    if q_lora is not None and (not isinstance(q_lora, int) or q_lora < 1):
+        raise ConfigError(f"{source}: q_lora_rank must be a positive integer or null, got {q_lora!r}")
+    if dims["qk_rope_head_dim"] % 2:
+        raise ConfigError(f"{source}: qk_rope_head_dim {dims['qk_rope_head_dim']} must be even (RoPE rotates pairs)")
+    qk = dims["qk_nope_head_dim"] + dims["qk_rope_head_dim"]
+    if dims["v_head_dim"] > qk:
+        raise ConfigError(f"{source}: v_head_dim {dims['v_head_dim']} larger than qk_nope_head_dim + qk_rope_head_dim ({qk}) is not "
+                          "supported (the KV cache holds each value padded to the key's size)")
+    if raw.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias true is not supported for DeepseekV3ForCausalLM (MLA without biases only)")
+    # transformers' yarn_apply_mscale: a non-default rope with mscale_all_dim scales q k^T too
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    scale = qk**-0.5
+    if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim"):
+        if not params.get("factor"):
+            raise ConfigError(f"{source}: rope scaling with mscale_all_dim needs a 'factor' (it scales the attention's softmax)")
+        m = _yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"]))
+        scale = scale * m * m
+    return MlaConfig(q_lora_rank=q_lora, softmax_scale=scale, rope_interleave=bool(_deepseek_key(raw, "rope_interleave")), **dims)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (transformers' yarn_get_mscale)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +268,14 @@ class ModelConfig:
     mlp_unit: int = 1
     moe: MoeConfig | None = None
     qk_norm: bool = False  # Qwen3: an RMSNorm over each q and k head before RoPE
+    # DeepSeek-V3 / Kimi K2: multi-head latent attention; head_dim is then qk_nope + qk_rope (a
+    # key's size) and num_kv_heads num_heads (every q head has its own key and value)
+    mla: MlaConfig | None = None
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The features of a head that RoPE rotates (MLA: only the qk_rope part)."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
 
     @property
     def q_size(self) -> int:
@@ -167,11 +289,15 @@ class ModelConfig:
     def num_params(self) -> int:
         h, i_, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if (mla := self.mla) is not None:  # q (latent + norm, or plain), kv latent + rope key, its norm, kv_b, o
+            q_in = mla.q_lora_rank or h
+            attn = (h * q_in + q_in if mla.q_lora_rank else 0) + q_in * self.q_size + h * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+            attn += mla.kv_lora_rank + mla.kv_lora_rank * self.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim) + self.num_heads * mla.v_head_dim * h
         layers = self.num_layers * (attn + 2 * h + (2 * self.head_dim if self.qk_norm else 0))
         moe = self.moe
         for i in range(self.num_layers):
             if moe is not None and moe.sparse_layers[i]:
-                layers += moe.num_experts * (3 * h * moe.intermediate_size + h) + 3 * h * moe.shared_intermediate_size + h * moe.shared_expert_gate
+                layers += moe.num_experts * (3 * h * moe.intermediate_size + h + moe.correction_bias) + 3 * h * moe.shared_intermediate_size + h * moe.shared_expert_gate
             else:
                 layers += 3 * h * i_
         head = 0 if self.tie_word_embeddings else v * h
@@ -194,8 +320,11 @@ class ModelConfig:
 
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = raw.get("head_dim")
+        # MLA: every q head has its own key and value, of qk_nope + qk_rope features; neither
+        # num_key_value_heads nor head_dim (transformers writes qk_rope_head_dim there) is read
+        mla = _parse_mla(raw, family, source)
+        kv_heads = heads if mla is not None else int(raw.get("num_key_value_heads") or heads)
+        head_dim = mla.qk_head_dim if mla is not None else raw.get("head_dim")
         if head_dim is None:
             if hidden % heads:
                 raise ConfigError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim is given")
@@ -221,6 +350,8 @@ class ModelConfig:
             if len(factors) != head_dim // 2:
                 raise ConfigError(f"{source}: {len(factors)} rope frequency factors (a GGUF file's rope_freqs.weight) for a head size of {head_dim}")
             rope = replace(rope, freq_factors=tuple(float(f) for f in factors))
+        if rope.rope_type == "yarn" and mla is None:
+            raise ConfigError(f"{source}: rope type 'yarn' is supported for DeepseekV3ForCausalLM only (parity-tested there), not {arch}")
         num_layers = int(need("num_hidden_layers"))
         if family == "qwen2_moe":
             qkv_bias = bool(raw.get("qkv_bias", True))
@@ -250,6 +381,7 @@ class ModelConfig:
             mlp_unit=int(extra.get("mlp_unit", 1)),
             moe=_parse_moe(raw, family, num_layers, source),
             qk_norm=family == "qwen3_moe",
+            mla=mla,
         )
 
     @classmethod
@@ -299,6 +431,18 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
         kw["low_freq_factor"] = float(params["low_freq_factor"])
         kw["high_freq_factor"] = float(params["high_freq_factor"])
         kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+    if rope_type == "yarn":  # transformers' _compute_yarn_parameters, defaults included
+        orig = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or raw.get("max_position_embeddings") or 4096
+        factor = params.get("factor") or (raw.get("max_position_embeddings") or 4096) / orig
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
+        kw.update(factor=float(factor), original_max_position_embeddings=int(orig), beta_fast=float(params.get("beta_fast") or 32),
+                  beta_slow=float(params.get("beta_slow") or 1), truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))
     return RopeConfig(**kw)
 
 
@@ -373,6 +517,7 @@ class RuntimeConfig:
     # buffers), "eager" (the model's forward), "auto": fused wherever it applies
     decode_step: str = "auto"
     moe: str = "tp"  # MOE_PARALLEL: a MoE model's experts sliced over ranks, or whole experts per rank
+    attention: str = "tp"  # ATTENTION_PARALLEL: a MoE model's attention split by heads, or replicated with sequences per rank
     comm: CommConfig = CommConfig()
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None
@@ -393,6 +538,10 @@ class RuntimeConfig:
             raise ConfigError("--decode-step fused multiplies with the C kernel, and --gemv blas asks for BLAS: drop one of the two")
         if self.moe not in MOE_PARALLEL:
             raise ConfigError(f"--moe {self.moe!r}: choose one of {', '.join(MOE_PARALLEL)}")
+        if self.attention not in ATTENTION_PARALLEL:
+            raise ConfigError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION_PARALLEL)}")
+        if self.attention == "dp" and self.moe != "ep":
+            raise ConfigError("--attention dp replicates attention and sends each token to its experts' ranks: it needs --moe ep")
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize {self.quantize!r} is not supported; the choices are {', '.join(q for q in QUANTIZE if q)} (weight-only)")
         for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):
@@ -409,8 +558,10 @@ class RuntimeConfig:
         model's experts are split as --moe says."""
         if self.quantize == "int4" and cfg.mlp_unit % INT4_GROUP:
             cfg = replace(cfg, mlp_unit=math.lcm(cfg.mlp_unit, INT4_GROUP))
-        if cfg.moe is not None and cfg.moe.parallel != self.moe:
-            cfg = replace(cfg, moe=replace(cfg.moe, parallel=self.moe))
+        if self.attention == "dp" and cfg.moe is None:
+            raise ConfigError(f"--attention dp splits a mixture-of-experts model's experts over the ranks; {cfg.architecture} has none (use tensor parallelism)")
+        if cfg.moe is not None and (cfg.moe.parallel, cfg.moe.attention) != (self.moe, self.attention):
+            cfg = replace(cfg, moe=replace(cfg.moe, parallel=self.moe, attention=self.attention))
         return cfg
 
     def for_job(self) -> dict[str, Any]:

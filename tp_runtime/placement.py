@@ -100,7 +100,7 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
     nb = DTYPE_BYTES[dtype]
     layers = [0] * cfg.num_layers
     embedding = lm_head = norm = 0
-    vocab_rows = sharding.vocab_shard_padded(cfg, tp)
+    vocab_rows = sharding.vocab_shard_padded(cfg, sharding.dense_split(cfg, tp, rank)[0])
     for e in held_by(expected_tensors(cfg), cfg, tp, rank):
         spec = sharding.spec(e.role, e.kind, cfg, tp, rank)
         shape = sliced_shape(e.shape, spec)
@@ -124,14 +124,15 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
                 embedding = size
         else:
             norm += _param_bytes(tuple(shape), nb)
-    heads = sharding.head_layout(cfg, tp, rank)
-    lo, hi = sharding.intermediate_range(cfg, tp, rank)
+    dense = sharding.dense_split(cfg, tp, rank)  # (1, 0) under --attention dp: whole heads and vocab, own sequences
+    heads = sharding.head_layout(cfg, *dense)
+    lo, hi = sharding.intermediate_range(cfg, *dense)
     hd = cfg.head_dim
     kv_cache = 2 * cfg.num_layers * max_batch * heads.num_kv_local * max_seq_len * hd * nb
     # a full-context prefill: hidden, residual and norm output, qkv, attention output, gate/up
     # and its product per token, plus fp32 logits of every sequence before and after the gather
     per_token = (3 * cfg.hidden_size + (heads.num_q_local + 2 * heads.num_kv_local) * hd + heads.num_q_local * hd + 3 * (hi - lo)) * nb
-    logits = 2 * max_batch * vocab_rows * tp * 4
+    logits = 2 * max_batch * vocab_rows * dense[0] * 4
     activations = max_batch * max_seq_len * per_token + logits
     return ShardBytes(tuple(layers), embedding, lm_head, norm, kv_cache, activations)
 

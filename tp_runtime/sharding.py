@@ -64,10 +64,19 @@ def split_ranges(total: int, parts: int, weights: Sequence[float] | None = None,
     return ranges
 
 
+def dense_split(cfg: ModelConfig, tp: int, rank: int) -> tuple[int, int]:
+    """(ranks, rank) over which the dense parts (attention, embedding, head, dense MLPs, shared
+    experts) are split: the group's, or (1, 0) under --attention dp, where every rank holds
+    them whole and runs its own sequences."""
+    if cfg.moe is not None and cfg.moe.data_parallel:
+        return 1, 0
+    return tp, rank
+
+
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     if tp < 1:
         raise ShardingError(f"tp must be at least 1, got {tp}")
-    if tp > cfg.num_heads:
+    if dense_split(cfg, tp, 0)[0] == tp and tp > cfg.num_heads:  # (--attention dp splits no heads)
         raise ShardingError(
             f"tp={tp} is larger than the number of attention heads ({cfg.num_heads}) of this "
             f"{cfg.architecture}; use tp between 1 and {cfg.num_heads}"
@@ -232,6 +241,15 @@ _STYLE_BY_ROLE = {
     "shared_expert_gate": Parallel.REPLICATED,
     "q_norm": Parallel.REPLICATED,
     "k_norm": Parallel.REPLICATED,
+    # MLA (model/mla.py): the low-rank down projections and their norms whole on every rank, the
+    # up projections by heads (MLA has no kv heads of its own: a rank expands the keys and
+    # values of its q heads), o_proj (above) row-parallel over the heads' values
+    "q_a_proj": Parallel.REPLICATED,
+    "kv_a_proj": Parallel.REPLICATED,
+    "q_a_layernorm": Parallel.REPLICATED,
+    "kv_a_layernorm": Parallel.REPLICATED,
+    "q_b_proj": Parallel.COLUMN,
+    "kv_b_proj": Parallel.COLUMN,
     "embed_tokens": Parallel.VOCAB,
     "lm_head": Parallel.VOCAB,
     "input_layernorm": Parallel.REPLICATED,
@@ -246,16 +264,22 @@ def spec(role: str, kind: str, cfg: ModelConfig, tp: int, rank: int, weights: Se
     intermediate_range."""
     if role not in _STYLE_BY_ROLE:
         raise ShardingError(f"no sharding rule for a tensor of role {role!r}")
+    check_tp(cfg, tp)  # every entry point goes through it
+    if not role.startswith("expert_"):
+        tp, rank = dense_split(cfg, tp, rank)
     style = _STYLE_BY_ROLE[role]
     hd = cfg.head_dim
-    heads = head_layout(cfg, tp, rank, weights)
+    heads = head_layout(cfg, tp, rank, weights) if role in ("q_proj", "k_proj", "v_proj", "o_proj", "q_b_proj", "kv_b_proj") else None
     if style is Parallel.REPLICATED:
         return ShardSpec(style, None, 0, cfg.hidden_size)
     if style is Parallel.VOCAB:
         lo, hi = vocab_range(cfg, tp, rank, weights)
         return ShardSpec(style, 0, lo, hi)
-    if role == "q_proj":
+    if role in ("q_proj", "q_b_proj"):  # (MLA: head_dim is the key's, qk_nope + qk_rope)
         lo, hi = heads.q_start * hd, heads.q_stop * hd
+    elif role == "kv_b_proj":  # each head's qk_nope key features, then its value
+        per = cfg.mla.qk_nope_head_dim + cfg.mla.v_head_dim
+        lo, hi = heads.q_start * per, heads.q_stop * per
     elif role in ("k_proj", "v_proj"):
         lo, hi = heads.kv_start * hd, heads.kv_stop * hd
     elif role in ("gate_proj", "up_proj", "down_proj"):
@@ -264,8 +288,9 @@ def spec(role: str, kind: str, cfg: ModelConfig, tp: int, rank: int, weights: Se
         lo, hi = expert_intermediate_range(cfg, tp, rank, weights)
     elif role.startswith("shared_"):
         lo, hi = shared_expert_range(cfg, tp, rank, weights)
-    else:  # o_proj: its input is the concatenated q heads
-        lo, hi = heads.q_start * hd, heads.q_stop * hd
+    else:  # o_proj: its input is the concatenated q heads (MLA: their values, v_head_dim each)
+        vd = cfg.mla.v_head_dim if cfg.mla is not None else hd
+        lo, hi = heads.q_start * vd, heads.q_stop * vd
     if style is Parallel.ROW:
         if kind == "bias":  # a row-parallel bias is added once, after the all-reduce
             return ShardSpec(Parallel.REPLICATED, None, 0, cfg.hidden_size)

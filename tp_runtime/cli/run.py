@@ -135,6 +135,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--moe", choices=("tp", "ep"), default="tp",
         help="a mixture-of-experts model's experts: every expert sliced over the ranks (tp) or whole experts per rank (ep); one all-reduce per layer either way",
     )
+    p.add_argument(
+        "--attention", choices=("tp", "dp"), default="tp",
+        help="a mixture-of-experts model's attention and dense parts: split by heads (tp) or whole on every rank, each rank running its own "
+             "sequences and reaching the experts (--moe ep) through all-to-all (dp: the DeepSeek/Kimi serving layout)",
+    )
     p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences the KV cache holds (default: the number of prompts)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
@@ -163,6 +168,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         gguf_weights=args.gguf_weights,
         decode_step=args.decode_step,
         moe=args.moe,
+        attention=args.attention,
         max_device_memory=args.max_device_memory,
         max_host_memory=args.max_host_memory,
         offload_dir=args.offload_dir,
@@ -334,6 +340,8 @@ def serve(args: argparse.Namespace) -> int:
     from tp_runtime.serve.server import run_serve
 
     runtime = _runtime(args, args.max_num_seqs)
+    if runtime.attention == "dp":  # the leader plans every rank's step; dp would need requests per rank
+        raise ConfigError("tp-run serve --attention dp is not supported yet: the server's ranks run one batch together; use --attention tp (with --moe ep or tp)")
     if args.workers:
         from tp_runtime.launch.coordinator import parse_workers, run_with_workers
         from tp_runtime.launch.worker import load_secret

@@ -57,6 +57,11 @@ class Engine:
         self.free_slots = list(range(max_batch))
         self.running: dict[int, Sequence] = {}
         self._decode_run: ExitStack | None = None  # decode_context, open across decode-only steps
+        # --attention dp: each rank runs its own sequences, and every forward meets the other
+        # ranks' in the experts' all-to-alls; so each step the ranks agree on how many forwards
+        # it takes (one small all-gather), and a rank with fewer makes up the rest as idle passes
+        self.group_sync = cfg.moe is not None and cfg.moe.data_parallel and comm.world_size > 1
+        self.group_idle = False  # the last agreement found no forward on any rank
 
     @property
     def last_stats(self) -> RunStats:
@@ -135,6 +140,7 @@ class Engine:
             if s.seq_id not in self.running or s.finished or not s.prefilled or s.cached != s.num_tokens - 1:
                 raise GenerationError(f"step plan: sequence {s.seq_id} is not ready to decode (cached {s.cached} of {s.num_tokens} tokens)")
         starts = sorted({c.seq.cached for c in plan.prefill})
+        idle = self._agree(len(starts) + bool(plan.decode), "prefill" if starts else "decode") if self.group_sync else 0
         if starts:
             self.end_decode_run()  # prefill's GEMMs want torch's threads back
         for start in starts:
@@ -144,7 +150,25 @@ class Engine:
                 self._decode_run = ExitStack()
                 self._decode_run.enter_context(self.decode_context())
             events += self._decode(plan.decode)
+        if idle:
+            with self.comm.stats.in_phase("idle"):
+                for _ in range(idle):
+                    self.model.idle_pass()
         return events
+
+    def _agree(self, forwards: int, phase: str) -> int:
+        """--attention dp: every rank's number of forwards this step; returns how many idle
+        passes this rank adds to reach the most (group_idle: no rank has any)."""
+        with self.comm.stats.in_phase(phase):
+            counts = self.comm.all_gather(torch.tensor([forwards], dtype=torch.int64, device=self.device), dim=0, site="dp.step")
+        most = int(counts.max())
+        self.group_idle = most == 0
+        return most - forwards
+
+    @property
+    def group_busy(self) -> bool:
+        """Whether another rank may still run forwards this rank must meet (--attention dp)."""
+        return self.group_sync and not self.group_idle
 
     def end_decode_run(self) -> None:
         """Leave decode_context (entered by the first decode step after a prefill or a pause);

@@ -23,6 +23,7 @@ from tp_runtime.checkpoint.loader import load_shard, validate
 from tp_runtime.checkpoint.mapped import MappedCheckpoint
 from tp_runtime.checkpoint.names import EMBEDDING_NAME
 from tp_runtime.checkpoint.tokenizer import encode_prompt
+from tp_runtime.comm import LocalCommunicator
 from tp_runtime.comm import create as create_communicator
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
@@ -69,6 +70,8 @@ def decode_message_bytes(cfg: ModelConfig, tp: int, batch: int, dtype: torch.dty
     all-reduce of [batch, hidden] in the model's dtype, or its float32 logits [batch, padded vocab
     shard] all-gathered (the fused step gathers in float32)."""
     hidden = batch * cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
+    if cfg.moe is not None and cfg.moe.data_parallel:  # the dispatch: each of a rank's tokens to its top-k experts
+        return cfg.moe.top_k * hidden
     logits = batch * sharding.vocab_shard_padded(cfg, tp) * 4
     return max(hidden, logits)
 
@@ -216,8 +219,10 @@ class LLM:
         owns_comm = comm is None
         if comm is None:
             comm = create_communicator(parallel, device, runtime.comm, decode_message_bytes(cfg, parallel.world_size, runtime.max_batch_size, dtype))
+        # --attention dp: the dense parts are whole on every rank, their "collectives" a world of 1
+        dense_comm = LocalCommunicator() if cfg.moe is not None and cfg.moe.data_parallel else None
         with torch.device("meta"):
-            model = model_class(cfg)(cfg, comm, dtype, max_seq_len, linear_kinds(runtime.quantize, blocks=keeps_blocks))
+            model = model_class(cfg)(cfg, comm, dtype, max_seq_len, linear_kinds(runtime.quantize, blocks=keeps_blocks), dense_comm=dense_comm)
         # the runtime before any weight (interpreter, torch and what the meta build imports,
         # tokenizer, transport buffers): what a memory budget does not cover
         rss_at_start = rss_bytes()
@@ -264,7 +269,13 @@ class LLM:
         own experts; tp: a slice of every one) and the imbalance, max / mean over the ranks."""
         from tp_runtime.model.moe import load_table
 
-        return load_table(self.engine.model, self.comm.world_size)
+        table = load_table(self.engine.model, self.comm.world_size)
+        if self.cfg.moe.data_parallel and self.comm.world_size > 1:  # each rank counted its own tokens: sum them
+            counts = torch.tensor([row[k] for row in table["layers"] for k in ("prefill", "decode")], dtype=torch.float64)
+            with self.comm.stats.in_phase("report"):
+                counts = self.comm.all_reduce(counts, site="expert_load").long().tolist()
+            table = load_table(self.engine.model, self.comm.world_size, counts)
+        return table
 
     def memory(self) -> dict[str, int]:
         """This rank's memory now: weights per tier, KV cache, staging, peak use, streamed bytes."""

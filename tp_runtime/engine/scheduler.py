@@ -163,7 +163,7 @@ class Scheduler:
     def step(self) -> tuple[list[TokenEvent], StepChanges]:
         """Schedule and run one step; its token events and the changes it was made of."""
         plan, changes = self.schedule()
-        events = self.engine.step(plan) if plan else []
+        events = self.engine.step(plan) if plan or self.engine.group_sync else []  # (dp: an empty step still meets the others')
         self.retire()
         return events, changes
 

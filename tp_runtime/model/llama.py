@@ -1,5 +1,6 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2; Mixtral, Qwen2-MoE, Qwen3-MoE with
-model/moe.py's expert layers), one tensor-parallel shard of it.
+model/moe.py's expert layers; DeepSeek-V3 / Kimi K2 with those and model/mla.py's latent
+attention), one tensor-parallel shard of it.
 
 Per block: attention (column-parallel qkv, row-parallel o_proj -> 1 all-reduce) and MLP
 (column-parallel merged gate/up, row-parallel down_proj -> 1 all-reduce; a MoE layer's experts
@@ -9,7 +10,6 @@ head ends in one all-gather of logits.
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ from tp_runtime.config import ModelConfig
 from tp_runtime.model.attention import ParallelAttention
 from tp_runtime.model.kv_cache import KVCache
 from tp_runtime.model.linear import FLOAT, LinearKinds, linear_binding_problem
-from tp_runtime.model.moe import SparseMoe
+from tp_runtime.model.mla import MlaAttention
+from tp_runtime.model.moe import SparseMoe, bind_swiglu
 from tp_runtime.model.norm import RMSNorm
 from tp_runtime.model.rope import RotaryTable
 from tp_runtime.model.step import StepInfo
@@ -49,28 +50,21 @@ class ParallelMLP(nn.Module):
 
     def bind_decode(self, binder):
         """gate|up GEMV, SiLU(gate) * up (plus bias), down GEMV + all-reduce into binder.h."""
-        gate_up = self.gate_up_proj.bind_decode(binder, binder.buffer(2 * self.inter_local))
-        down = self.down_proj.bind_decode(binder, binder.h)
-        silu_mul = partial(
-            binder.lib.tp_silu_mul, binder.ptr(gate_up.out), binder.ptr(self.gate_up_proj.bias), binder.ptr(down.x), self.inter_local, int(down.x.dtype == torch.bfloat16), binder.mbf
-        )
-
-        def run(nb: int) -> None:
-            gate_up(nb)
-            silu_mul(nb)
-            down(nb)
-
-        return binder.bound(gate_up.x, run)
+        return bind_swiglu(binder, self.gate_up_proj, self.inter_local, self.down_proj.bind_decode(binder, binder.h))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, heads: sharding.HeadLayout, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT) -> None:
+    def __init__(self, cfg: ModelConfig, heads: sharding.HeadLayout, inter_local: int, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT,
+                 expert_comm: Communicator | None = None) -> None:
+        """comm: the group the dense parts are split over; expert_comm: the one the experts are
+        (the same but under --attention dp, where the dense parts are whole on every rank)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = ParallelAttention(cfg, heads, layer, dtype, comm, linears)
+        attention = MlaAttention if cfg.mla is not None else ParallelAttention  # DeepSeek-V3 / Kimi K2: latent attention
+        self.attn = attention(cfg, heads, layer, dtype, comm, linears)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if cfg.moe is not None and cfg.moe.sparse_layers[layer]:
-            self.mlp = SparseMoe(cfg, layer, dtype, comm, linears)
+            self.mlp = SparseMoe(cfg, layer, dtype, expert_comm or comm, linears)
         else:
             self.mlp = ParallelMLP(cfg, inter_local, layer, dtype, comm, linears)
 
@@ -110,9 +104,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_seq_len: int, linears: LinearKinds = FLOAT) -> None:
-        """linears: the linear classes of the weights' format (model/linear.py FLOAT, model/quant.py INT8)."""
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_seq_len: int, linears: LinearKinds = FLOAT,
+                 dense_comm: Communicator | None = None) -> None:
+        """linears: the linear classes of the weights' format (model/linear.py FLOAT, model/quant.py INT8).
+        dense_comm: a world-1 communicator for the dense parts under --attention dp (each rank
+        holds them whole and runs its own sequences; only the experts use `comm`)."""
         super().__init__()
+        if cfg.moe is not None and cfg.moe.data_parallel:
+            if dense_comm is None or dense_comm.world_size != 1:
+                raise ValueError("--attention dp: the model needs a world-1 communicator for its dense parts")
+            comm, self._expert_comm = dense_comm, comm
+        else:
+            self._expert_comm = comm
         tp, rank = comm.world_size, comm.rank
         self.cfg = cfg
         self.heads = sharding.head_layout(cfg, tp, rank)
@@ -124,11 +127,11 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = linears.head(self.embed_tokens, vocab_ranges, cfg.tie_word_embeddings, comm, site="lm_head")
-        self.rotary = RotaryTable(cfg.rope, cfg.head_dim, max_seq_len)
+        self.rotary = RotaryTable(cfg.rope, cfg.rope_head_dim, max_seq_len)
 
     def make_layer(self, i: int) -> DecoderLayer:
         """A fresh decoder layer i of this shard (on the current default device)."""
-        return DecoderLayer(*self._layer_args, i, self._dtype, self._comm, self._linears)
+        return DecoderLayer(*self._layer_args, i, self._dtype, self._comm, self._linears, self._expert_comm)
 
     def init_buffers(self) -> None:
         """Fill the non-persistent buffers after the meta-built model is materialised."""
@@ -137,6 +140,16 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "init_buffers"):
                 m.init_buffers()
+
+    @torch.inference_mode()
+    def idle_pass(self) -> None:
+        """--attention dp, a forward this rank has no tokens for: its (empty) part in every MoE
+        layer's all-to-alls, so that the ranks that do have tokens meet it."""
+        w = self.norm.weight
+        x = torch.empty(0, self.cfg.hidden_size, dtype=w.dtype, device=w.device)
+        for layer in self.layers:
+            if getattr(layer.mlp, "dispatch", False):
+                layer.mlp.exchange(x)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, step: StepInfo, cache: KVCache) -> torch.Tensor:

@@ -22,6 +22,8 @@ the top-k choices), so a decode step multiplies only the chosen experts' weights
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,7 @@ from torch import nn
 from tp_runtime import sharding
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig, MoeConfig
-from tp_runtime.model.linear import FLOAT, LinearKinds
+from tp_runtime.model.linear import FLOAT, LinearKinds, linear_binding_problem
 from tp_runtime.model.step import StepInfo
 
 PREFILL, DECODE = 0, 1  # rows of a layer's routed-token counts
@@ -77,6 +79,21 @@ class Router(nn.Module):
         return route(F.linear(x.float(), self.weight), self.moe, self.correction_bias)
 
 
+def bind_swiglu(binder, gate_up_proj: nn.Module, inter_local: int, down):
+    """A SwiGLU MLP in the fused decode step: the gate|up GEMV into a buffer of its own,
+    SiLU(gate) * up (plus the merged bias) into the input of `down` (the bound down projection,
+    with or without its all-reduce), then `down`."""
+    gate_up = gate_up_proj.bind_decode(binder, binder.buffer(2 * inter_local))
+    silu_mul = partial(binder.lib.tp_silu_mul, binder.ptr(gate_up.out), binder.ptr(gate_up_proj.bias), binder.ptr(down.x), inter_local, int(down.x.dtype == torch.bfloat16), binder.mbf)
+
+    def run(nb: int) -> None:
+        gate_up(nb)
+        silu_mul(nb)
+        down(nb)
+
+    return binder.bound(gate_up.x, run)
+
+
 class ExpertMLP(nn.Module):
     """One SwiGLU expert (or this rank's slice of its features), without communication: its down
     projection's output is a partial sum that the MoE layer reduces once for all experts."""
@@ -91,6 +108,17 @@ class ExpertMLP(nn.Module):
         gate, up = self.gate_up_proj(x).split(self.inter_local, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
+    def fused_problem(self) -> str | None:
+        for m in (self.gate_up_proj, self.down_proj):
+            if why := linear_binding_problem(m):
+                return f"expert {why}"
+        return None
+
+    def bind_decode(self, binder, out: torch.Tensor):
+        """The expert on the first n rows of its own input buffer (`.x`), its partial output in
+        out[:n] (the MoE layer gathers rows in and weighs them out)."""
+        return bind_swiglu(binder, self.gate_up_proj, self.inter_local, self.down_proj.bind_decode(binder, out))
+
 
 class SparseMoe(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT) -> None:
@@ -102,11 +130,15 @@ class SparseMoe(nn.Module):
         lo, hi = sharding.expert_range(cfg, tp, rank)
         i_lo, i_hi = sharding.expert_intermediate_range(cfg, tp, rank)
         self.local_experts = range(lo, hi)
+        # --attention dp: this rank's tokens travel to their experts' ranks and back (all-to-all)
+        self.dispatch = moe.data_parallel and tp > 1
+        self.owner_sizes = [b - a for a, b in (sharding.expert_range(cfg, tp, r) for r in range(tp))] if self.dispatch else []
+        self.sites = tuple(f"layer.{layer}.{s}" for s in ("moe_counts", "moe_dispatch", "moe_combine"))
         # keyed by the global expert id, as the checkpoint names them
         self.experts = nn.ModuleDict({str(e): ExpertMLP(cfg.hidden_size, i_hi - i_lo, dtype, linears) for e in self.local_experts})
         self.shared = None
         if moe.shared_intermediate_size:
-            s_lo, s_hi = sharding.shared_expert_range(cfg, tp, rank)
+            s_lo, s_hi = sharding.shared_expert_range(cfg, *sharding.dense_split(cfg, tp, rank))
             self.shared = ExpertMLP(cfg.hidden_size, s_hi - s_lo, dtype, linears)
         self.shared_gate = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype), requires_grad=False) if moe.shared_expert_gate else None
         # tokens routed to each expert (every rank counts all of them alike), prefill and decode apart
@@ -117,17 +149,63 @@ class SparseMoe(nn.Module):
 
     def retarget(self, layer: int) -> None:
         self.site = f"layer.{layer}.mlp_out"
+        self.sites = tuple(f"layer.{layer}.{s}" for s in ("moe_counts", "moe_dispatch", "moe_combine"))
 
     def forward(self, x: torch.Tensor, step: StepInfo | None = None) -> torch.Tensor:
         # x: [batch, seq, hidden] -> [batch, seq, hidden] (complete: reduced over ranks)
         xf = x.reshape(-1, x.shape[-1])  # [n, hidden]
         real = None if step is None else step.real_rows  # a padded prefill batch: route real tokens only
         xr = xf if real is None else xf.index_select(0, real)
-        out = self._experts(xr, PREFILL if step is None or step.prefill else DECODE)
+        phase = PREFILL if step is None or step.prefill else DECODE
+        out = self.exchange(xr, phase) if self.dispatch else self._experts(xr, phase)
         if real is not None:
             out = torch.zeros_like(xf).index_copy_(0, real, out)
-        out = self.comm.all_reduce(out, site=self.site)  # experts' partial sums -> the layer's output
+        if not self.dispatch:
+            out = self.comm.all_reduce(out, site=self.site)  # experts' partial sums -> the layer's output
         return out.view_as(x)
+
+    def exchange(self, x: torch.Tensor, phase: int = DECODE) -> torch.Tensor:
+        """--attention dp: the layer's output for this rank's own tokens x [n, hidden] (n may be
+        0: a rank with nothing to run still takes its part in every all-to-all). Three
+        collectives: the per-expert token counts (to each rank, for its experts: a few bytes, so
+        its time is mostly waiting for the slowest rank), the tokens' hidden states to their
+        experts' ranks (dispatch), and the weighted-to-be outputs back (combine)."""
+        weights, ids = self.router(x)  # [n, k]
+        flat = ids.flatten()
+        counts = torch.bincount(flat, minlength=self.moe.num_experts)  # [E] this rank's choices per expert
+        self.routed[phase] += counts
+        order = torch.argsort(flat, stable=True)  # choices by expert: each destination's rows contiguous
+        rows_of = order // self.moe.top_k
+        world, mine = len(self.owner_sizes), len(self.local_experts)
+        c_site, d_site, b_site = self.sites
+        # counts[e] for each rank's own experts -> [world * mine]: from each source, per expert of mine
+        got = self.comm.all_to_all(counts, self.owner_sizes, [mine] * world, site=c_site).view(world, mine)
+        send = [int(c.sum()) for c in counts.split(self.owner_sizes)]
+        recv = got.sum(dim=1).tolist()
+        rows = self.comm.all_to_all(x.index_select(0, rows_of), send, recv, site=d_site)  # [sum(recv), hidden]
+        # rows arrive by source, then by expert within a source: each expert runs on its rows from every source
+        expert_of_row = torch.repeat_interleave(torch.arange(mine, device=x.device).repeat(world), got.flatten())
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        y = torch.empty_like(rows)
+        start = 0
+        for e, n in zip(self.local_experts, got.sum(dim=0).tolist()):
+            if n:
+                sel = by_expert[start : start + n]
+                y.index_copy_(0, sel, self.experts[str(e)](rows.index_select(0, sel)).to(y.dtype))
+                start += n
+        back = self.comm.all_to_all(y, recv, send, site=b_site)  # [n * k, hidden], in `order`'s order
+        out = torch.zeros_like(x)
+        out.index_add_(0, rows_of, (back.float() * weights.flatten()[order, None]).to(out.dtype))
+        return self._add_shared(x, out)
+
+    def _add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + the shared expert's output for x (this rank's slice of it; whole under dp)."""
+        if self.shared is not None:
+            y = self.shared(x)
+            if self.shared_gate is not None:
+                y = y * torch.sigmoid(F.linear(x, self.shared_gate))
+            out += y
+        return out
 
     def _experts(self, x: torch.Tensor, phase: int) -> torch.Tensor:
         """This rank's part of the layer for tokens x [n, hidden]: its experts' (or slices')
@@ -149,26 +227,69 @@ class SparseMoe(nn.Module):
             rows = rows_of[s : s + n]
             y = self.experts[str(e)](x.index_select(0, rows))  # [n_e, hidden] partial
             out.index_add_(0, rows, (y.float() * w_sorted[s : s + n, None]).to(out.dtype))
-        if self.shared is not None:
-            y = self.shared(x)
-            if self.shared_gate is not None:
-                y = y * torch.sigmoid(F.linear(x, self.shared_gate))
-            out += y
-        return out
+        return self._add_shared(x, out)
 
     def fused_problem(self) -> str | None:
-        return "a mixture-of-experts layer has no fused decode binding yet"
+        if self.dispatch:
+            return "a mixture-of-experts layer under --attention dp has no fused binding (its all-to-alls run eagerly)"
+        for m in [*self.experts.values(), *([self.shared] if self.shared is not None else [])]:
+            if why := m.fused_problem():
+                return f"MoE {why}"
+        return None
+
+    def bind_decode(self, binder):
+        """The layer in the fused decode step: its input buffer (float32) written by the norm;
+        per step the router and top-k in torch on those rows, each chosen local expert's bound
+        GEMVs on the rows routed to it (gathered into its own buffers), their weighted sum plus
+        the shared expert's into binder.h, and the one all-reduce. A step multiplies only the
+        chosen experts' weights."""
+        x, h = binder.buffer(self.router.weight.shape[1], torch.float32), binder.h
+        outs = {e: binder.buffer(h.shape[1]) for e in self.local_experts}  # each expert's partial output rows
+        bound = {e: self.experts[str(e)].bind_decode(binder, outs[e]) for e in self.local_experts}
+        shared_out = binder.buffer(h.shape[1])
+        shared = self.shared.bind_decode(binder, shared_out) if self.shared is not None else None
+        reduce = binder.all_reduce(h, self.site, None)
+        k, lo, hi = self.moe.top_k, self.local_experts.start, self.local_experts.stop
+
+        def run(nb: int) -> None:
+            xs, out = x[:nb], h[:nb]
+            weights, ids = self.router(xs)  # [nb, k]
+            flat = ids.flatten()
+            self.routed[DECODE] += torch.bincount(flat, minlength=self.moe.num_experts)
+            out.zero_()
+            for e in torch.unique(flat).tolist():
+                if not lo <= e < hi:
+                    continue
+                choice = (flat == e).nonzero().squeeze(1)  # its (token, slot) choices, by token
+                rows = choice // k
+                n = rows.numel()
+                expert = bound[e]
+                expert.x[:n].copy_(xs.index_select(0, rows))
+                expert(n)
+                out.index_add_(0, rows, (outs[e][:n].float() * weights.flatten()[choice, None]).to(out.dtype))
+            if shared is not None:
+                shared.x[:nb].copy_(xs)
+                shared(nb)
+                y = shared_out[:nb]
+                if self.shared_gate is not None:
+                    y = y * torch.sigmoid(F.linear(xs.to(y.dtype), self.shared_gate))
+                out += y
+            reduce(nb)
+
+        return binder.bound(x, run)
 
 
-def load_table(model: nn.Module, world: int) -> dict:
-    """The routed-token counts of every MoE layer of `model` (see LLM.expert_load)."""
+def load_table(model: nn.Module, world: int, counts: list | None = None) -> dict:
+    """The routed-token counts of every MoE layer of `model` (see LLM.expert_load); counts: the
+    group's, [prefill, decode] rows per MoE layer (--attention dp), instead of this rank's."""
     cfg = model.cfg
     layers = []
+    rows = iter(counts or ())
     for i, layer in enumerate(model.layers):
         mlp = getattr(layer, "mlp", None)
         if not isinstance(mlp, SparseMoe):
             continue
-        prefill, decode = (row.tolist() for row in mlp.routed)
+        prefill, decode = (next(rows), next(rows)) if counts else (row.tolist() for row in mlp.routed)
         total = [p + d for p, d in zip(prefill, decode)]
         per_rank = []
         for r in range(world):

@@ -16,6 +16,7 @@ MODEL_CLASSES = {
     "MixtralForCausalLM": LlamaForCausalLM,  # the MLP of every layer a SparseMoe (model/moe.py)
     "Qwen2MoeForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
+    "DeepseekV3ForCausalLM": LlamaForCausalLM,  # attention model/mla.py's MlaAttention, experts SparseMoe
 }
 
 

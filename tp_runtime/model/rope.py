@@ -1,4 +1,4 @@
-"""Rotary position embedding tables: default, linear and llama3 frequency scaling.
+"""Rotary position embedding tables: default, linear, llama3 and yarn frequency scaling.
 
 The table is computed once for max_seq_len positions in float32 (as transformers does) and
 indexed by position at every step, so each rank and each step see bit-identical angles.
@@ -36,7 +36,29 @@ def _scaled(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, blended, scaled)
+    if rope.rope_type == "yarn":
+        return _yarn(rope, head_dim)
     return inv_freq
+
+
+def _yarn(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """YaRN (transformers' _compute_yarn_parameters): frequencies that turn fewer than beta_slow
+    times over the original context are slowed down by `factor`, those turning more than
+    beta_fast times kept, the band between blended linearly by feature index."""
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+
+    def feature(rotations: float) -> float:  # the feature index whose frequency turns `rotations` times
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = feature(rope.beta_fast), feature(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # (transformers' guard against a zero-width band)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolated (kept), 0: interpolated (slowed down)
+    return 1.0 / (rope.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
 
 
 class RotaryTable(nn.Module):
@@ -51,8 +73,8 @@ class RotaryTable(nn.Module):
         pos = torch.arange(self.max_seq_len, dtype=torch.float32, device=self.cos.device)
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos.copy_(emb.cos())
-        self.sin.copy_(emb.sin())
+        self.cos.copy_(emb.cos() * self.rope.attention_factor)  # (1 but for yarn)
+        self.sin.copy_(emb.sin() * self.rope.attention_factor)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [batch, seq] -> cos, sin: [batch, 1, seq, head_dim] (broadcast over heads)
