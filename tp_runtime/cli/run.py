@@ -257,6 +257,10 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             )
             if args.comm_stats:
                 print(format_table(result["comm"]), file=sys.stderr if args.json else sys.stdout, flush=True)
+                if "experts" in result:
+                    from tp_runtime.model.moe import format_load
+
+                    print(format_load(result["experts"], result["comm"]), file=sys.stderr if args.json else sys.stdout, flush=True)
             if args.verbose:
                 from tp_runtime.engine.memory import format_memory
 

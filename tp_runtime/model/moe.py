@@ -299,3 +299,32 @@ def load_table(model: nn.Module, world: int, counts: list | None = None) -> dict
         layers.append({"layer": i, "prefill": prefill, "decode": decode, "rank_tokens": per_rank,
                        "imbalance": max(per_rank) / mean if mean else 1.0})
     return {"parallel": cfg.moe.parallel, "top_k": cfg.moe.top_k, "layers": layers}
+
+
+def format_load(table: dict, comm: dict | None = None) -> str:
+    """Aligned text of load_table's result: per MoE layer the tokens routed (prefill + decode),
+    the busiest expert's share, each rank's tokens and the imbalance (max / mean over ranks);
+    with the decode comm summary of an --attention dp run, the all-to-all time per token split
+    into waiting for the slowest rank (the counts exchange: a few bytes, so its time is the
+    wait) and transfer (dispatch + combine)."""
+    wait: dict[int, float] = {}
+    move: dict[int, float] = {}
+    steps = max((comm or {}).get("decode_steps", 0), 1)
+    for r in (comm or {}).get("sites", []):
+        parts = r["site"].split(".")
+        if len(parts) == 3 and parts[0] == "layer" and parts[2].startswith("moe_"):
+            into = wait if parts[2] == "moe_counts" else move
+            into[int(parts[1])] = into.get(int(parts[1]), 0.0) + (r["measured_s"] + r["injected_s"]) / steps
+    head = f"{'layer':>5} {'tokens':>8} {'top expert':>10} {'per-rank tokens':<24} {'imbalance':>9}"
+    if wait:
+        head += f" {'a2a wait us':>11} {'transfer us':>11}"
+    lines = [f"expert load (--moe {table['parallel']}, top-{table['top_k']}; tokens x top-k choices)", head, "-" * len(head)]
+    for row in table["layers"]:
+        total = [p + d for p, d in zip(row["prefill"], row["decode"])]
+        n = sum(total)
+        top = max(range(len(total)), key=total.__getitem__) if total else 0
+        line = f"{row['layer']:>5} {n:>8} {f'{top}: {total[top] / n:.0%}' if n else '-':>10} {' '.join(map(str, row['rank_tokens'])):<24} {row['imbalance']:>9.2f}"
+        if wait:
+            line += f" {wait.get(row['layer'], 0.0) * 1e6:>11.0f} {move.get(row['layer'], 0.0) * 1e6:>11.0f}"
+        lines.append(line)
+    return "\n".join(lines)
