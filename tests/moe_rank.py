@@ -41,12 +41,25 @@ def main() -> None:
                 counts = {op: comm.stats.count(op) for op in OPS}
                 decode = {op: comm.stats.count(op, phase="decode") for op in OPS}
                 sites = sorted({site for (phase, _, site) in comm.stats.by_key if phase == "decode"})
+                # every rank's bytes per destination of each all-to-all site over the whole run
+                # (prefill, decode, and the idle passes that meet them on a rank with nothing to
+                # run): [world][world], the sites from the config, so every rank reduces alike
+                pairs = {}
+                sparse = [i for i, s in enumerate(llm.cfg.moe.sparse_layers) if s] if mode == "dp" and parallel.world_size > 1 else []
+                for site in (f"layer.{i}.{k}" for i in sparse for k in ("moe_counts", "moe_dispatch", "moe_combine")):
+                    mine = torch.zeros(parallel.world_size, parallel.world_size, dtype=torch.float64)
+                    for phase in ("prefill", "decode", "idle"):
+                        st = comm.stats.by_key.get((phase, "all_to_all", site))
+                        if st is not None:
+                            mine[parallel.rank] += torch.tensor(st.to_rank, dtype=torch.float64)
+                    with comm.stats.in_phase("report"):
+                        pairs[site] = comm.all_reduce(mine, site="test.pairs").tolist()
                 read = torch.zeros(parallel.world_size, dtype=torch.float64)
                 read[parallel.rank] = llm.bytes_read
                 with comm.stats.in_phase("report"):
                     comm.all_reduce(read, site="test.bytes")
                 results[(model_dir, mode)] = {
-                    "logits": logits, "tokens": tokens, "counts": counts, "decode_counts": decode, "decode_sites": sites,
+                    "logits": logits, "tokens": tokens, "counts": counts, "decode_counts": decode, "decode_sites": sites, "pairs": pairs,
                     "decode_steps": llm.engine.last_stats.decode_steps, "layers": llm.cfg.num_layers,
                     "fused": llm.engine.fused_decode is not None, "bytes_read": read.tolist(), "experts": llm.expert_load(),
                 }

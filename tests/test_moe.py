@@ -144,6 +144,18 @@ def test_moe_models_match_transformers_in_both_modes(world, moe_checkpoints, tmp
                 # counts, dispatch and combine all-to-alls; nothing else (dense parts are whole)
                 want = {"all_reduce": 0, "all_gather": steps + 1, "all_to_all": 3 * sparse * steps}
                 assert {s.split(".")[-1] for s in got["decode_sites"] if s.startswith("layer.")} == {"moe_counts", "moe_dispatch", "moe_combine"}
+                # bytes per (source, destination) over the run: what one layer's dispatch sends,
+                # its combine brings back, in rows of hidden float32 values, one per routed choice
+                hidden_row = 4 * cfg.hidden_size
+                for i, is_sparse in enumerate(cfg.moe.sparse_layers):
+                    if not is_sparse:
+                        continue
+                    out_, back = got["pairs"][f"layer.{i}.moe_dispatch"], got["pairs"][f"layer.{i}.moe_combine"]
+                    assert [list(r) for r in zip(*out_)] == back, (where, i)  # combine = dispatch transposed
+                    assert all(v % hidden_row == 0 for r in out_ for v in r)
+                    total = sum(map(sum, out_)) // hidden_row  # rows = routed decode choices of every rank
+                    load = next(r for r in got["experts"]["layers"] if r["layer"] == i)
+                    assert total == sum(load["prefill"]) + sum(load["decode"]), (where, i)
             else:
                 # 2 all-reduces per block (attention out; the MoE layer's one combine, like the
                 # dense MLP's), 1 for the embedding (none where the fused step looks rows up

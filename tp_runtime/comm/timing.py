@@ -42,6 +42,7 @@ class SiteStats:
     measured: float = 0.0  # seconds, every call
     injected: float = 0.0
     latencies: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # the last WINDOW calls' seconds
+    to_rank: list[int] | None = None  # all_to_all: bytes this rank sent each destination (its own rows: to itself)
 
     def add(self, seconds: float) -> None:
         self.measured += seconds
@@ -88,6 +89,11 @@ class CommStats:
                 {"name": f"{op} {site}", "cat": "comm", "ph": "X", "ts": (start - self._t0) * 1e6, "dur": (seconds + injected) * 1e6,
                  "args": {"bytes": nbytes, "injected_us": injected * 1e6, "phase": self.phase}}
             )
+
+    def record_pairs(self, op: str, site: str, send_bytes: list[int]) -> None:
+        """An all_to_all's bytes per destination (after record(): the same site's counters)."""
+        s = self._site(op, site)
+        s.to_rank = [a + b for a, b in zip(s.to_rank, send_bytes)] if s.to_rank else list(send_bytes)
 
     def record_cuda(self, op: str, site: str, nbytes: int, start_event: Any, end_event: Any, injected: float) -> None:
         s = self._site(op, site)
@@ -149,6 +155,7 @@ class CommStats:
                 "p50_us": _percentile(lat, 0.5) * 1e6, "p90_us": _percentile(lat, 0.9) * 1e6, "p99_us": _percentile(lat, 0.99) * 1e6,
                 "measured_s": s.measured, "injected_s": s.injected,
                 "share_of_decode": s.seconds / decode_seconds if decode_seconds else 0.0,
+                **({"bytes_to_rank": list(s.to_rank)} if s.to_rank is not None else {}),
             })
         measured, injected = self.seconds("decode")
         pre_measured, pre_injected = self.seconds("prefill")
@@ -275,7 +282,9 @@ class TimedCommunicator:
         send, recv = check_splits(t, self.world_size, send_splits, recv_splits)  # a bad split: a clear error before any count
         row_bytes = _nbytes(t) // t.shape[0] if t.shape[0] else 0
         sent = (t.shape[0] - send[self.rank]) * row_bytes  # its own rows stay on this rank
-        return self._timed("all_to_all", site, sent, self.inner.all_to_all, t, send, recv, site=site)
+        out = self._timed("all_to_all", site, sent, self.inner.all_to_all, t, send, recv, site=site)
+        self.stats.record_pairs("all_to_all", site, [n * row_bytes for n in send])
+        return out
 
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
         nbytes = _nbytes(obj) if isinstance(obj, torch.Tensor) else 0
