@@ -181,6 +181,22 @@ def main() -> None:
                     (out / f"rank{rank}.json").write_text(json.dumps(result))
                     os._exit(0)  # the peer is gone or stuck: no orderly close
             comm.close()
+        elif scenario == "a2a_mismatch":
+            # rank 0 sends 2 rows each way and expects 2 back; rank 1 sends 1 to rank 0 and 3 to
+            # itself and expects as it sends: both disagree with the other's splits
+            signal.alarm(20)  # a mismatch must be named, never hang
+            comm = make(transport, parallel, ports, out)
+            send = [2, 2] if rank == 0 else [1, 3]
+            t0 = time.monotonic()
+            try:
+                comm.all_to_all(torch.ones(4, 3), send, send, site="test")
+                result["outcome"] = "done"
+            except Exception as e:
+                result["outcome"] = f"{type(e).__name__}: {e}"
+            result["seconds"] = time.monotonic() - t0
+            (out / f"rank{rank}.json").write_text(json.dumps(result))
+            time.sleep(1.0)  # the peer reads this rank's frames before they go (LINGER 0 drops queued ones at exit)
+            os._exit(0)  # the peers disagree: no orderly close
         elif scenario == "broadcast":
             comm = make("gloo", parallel, ports)
             shm, small = ShmCommunicator(comm), ShmCommunicator(comm, slot_bytes=4096)

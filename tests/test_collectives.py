@@ -16,6 +16,7 @@ from conftest import TESTS
 from tp_runtime.comm.local import LocalCommunicator
 from tp_runtime.communicator import check_splits
 from tp_runtime.launch.spawn import free_port, spawn
+from tp_runtime.errors import LaunchError
 
 
 def run_ranks(tmp_path, transport, scenario, world, env=None):
@@ -37,6 +38,24 @@ def test_all_to_all_with_uneven_and_zero_splits(tmp_path, transport, world):
         assert res["equal"], (r, res)
         if transport == "shm":
             assert res["mixed"]["ok"], (r, res)
+
+
+@pytest.mark.parametrize("transport", ["shm", "zmq", "gloo"])
+def test_all_to_all_split_sizes_that_disagree_fail_within_seconds(tmp_path, transport):
+    """Ranks whose split sizes disagree (a bug in a caller: the MoE dispatch derives its receive
+    sizes from the counts exchange) get an error naming the peer, never a hang. gloo checks only
+    that it does not receive more than expected: that rank aborts with gloo's message and the
+    launcher names it; the shared-memory and pyzmq transports name the disagreement on both."""
+    t0 = time.monotonic()
+    if transport == "gloo":
+        with pytest.raises(LaunchError, match="rank 1 failed"):
+            run_ranks(tmp_path, transport, "a2a_mismatch", 2)
+    else:
+        results, _ = run_ranks(tmp_path, transport, "a2a_mismatch", 2)
+        for r, res in enumerate(results):
+            assert res["outcome"].startswith("WorkerError") and "expected" in res["outcome"], (r, res)
+            assert res["seconds"] < 5, (r, res)
+    assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.parametrize("world", [2, 3])

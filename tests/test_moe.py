@@ -3,7 +3,7 @@ and ep, rank-local expert loading by byte count, exact collective counts, routed
 clear refusals.
 
 Tolerances: float32 logits within 1e-4 of transformers float32 (logits are O(1) by construction;
-routers scaled so that no decision is a near tie, hf_models.ROUTER_SCALE); 24 greedy tokens equal.
+routers scaled so that no decision is a near tie, hf_models.ROUTER_SCALE); 32 greedy tokens equal.
 """
 
 import json
@@ -21,7 +21,7 @@ from tp_runtime.launch.spawn import spawn
 from tp_runtime.model.moe import route
 
 PROMPTS = [[1, 17, 42, 7, 99], [1, *range(3, 19)], [1, 250, 3, 8, 5, 77, 31, 64, 2, 11, 13]]
-NEW_TOKENS = 24
+NEW_TOKENS = 32
 FP32_ATOL = 1e-4
 MODES = ("tp", "ep", "dp")  # --moe tp, --moe ep, --moe ep --attention dp
 
