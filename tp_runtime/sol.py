@@ -20,7 +20,8 @@ Weights and memory traffic
   steps). The embedding table is not read whole: a step reads one row per sequence. The LM head
   is read whole (with tied embeddings, the embedding table is read as the LM head).
 - Under tensor parallelism (TP) every weight matrix is split evenly over the p chips: the
-  bytes and FLOPs of the weights divide by p. Norm vectors (replicated in the runtime) are
+  bytes and FLOPs of the weights divide by p (but for the non-routed weights under
+  parallel="dp", see Mixture of experts). Norm vectors (replicated in the runtime) are
   counted as split too: they are < 0.01% of the bytes. Attention heads are not a limit on the
   weight split (a projection can be split on any dimension); they do limit the KV cache and the
   attention arithmetic, see below.
@@ -36,41 +37,72 @@ Weights and memory traffic
   qk_rope_head_dim) per layer. It splits over at most `heads` chips.
 - Matmul FLOPs are 2 per weight used per token.
 - Mixture of experts: at batch b the number of distinct routed experts a layer uses is
-  E x (1 - (1 - k/E)^b) (exactly k at batch 1; uniform routing).
-  * parallel="tp": every expert is split over all p chips (expert-internal TP); the busiest
-    chip reads (distinct experts)/p of the routed bytes, like a dense model.
-  * parallel="ep": whole experts are spread over the chips (E/p each; when p > E each expert
-    is itself split over p/E chips, whose partial sums ride in the combine). A chip reads
-    only the active experts it holds, and the active experts are placed as evenly as
-    possible (best case, not typical routing): the busiest chip reads max(a/p, min(1, E/p))
-    experts' bytes per MoE layer, where a is the number of distinct active experts. So
-    between k and E chips the routed read stops shrinking at one whole expert per layer.
-    Shared experts, dense layers and attention stay TP-split over all p chips. Routed FLOPs
-    on the busiest chip: 2 x expert_params x b x k x max(1/p, min(1, E/p)/a).
+  a = E x (1 - (1 - k/E)^b) (exactly k at batch 1; uniform routing). Three parallel modes, the
+  runtime's (RuntimeConfig(moe=..., attention=...), `--moe tp|ep --attention tp|dp`):
+  * parallel="tp" (`--moe tp`): every expert is split over all p chips (expert-internal TP); the
+    busiest chip reads a/p of the routed bytes, like a dense model.
+  * parallel="ep" (`--moe ep`, attention still TP): whole experts are spread over the chips (E/p
+    each; when p > E each expert is itself split over p/E chips: the model's extrapolation, the
+    runtime refuses more ranks than experts). A chip reads only the active experts it holds,
+    and the active experts are placed as evenly as possible (best case, not typical routing):
+    the busiest chip reads max(a/p, min(1, E/p)) experts' bytes per MoE layer. So between k and
+    E chips the routed read stops shrinking at one whole expert per layer. Shared experts,
+    dense layers and attention stay TP-split over all p chips. Routed FLOPs on the busiest
+    chip: 2 x expert_params x b x k x max(1/p, min(1, E/p)/a).
+  * parallel="dp" (`--moe ep --attention dp`, the DeepSeek / Kimi serving layout): every
+    non-routed weight (attention, embedding, LM head, dense MLPs, shared experts) is whole on
+    every chip and each chip runs its own sequences (the busiest ceil(b/p) of them): it reads
+    all of those weights, attends over its own sequences' KV cache with every head (nothing of
+    the cache or the attention arithmetic splits), and multiplies them for its ceil(b/p)
+    sequences. The routed experts are whole per chip as under "ep", reading and multiplying as
+    there for the whole group's b tokens (a from b, not from b/p). Stored per chip: every
+    non-routed weight, 1/p of the routed ones, the KV cache of its own sequences.
+  * Under this model "ep" never beats "tp" (the same collectives, never fewer bytes): what it
+    buys (whole-expert GEMMs instead of thin slices of every expert, which a real chip runs
+    far below its peak) is outside it. "dp" trades the whole non-routed read on every chip for
+    fewer collectives (3 per MoE layer + 1 against 2 per layer + 2): it wins where they
+    dominate.
+  * parallel="auto" (the default, and what `tp-bench sol` draws unless --parallel says
+    otherwise): "ep" for a MoE model, "tp" for a dense one. For Kimi K2.5's single-user figure
+    "ep" is the layout a low-latency deployment runs (attention TP, experts whole): "tp" reads
+    fewer bytes here only by slicing every expert into p pieces (one feature per chip at 2048
+    chips), a GEMM no chip runs near its peak; "dp" has every chip read all 21 GB of non-routed
+    weights for its one sequence (< 160 tok/s on an H100 whatever p). `tp-bench sol` prints
+    every mode's tokens/s beside the drawn one at each point.
   * Routed experts may be stored at their own precision (`expert_bytes_per_param`, e.g. the
     INT4 experts Kimi K2.5 ships); group-quantisation scales are not counted.
 
-Collectives (what this runtime issues; see tp_runtime/model/)
-- p = 1: none.
-- parallel="tp", per step: 1 all-reduce after the vocab-parallel embedding lookup ("embed"),
-  per layer 2 all-reduces (after o_proj "attn_out" and after down_proj "mlp_out"), and 1
-  all-gather of the vocab-parallel logits ("lm_head"). That is 2 x layers + 2 collectives;
-  2 x layers + 1 with `embedding_all_reduce=False` (every chip looks the token's row up in the
-  whole table itself: the runtime's fused CPU decode step reads it from the mapped checkpoint).
-- parallel="ep" (MoE): dense layers as TP; each MoE layer 1 all-reduce ("attn_out") plus a
-  dispatch and a combine all-to-all ("moe_dispatch", "moe_combine"); the TP-split shared
-  expert's partial sums ride in the combine. (After the attention all-reduce every chip already
-  holds the token, so a runtime could skip the dispatch; the model counts it, as the issue
-  asks.)
-- Bytes of each collective: one hidden vector per sequence (hidden x act_bytes x batch) for
-  the all-reduces and all-to-alls (for the all-to-alls this is the bytes per link: every chip
-  holds the token after the attention all-reduce, so each destination gets one copy from a
-  different sender), and the whole logit row (vocab x logit_bytes x batch; the runtime gathers
-  float32 logits) for the all-gather. It matters at small models and slow links.
+Collectives (what this runtime issues; see tp_runtime/model/ and tp_runtime/engine/engine.py)
+- p = 1: none (every mode).
+- parallel="tp" and "ep", per step: 1 all-reduce after the vocab-parallel embedding lookup
+  ("embed"), per layer 2 all-reduces (after o_proj "attn_out" and after the MLP "mlp_out": a
+  dense MLP's down_proj, or a MoE layer's combine of its experts' partial sums and the
+  TP-split shared expert), and 1 all-gather of the vocab-parallel logits ("lm_head"). That is
+  2 x layers + 2 collectives; 2 x layers + 1 with `embedding_all_reduce=False` (every chip looks
+  the token's row up in the whole table itself: the runtime's fused CPU decode step, dense or
+  MoE, reads it from the mapped checkpoint; the eager step all-reduces). The two modes differ
+  only in what a chip reads and multiplies, not in what it sends.
+- parallel="dp", per step: 1 all-gather ("dp.step": the chips agree how many forwards the
+  step takes; the runtime adds one more when every chip is done, not counted per step) and,
+  per MoE layer, 3 all-to-alls: "moe_counts" (each chip's per-expert token counts to the
+  experts' chips, int64), "moe_dispatch" (each routed token's hidden state to its expert's
+  chip) and "moe_combine" (the expert outputs back). No all-reduce, no logit all-gather (each
+  chip samples its own sequences from its whole LM head). A chip with no sequence still takes
+  part in every all-to-all (empty), so the counts do not depend on b.
+- Bytes of each collective (per link, what one chip sends): one hidden vector per sequence
+  (hidden x act_bytes x b) for the all-reduces; the whole logit row (vocab x logit_bytes x b;
+  the runtime gathers float32 logits) for the "lm_head" all-gather; under "dp", for the
+  dispatch and the combine, the busiest chip's routed rows that leave it: ceil(b/p) x k x
+  hidden x act_bytes x (p-1)/p (uniform routing: 1/p of them stay on the chip), for
+  "moe_counts" 8 x E x (p-1)/p and for "dp.step" 8 x p. It matters at small models and slow
+  links.
 - Time of one collective: steps x alpha + bytes / link_bandwidth. The bandwidth term is the
   message size over the link, the lower bound of every algorithm: ring's 2(p-1)/p factor and
   one-shot's (p-1)-fold fan-in (unless the switch reduces in-network, as NVLink SHARP does)
   are not charged. At batch 1 this term is small next to alpha on NVLink / InfiniBand.
+  `links={kind: Link}` gives one kind of collective its own alpha and bandwidth (e.g. the
+  all-to-all at this machine's measured figures, `tp-bench sol --a2a-link measured`); the
+  swept alpha then applies to the other kinds only.
 - Steps per algorithm, p > 1:
       all-reduce   ring 2(p-1)   tree 2 ceil(log2 p)   oneshot 1
       all-gather   ring  (p-1)   tree   ceil(log2 p)   oneshot 1
@@ -84,8 +116,9 @@ Collectives (what this runtime issues; see tp_runtime/model/)
 
 Capacity
 - shard_bytes = all stored weight bytes / p + the KV cache of `context_len` x batch positions
-  on the chip (split as above). A point fits when shard_bytes <= memory_bytes (no headroom for
-  activations or the runtime is reserved).
+  on the chip (split as above); under "dp" every non-routed weight whole + the routed ones / p +
+  the KV cache of the chip's own ceil(b/p) sequences. A point fits when shard_bytes <=
+  memory_bytes (no headroom for activations or the runtime is reserved).
 
 Presets carry their sources in comments. Calibrated presets (`tp-bench calibrate`) are JSON
 files in $XDG_CACHE_HOME/tp-runtime/presets (default ~/.cache/tp-runtime/presets); a file
@@ -107,7 +140,7 @@ if TYPE_CHECKING:  # annotation only: sol stays importable without building a co
     from tp_runtime.config import ModelConfig
 
 ALGORITHMS = ("ring", "tree", "oneshot")
-PARALLEL = ("tp", "ep")
+PARALLEL = ("tp", "ep", "dp")  # dp: --moe ep --attention dp
 KINDS = ("all_reduce", "all_gather", "all_to_all")
 
 GB = 1e9
@@ -224,19 +257,37 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, bytes_per_param: float | None = None, name: str | None = None) -> ModelShape:
-        """The shape of a checkpoint this runtime loads (Llama family, GQA, dense).
+        """The shape of a checkpoint this runtime loads: Llama family (GQA), mixture-of-experts
+        (Mixtral, Qwen-MoE: routed experts, a shared expert whose size is a whole number of
+        routed ones), MLA (DeepSeek-V3 / Kimi K2).
 
         Bytes per parameter: the given value, else the checkpoint dtype's (float32 4, 16-bit 2).
-        Biases (qwen2's qkv) are not counted, as in ModelConfig.num_params.
+        Biases (qwen2's qkv), a router's correction bias and a shared expert's gate vector are
+        not counted (ModelConfig.num_params counts the last two: E and hidden values a layer).
+        A MoE config's dense layers are counted as `dense_layers` wherever they sit (only their
+        number matters here). MLA's KV cache is counted as the latent the model describes; this
+        runtime caches each head's full key and value (docs/ARCHITECTURE.md), many times more.
         """
         if bytes_per_param is None:
             bytes_per_param = 4.0 if cfg.checkpoint_dtype == "float32" else 2.0
-        return cls.dense(
-            name or cfg.architecture,
-            layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+        kw: dict[str, Any] = {}
+        moe = cfg.moe
+        if moe is not None:
+            shared, rest = divmod(moe.shared_intermediate_size, moe.intermediate_size)
+            if rest:
+                raise ConfigError(f"{name or cfg.architecture}: a shared expert of {moe.shared_intermediate_size} features is not a whole number "
+                                  f"of routed experts ({moe.intermediate_size}); the speed-of-light model counts shared experts in those")
+            kw.update(experts=moe.num_experts, active_experts=moe.top_k, shared_experts=shared, expert_intermediate=moe.intermediate_size,
+                      dense_layers=sum(1 for sparse in moe.sparse_layers if not sparse))
+        mla = getattr(cfg, "mla", None)
+        if mla is not None:
+            kw.update(attention="mla", q_lora_rank=mla.q_lora_rank or 0, kv_lora_rank=mla.kv_lora_rank, qk_nope_head_dim=mla.qk_nope_head_dim,
+                      qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim)
+        return cls(
+            name=name or cfg.architecture, layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
             bytes_per_param=bytes_per_param, tie_word_embeddings=cfg.tie_word_embeddings,
-            source="ModelConfig",
+            source="ModelConfig", **kw,
         )
 
     # -- parameter counts ---------------------------------------------------------------------
@@ -583,7 +634,7 @@ def steps(kind: str, algorithm: str, p: int) -> int:
 class Collective:
     """`count` collectives of one kind at one site per decode step."""
 
-    site: str  # as the runtime tags them: embed, attn_out, mlp_out, moe_dispatch, moe_combine, lm_head
+    site: str  # as the runtime tags them (without "layer.N."): embed, attn_out, mlp_out, lm_head; dp.step, moe_counts, moe_dispatch, moe_combine
     kind: str
     count: int
     steps: int  # per collective
@@ -607,7 +658,7 @@ class Prediction:
     compute_s: float
     comm_s: float
     collectives_per_token: int
-    steps_per_token: int  # alpha-steps per decode step: comm_s = steps_per_token * alpha + bytes term
+    steps_per_token: int  # alpha-steps per decode step: comm_s = steps_per_token * alpha + bytes term (a kind given its own link: at its alpha)
     bytes_per_collective: float  # one hidden vector all-reduce (hidden x act_bytes x batch)
     comm_bytes_per_token: float
     bytes_per_chip: float  # read by the busiest chip per step
@@ -617,7 +668,15 @@ class Prediction:
     fits: bool
     bound: str  # "memory" | "compute" | "comm": the largest of the three terms
     tokens_per_s: float  # batch / seconds_per_token
+    dominant_collective: str = ""  # the kind of collective taking most of comm_s, with its share ("all_to_all 71%"); "" without any
     collectives: tuple[Collective, ...] = ()
+
+    def comm_by_kind(self) -> dict[str, float]:
+        """Seconds of comm_s per kind of collective (all_reduce, all_gather, all_to_all)."""
+        out: dict[str, float] = {}
+        for c in self.collectives:
+            out[c.kind] = out.get(c.kind, 0.0) + c.count * c.seconds
+        return out
 
     def row(self) -> dict[str, Any]:
         """Flat dict for CSV / JSON lines (the per-site breakdown left out)."""
@@ -629,13 +688,19 @@ class Prediction:
 CSV_COLUMNS = tuple(f.name for f in fields(Prediction) if f.name != "collectives")
 
 
+def modes_for(model: ModelShape) -> tuple[str, ...]:
+    """The parallel modes that apply to `model`: tp for a dense model, tp / ep / dp for MoE."""
+    return PARALLEL if model.is_moe else ("tp",)
+
+
 def resolve_parallel(model: ModelShape, parallel: str) -> str:
+    """`parallel` checked against `model`; "auto": ep for a MoE model, tp for a dense one."""
     if parallel == "auto":
         return "ep" if model.is_moe else "tp"
     if parallel not in PARALLEL:
         raise ConfigError(f"parallel mode {parallel!r} is not one of auto, {', '.join(PARALLEL)}")
-    if parallel == "ep" and not model.is_moe:
-        raise ConfigError(f"{model.name} has no experts: expert parallelism needs an MoE model (use --parallel tp)")
+    if parallel != "tp" and not model.is_moe:
+        raise ConfigError(f"{model.name} has no experts: {parallel} (experts whole per chip) needs an MoE model (use --parallel tp)")
     return parallel
 
 
@@ -653,44 +718,54 @@ def predict(
     act_bytes: float = 2.0,
     logit_bytes: float = 4.0,
     embedding_all_reduce: bool = True,
+    links: dict[str, Link] | None = None,
 ) -> Prediction:
     """Speed-of-light decode step of `model` on p chips of `hardware` joined by `link`.
 
-    alpha_s overrides link.alpha_s (the latency sweep); everything else is in the module
-    docstring.
+    alpha_s overrides link.alpha_s (the latency sweep); links={kind: Link} gives a kind of
+    collective its own alpha and bandwidth (alpha_s does not apply to it). Everything else is
+    in the module docstring.
     """
     if p < 1 or int(p) != p:
         raise ConfigError(f"chip count must be a positive integer, got {p}")
     if batch < 1 or context_len < 0:
         raise ConfigError(f"batch must be >= 1 and context_len >= 0, got batch {batch}, context_len {context_len}")
-    p = int(p)
     mode = resolve_parallel(model, parallel)
     alpha = link.alpha_s if alpha_s is None else alpha_s
     if alpha < 0:
         raise ConfigError(f"alpha must be >= 0, got {alpha}")
     steps("all_reduce", algorithm, 2)  # validates the algorithm name
-
+    for kind, own in (links or {}).items():
+        if kind not in KINDS:
+            raise ConfigError(f"links: {kind!r} is not a kind of collective ({', '.join(KINDS)})")
+        if own.alpha_s < 0 or own.bandwidth_Bps <= 0:
+            raise ConfigError(f"links[{kind!r}] ({own.name}): alpha must be >= 0 and bandwidth > 0")
+    links = links or {}
+    p = int(p)
+    dp = mode == "dp"
+    local = -(-batch // p) if dp else batch  # sequences on the busiest chip
+    split = 1 if dp else p  # chips the non-routed weights are split over
     # --- memory and compute on the busiest chip
-    kv_split = min(p, model.kv_max_shards)
-    kv = model.kv_bytes_total(context_len, batch) / kv_split
-    nonrouted = model.nonrouted_read_bytes(batch) / p
+    kv_split = 1 if dp else min(p, model.kv_max_shards)
+    kv = model.kv_bytes_total(context_len, local) / kv_split
+    nonrouted = model.nonrouted_read_bytes(local) / split
     routed_one = model.expert_params * model.expert_bpp  # bytes of one expert
-    a = model.distinct_experts(batch)
+    a = model.distinct_experts(batch)  # the group's tokens reach the experts, under dp too
     e, k = model.experts, model.active_experts
     if not model.is_moe:
         routed_bytes = routed_flops = 0.0
     elif mode == "tp" or p == 1:
         routed_bytes = model.moe_layers * a * routed_one / p
         routed_flops = 2.0 * model.moe_layers * model.expert_params * batch * k / p
-    else:  # ep: whole experts (or slices when p > E) on chips; a chip reads its active ones
+    else:  # ep, dp: whole experts (or slices when p > E) on chips; a chip reads its active ones
         held = min(1.0, e / p)
         routed_bytes = model.moe_layers * routed_one * max(a / p, held)
         routed_flops = 2.0 * model.moe_layers * model.expert_params * batch * k * max(1.0 / p, held / a)
     bytes_per_chip = nonrouted + routed_bytes + kv
     flops_per_chip = (
-        2.0 * batch * model.nonrouted_matmul_params() / p
+        2.0 * local * model.nonrouted_matmul_params() / split
         + routed_flops
-        + model.attention_flops(context_len, batch) / min(p, model.heads)
+        + model.attention_flops(context_len, local) / (1 if dp else min(p, model.heads))
     )
     memory_s = bytes_per_chip / hardware.mem_bandwidth_Bps
     compute_s = flops_per_chip / hardware.peak_flops
@@ -698,32 +773,43 @@ def predict(
     # --- collectives of one step
     vec = model.hidden * act_bytes * batch
     plan: list[tuple[str, str, int, float]] = []  # site, kind, count, bytes
-    if p > 1:
+    if p > 1 and dp:
+        leave = (p - 1) / p
+        rows = local * k * model.hidden * act_bytes * leave
+        plan += [
+            ("dp.step", "all_gather", 1, 8.0 * p),
+            ("moe_counts", "all_to_all", model.moe_layers, 8.0 * e * leave),
+            ("moe_dispatch", "all_to_all", model.moe_layers, rows),
+            ("moe_combine", "all_to_all", model.moe_layers, rows),
+        ]
+    elif p > 1:  # tp, ep: the dense TP collectives
         if embedding_all_reduce:
             plan.append(("embed", "all_reduce", 1, vec))
-        if mode == "tp":
-            plan += [("attn_out", "all_reduce", model.layers, vec), ("mlp_out", "all_reduce", model.layers, vec)]
-        else:
-            plan += [
-                ("attn_out", "all_reduce", model.layers, vec),
-                ("mlp_out", "all_reduce", model.dense_layers, vec),
-                ("moe_dispatch", "all_to_all", model.moe_layers, vec),
-                ("moe_combine", "all_to_all", model.moe_layers, vec),
-            ]
+        plan += [("attn_out", "all_reduce", model.layers, vec), ("mlp_out", "all_reduce", model.layers, vec)]
         plan.append(("lm_head", "all_gather", 1, model.vocab * logit_bytes * batch))
-    bw = link.bandwidth_Bps
     collectives = []
     for site, kind, count, nbytes in plan:
         if count == 0:
             continue
+        own = links.get(kind)
+        a_k, bw = (own.alpha_s, own.bandwidth_Bps) if own is not None else (alpha, link.bandwidth_Bps)
         s = steps(kind, algorithm, p)
-        t = s * alpha + (nbytes / bw if bw != math.inf else 0.0)
+        t = s * a_k + (nbytes / bw if bw != math.inf else 0.0)
         collectives.append(Collective(site, kind, count, s, nbytes, t))
     comm_s = sum(c.count * c.seconds for c in collectives)
+    by_kind: dict[str, float] = {}
+    for c in collectives:
+        by_kind[c.kind] = by_kind.get(c.kind, 0.0) + c.count * c.seconds
+    top = max(by_kind, key=by_kind.__getitem__) if comm_s > 0 else ""
+    dominant = f"{top} {by_kind[top] / comm_s:.0%}" if top else ""
 
     seconds = max(memory_s, compute_s) + comm_s
     terms = {"memory": memory_s, "compute": compute_s, "comm": comm_s}
-    shard = model.weight_bytes / p + model.kv_bytes_total(context_len, batch) / kv_split
+    if dp:
+        routed_stored = model.routed_params * model.expert_bpp
+        shard = model.weight_bytes - routed_stored + routed_stored / p + model.kv_bytes_total(context_len, local)
+    else:
+        shard = model.weight_bytes / p + model.kv_bytes_total(context_len, batch) / kv_split
     return Prediction(
         model=model.name, hardware=hardware.name, link=link.name, p=p, algorithm=algorithm, parallel=mode,
         alpha_s=alpha, context_len=context_len, batch=batch,
@@ -736,6 +822,7 @@ def predict(
         shard_bytes=shard, memory_bytes=hardware.memory_bytes, fits=shard <= hardware.memory_bytes,
         bound=max(terms, key=terms.__getitem__),
         tokens_per_s=batch / seconds if seconds > 0 else math.inf,
+        dominant_collective=dominant,
         collectives=tuple(collectives),
     )
 

@@ -90,7 +90,13 @@ def _add_sol(p: argparse.ArgumentParser) -> None:
         "(default tree, the latency-optimal choice of NCCL-like libraries at scale; with oneshot nothing grows with p, "
         "so every curve peaks at the largest chip count)",
     )
-    p.add_argument("--parallel", choices=("auto", *sol.PARALLEL), default="auto", help="tp, or ep (experts spread whole over chips); auto: ep for MoE models")
+    p.add_argument("--parallel", choices=("auto", *sol.PARALLEL), default="auto",
+                   help="tp (--moe tp: every expert sliced), ep (--moe ep: experts whole per chip, attention TP), dp (--moe ep --attention dp: "
+                        "attention whole per chip, its own sequences, experts over all-to-all); auto: ep for MoE models, tp for dense")
+    p.add_argument("--a2a-link", default=None, metavar="NAME|measured",
+                   help="the all-to-all's alpha and bandwidth from this link preset instead of --link/--alpha; 'measured': this machine's, "
+                        "from the newest sweep calibration (`tp-bench sweep`, `tp-bench calibrate --ranks`; its 2-rank all-to-all where measured). "
+                        "Only --parallel dp issues all-to-alls")
     p.add_argument("--context", type=int, default=4096, help="cached positions each decode step attends to (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences per decode step (default 1: a single user)")
     p.add_argument("--out", type=Path, default=None, help="folder for sol.csv and sol.png (omit: tables only)")
@@ -101,14 +107,24 @@ def run_sol(args: argparse.Namespace) -> int:
     hw = sol.load_hardware(args.hardware)
     link = sol.load_link(args.link)
     alphas = args.alpha or [link.alpha_s]
-    kw = dict(algorithm=args.algorithm, context_len=args.context, batch=args.batch, parallel=args.parallel)
+    a2a = None
+    if args.a2a_link is not None:
+        if args.a2a_link == "measured":
+            from tp_runtime.cli.sweep import measured_a2a_link
+
+            a2a = measured_a2a_link()
+        else:
+            a2a = sol.load_link(args.a2a_link)
+    kw = dict(algorithm=args.algorithm, context_len=args.context, batch=args.batch, parallel=args.parallel, links={"all_to_all": a2a} if a2a else None)
     curves = sol.sweep(model, hw, link, args.chips, alphas, **kw)
-    roof = sol.sweep(model, hw, sol.Link("no latency", 0.0, link.bandwidth_Bps), args.chips, [0.0], **kw)[0.0]
+    roof = sol.sweep(model, hw, sol.Link("no latency", 0.0, link.bandwidth_Bps), args.chips, [0.0], **dict(kw, links=None))[0.0]  # (every kind at alpha 0)
     mode = next(iter(curves.values()))[0].parallel
 
     print(model.summary())
     print(f"{hw.name}: {hw.mem_bandwidth_Bps / 1e12:.3g} TB/s, {hw.peak_flops / 1e12:.3g} TFLOP/s, {hw.memory_bytes / 1e9:.3g} GB  [{hw.source}]")
     print(f"{link.name}: {link.bandwidth_Bps / 1e9:.3g} GB/s, alpha {units.format_duration(link.alpha_s)}  [{link.source}]")
+    if a2a is not None:
+        print(f"all-to-all over {a2a.name}: {a2a.bandwidth_Bps / 1e9:.3g} GB/s, alpha {units.format_duration(a2a.alpha_s)} (every curve)  [{a2a.source}]")
     print(f"{mode.upper()}, {args.algorithm} collectives, context {args.context}, batch {args.batch}\n")
 
     rows = []
@@ -140,6 +156,11 @@ def run_sol(args: argparse.Namespace) -> int:
             ])
         print(_table(["alpha", "k", "fixed chips", "comm share", "holds", "at best(hi)", "re-optimised", "holds"], srows))
 
+    print("\nPer point (the drawn mode's figures; every mode's tokens/s; comm: which kind of collective takes most of it):")
+    print(_table(*per_point_table(model, hw, link, args.chips, curves, kw)))
+    if model.is_moe:
+        print("(* the mode's shard does not fit)")
+
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         csv_path = args.out / "sol.csv"
@@ -150,12 +171,30 @@ def run_sol(args: argparse.Namespace) -> int:
                 for q in preds:
                     w.writerow(q.row())
         png_path = args.out / "sol.png"
-        drawn = plot_sol(curves, roof, model, hw, link, args, png_path)
+        drawn = plot_sol(curves, roof, model, hw, link, args, png_path, a2a)
         print(f"\nwrote {csv_path}" + (f" and {png_path}" if drawn else ""))
     return 0
 
 
-def plot_sol(curves: dict[float, list[sol.Prediction]], roof: list[sol.Prediction], model: sol.ModelShape, hw: sol.Hardware, link: sol.Link, args: argparse.Namespace, path: Path) -> bool:
+def per_point_table(model: sol.ModelShape, hw: sol.Hardware, link: sol.Link, chips: list[int], curves: dict[float, list[sol.Prediction]],
+                    kw: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    modes = sol.modes_for(model)
+    header = ["alpha", "chips", "mode", "tok/s", "fits", "bound", "comm share", "comm: dominant"] + ([f"{m} tok/s" for m in modes] if len(modes) > 1 else [])
+    rows = []
+    for alpha, preds in curves.items():
+        for q in preds:
+            row = [units.format_duration(alpha), str(q.p), q.parallel, f"{q.tokens_per_s:,.0f}", "yes" if q.fits else "no", q.bound,
+                   f"{q.comm_s / q.seconds_per_token:.0%}", q.dominant_collective or "-"]
+            if len(modes) > 1:
+                for m in modes:
+                    other = q if m == q.parallel else sol.predict(model, hw, link, q.p, alpha_s=alpha, **dict(kw, parallel=m))
+                    row.append(f"{other.tokens_per_s:,.0f}" + ("" if other.fits else "*"))
+            rows.append(row)
+    return header, rows
+
+
+def plot_sol(curves: dict[float, list[sol.Prediction]], roof: list[sol.Prediction], model: sol.ModelShape, hw: sol.Hardware, link: sol.Link, args: argparse.Namespace, path: Path,
+             a2a: sol.Link | None = None) -> bool:
     plt = optional.pyplot(path.name)
     if plt is None:
         return False
@@ -203,7 +242,8 @@ def plot_sol(curves: dict[float, list[sol.Prediction]], roof: list[sol.Predictio
     mode = next(iter(curves.values()))[0].parallel.upper()
     ax.set_title(
         f"{model.name} on {hw.name} + {link.name} ({link.bandwidth_Bps / 1e9:.3g} GB/s): tokens/s vs chips\n"
-        f"{mode}, {args.algorithm} collectives, context {args.context}; speed-of-light model (tp_runtime.sol)",
+        f"{mode}, {args.algorithm} collectives, context {args.context}; speed-of-light model (tp_runtime.sol)"
+        + (f"\nall-to-all at {a2a.name}: alpha {units.format_duration(a2a.alpha_s)}, {a2a.bandwidth_Bps / 1e9:.3g} GB/s (every curve)" if a2a else ""),
         fontsize=10,
     )
     ax.grid(True, which="major", color="0.85", lw=0.8)
