@@ -140,6 +140,151 @@ def test_shard_bytes_int8_real_cpu_model():
         assert lin.scales.shape == (lin.qweight.shape[0],)
 
 
+# mixture-of-experts shapes: every layer MoE (Mixtral); a shared expert with its gate and a dense
+# layer between MoE ones (Qwen2-MoE's mlp_only_layers); MLA with a dense first layer, grouped
+# routing with the correction bias (DeepSeek-V3). Expert intermediate sizes no tp divides.
+MOE_RAWS = {
+    "mixtral": make_raw(4, 2, layers=2, inter=10, architecture="MixtralForCausalLM", num_local_experts=5, num_experts_per_tok=2),
+    "qwen2_moe": make_raw(4, 2, layers=3, inter=37, architecture="Qwen2MoeForCausalLM", num_experts=5, num_experts_per_tok=2,
+                          moe_intermediate_size=11, shared_expert_intermediate_size=14, mlp_only_layers=[1]),
+    "deepseek_v3": make_raw(4, 4, layers=3, inter=37, architecture="DeepseekV3ForCausalLM", q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=4,
+                            qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=7,
+                            n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1),
+}
+MOE_SPLITS = {"tp": dict(moe="tp"), "ep": dict(moe="ep"), "dp": dict(moe="ep", attention="dp")}
+
+
+def moe_cfg(name: str, split: str, layers: int | None = None) -> ModelConfig:
+    from tp_runtime.config import RuntimeConfig
+
+    raw = dict(MOE_RAWS[name], **({"num_hidden_layers": layers} if layers else {}))
+    return RuntimeConfig(**MOE_SPLITS[split]).split_config(ModelConfig.from_dict(raw))
+
+
+def build_meta_moe(cfg: ModelConfig, tp: int, rank: int, dtype: str, quantize: str | None = None):
+    """build_meta for any split: --attention dp gives the dense parts a world of 1."""
+    comm = SimpleNamespace(rank=rank, world_size=tp)
+    dense = SimpleNamespace(rank=0, world_size=1) if cfg.moe.data_parallel else None
+    with torch.device("meta"):
+        return model_class(cfg)(cfg, comm, TORCH_DTYPES[dtype], 16, linear_kinds(quantize), dense_comm=dense)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("split", list(MOE_SPLITS))
+@pytest.mark.parametrize("name", list(MOE_RAWS))
+def test_shard_bytes_equal_real_parameters_moe(name, split, quantize):
+    """A MoE layer's bytes, and of them its routed experts' (what streams first), exact against
+    the meta-built shard at tp 1-3 (ep: uneven expert counts; tp: uneven expert slices)."""
+    cfg = moe_cfg(name, split)
+    for tp in (1, 2, 3):
+        for rank in range(tp):
+            s = placement.shard_bytes(cfg, tp, rank, "bfloat16", 16, 2, quantize=quantize)
+            model = build_meta_moe(cfg, tp, rank, "bfloat16", quantize)
+            where = (tp, rank)
+            assert list(s.layers) == [module_bytes(layer) for layer in model.layers], where
+            experts = [module_bytes(layer.mlp.experts) if cfg.moe.sparse_layers[i] else 0 for i, layer in enumerate(model.layers)]
+            assert list(s.experts) == experts and any(experts), where
+            moe_layer = model.layers[cfg.moe.sparse_layers.index(True)]
+            assert s.local_experts == len(moe_layer.mlp.experts) and s.one_expert == module_bytes(next(iter(moe_layer.mlp.experts.values()))), where
+            assert [s.core(i) for i in range(cfg.num_layers)] == [module_bytes(layer) - x for layer, x in zip(model.layers, experts)]
+            assert s.weights == sum(module_bytes(m) for m in (model.embed_tokens, model.norm, *model.layers)) + (0 if cfg.tie_word_embeddings else nbytes(model.lm_head.weight))
+
+
+def _staging_bytes(model, plan, device_type: str) -> int:
+    """What engine/offload.py builds for `plan`: a staging layer per kind (experts left out), and
+    the staging experts; built on meta, summed."""
+    from tp_runtime.checkpoint.layer_state import weight_tensors
+    from tp_runtime.model.offload import build_expert_staging, build_staging
+
+    kinds = placement.layer_kinds(model.cfg)
+    count = 2 if device_type == "cuda" else 1
+    mods = [m for k in plan.staging_kinds for m in build_staging(model.make_layer, count, torch.device("meta"), kinds.index(k))]
+    if plan.experts_streamed:
+        mods += build_expert_staging(model.make_layer, plan.experts_streamed[0], plan.staged_experts, torch.device("meta"))
+    return sum(nbytes(t) for m in mods for t in weight_tensors(m).values())
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("split, tp", [("tp", 1), ("ep", 2), ("tp", 3), ("dp", 2)])
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+def test_plan_streams_experts_before_layers(name, split, tp, device_type):
+    """Between the total and the minimum, on every rank: first the routed experts of the last
+    MoE layers leave the fastest tier (every core stays), the most MoE layers' experts kept that
+    fit; only with every layer's experts out do whole layers (their cores) stream. Every byte
+    count is the meta-built model's: what stays resident, what streams, the staging."""
+    cfg = moe_cfg(name, split, layers=6)
+    moe_layers = [i for i, sparse in enumerate(cfg.moe.sparse_layers) if sparse]
+    fast = "host" if device_type == "cpu" else "device"
+    for rank in range(tp):
+        s = placement.shard_bytes(cfg, tp, rank, "float32", SEQ, BATCH)
+        full = build_meta_moe(cfg, tp, rank, "float32")
+        staging: dict = {}
+        # a layer stripped of its experts holds what its module holds less its experts' module
+        stripped = build_meta_moe(cfg, tp, rank, "float32")
+        for i in moe_layers:
+            stripped.layers[i].mlp.stream_experts(None)
+        layer_bytes = [module_bytes(layer) for layer in full.layers]
+        expert_bytes = [layer_bytes[i] - module_bytes(stripped.layers[i]) for i in range(cfg.num_layers)]
+        assert expert_bytes == [module_bytes(full.layers[i].mlp.experts) if i in moe_layers else 0 for i in range(cfg.num_layers)]
+        stage = min(cfg.moe.top_k, s.local_experts) * s.one_expert
+        cores = sum(s.core(i) for i in range(cfg.num_layers))
+        total = _fixed(s) + sum(s.layers)
+        low = _fixed(s) + stage
+        caps = {total - 1, low + cores + s.experts[moe_layers[0]], low + cores, low + cores - 1}
+        caps |= {low + (total - low) * f // 12 for f in range(12)}
+        phases = set()
+        for cap in sorted(caps):
+            tiers = cpu_tiers(cap) if device_type == "cpu" else gpu_tiers(cap, total)
+            try:
+                p = placement.plan_rank(cfg, tp, rank, "float32", SEQ, BATCH, device_type, tiers)
+            except PlacementError:
+                continue
+            where = (rank, cap)
+            assert p.used(fast) <= cap, where
+            out = p.experts_streamed
+            assert out == moe_layers[len(moe_layers) - len(out):], where  # the last MoE layers' experts leave first
+            assert p.staged_experts == min(cfg.moe.top_k, s.local_experts)
+            if p.streamed:  # whole layers only once every layer's experts are out
+                phases.add("whole")
+                assert out == moe_layers, where
+                assert set(p.staging_kinds) >= {placement.layer_kinds(cfg)[i] for i in p.streamed}
+            else:
+                phases.add("experts")
+                assert p.staging_kinds == () and p.fixed["staging"] == stage, where
+                # the most MoE layers' experts kept: one more would not fit
+                if out:
+                    assert p.used(fast) + s.experts[out[0]] > cap, where
+            # the split, in the meta-built model's bytes: resident layers (experts left out where
+            # they stream) + fixed = used; the streamed tiers hold the cores and experts it left out
+            resident = sum(layer_bytes[i] - (expert_bytes[i] if i in out else 0) for i in range(cfg.num_layers) if i not in p.streamed)
+            assert resident == p.layer_bytes_on(fast), where
+            assert sum(expert_bytes[i] for i in out) == sum(p.expert_bytes_on(t.name) for t in p.tiers[1:]) == sum(s.experts[i] for i in out), where
+            key = (p.staging_kinds, bool(out))
+            staging.setdefault(key, _staging_bytes(full, p, device_type))
+            assert p.fixed["staging"] == staging[key], where
+            assert sum(p.layer_bytes_on(t.name) for t in p.tiers) == sum(s.layers), where
+            rows = placement.plan_rows(p)
+            assert sum(r["num_expert_layers"] for r in rows) == len(moe_layers) and sum(r["expert_bytes"] for r in rows) == sum(s.experts)
+        assert phases == {"experts", "whole"}, (rank, caps)
+
+
+def test_plan_text_names_the_streamed_experts():
+    cfg = moe_cfg("qwen2_moe", "ep")
+    s = placement.shard_bytes(cfg, 2, 0, "float32", SEQ, BATCH)
+    cap = _fixed(s) + min(cfg.moe.top_k, s.local_experts) * s.one_expert + sum(s.core(i) for i in range(cfg.num_layers)) + s.experts[0]
+    p = placement.plan_rank(cfg, 2, 0, "float32", SEQ, BATCH, "cpu", cpu_tiers(cap))
+    assert p.streamed == [] and p.experts_streamed == [2]
+    text = placement.format_plan([p])
+    assert "experts" in text.splitlines()[0] and "routed experts streamed: 1 of 2 MoE layers' (2, " in text
+    host, disk = placement.plan_rows(p)
+    assert (host["layers"], host["expert_layers"], disk["layers"], disk["expert_layers"]) == ("0-2", "0", "-", "2")
+    assert disk["expert_bytes"] == s.experts[2] == p.disk_read_bytes
+    # a decode step reads top-k of a streamed layer's experts: faster than reading them all
+    assert p.expert_share == cfg.moe.top_k * BATCH / cfg.moe.num_experts < 1
+    everything = placement.RankPlan(0, 2, "cpu", s, p.tiers, p.layer_tier, p.fixed, expert_tier=p.expert_tier)
+    assert p.decode_seconds(page_cache=False) < everything.decode_seconds(page_cache=False)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("case", SHARD_CASES, ids=case_id)
 def test_kv_cache_bytes_equal_kvcache(case, dtype):

@@ -9,6 +9,13 @@ device_map="auto").
 
 On a CPU the fastest tier *is* host RAM: the tiers are "host" (resident: loaded once) and
 "disk" (streamed: read from the mmap'd file on every use, the page cache allowed).
+
+A mixture-of-experts model streams its routed experts first (llama.cpp's --n-cpu-moe habit):
+when the fastest tier cannot hold everything, the experts of whole MoE layers leave it, from
+the last MoE layer back, while attention, norms, routers, shared experts and dense MLPs (a
+layer's "core") stay; a forward then reads only the experts its tokens chose (top-k of them at
+batch 1) into a few staging experts. Only when every layer's experts are out and the cores
+still do not fit do whole layers (their cores) stream as well.
 """
 
 from __future__ import annotations
@@ -60,16 +67,36 @@ class Tier:
 class ShardBytes:
     """Byte counts of one rank's shard, before anything is allocated."""
 
-    layers: tuple[int, ...]  # weights of each decoder layer on this rank
+    layers: tuple[int, ...]  # weights of each decoder layer on this rank (its routed experts included)
     embedding: int
     lm_head: int  # 0 when tied to the embedding
     norm: int
     kv_cache: int
     activations: int
+    experts: tuple[int, ...] = ()  # of each layer's bytes, its routed experts' on this rank (0: a dense layer)
+    local_experts: int = 0  # routed experts this rank holds (whole under ep, a slice of each under tp) per MoE layer
 
     @property
     def weights(self) -> int:
         return sum(self.layers) + self.embedding + self.lm_head + self.norm
+
+    def expert_bytes(self, i: int) -> int:
+        return self.experts[i] if self.experts else 0
+
+    def core(self, i: int) -> int:
+        """Layer i without its routed experts: attention, norms, router, shared expert, dense MLP."""
+        return self.layers[i] - self.expert_bytes(i)
+
+    @property
+    def one_expert(self) -> int:
+        """The bytes of one routed expert (or this rank's slice of one); all are alike."""
+        return max(self.experts, default=0) // self.local_experts if self.local_experts else 0
+
+
+def layer_kinds(cfg: ModelConfig) -> list[str]:
+    """Each decoder layer's structure, "moe" (routed experts) or "dense": a staging layer holds
+    a streamed layer of its own kind (Qwen2-MoE's mlp_only_layers, DeepSeek's first dense ones)."""
+    return ["moe" if cfg.moe is not None and cfg.moe.sparse_layers[i] else "dense" for i in range(cfg.num_layers)]
 
 
 def _param_bytes(shape: tuple[int, ...], dtype_bytes: int, quantize: str | None = None) -> int:
@@ -99,6 +126,7 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
     float32 values instead."""
     nb = DTYPE_BYTES[dtype]
     layers = [0] * cfg.num_layers
+    experts = [0] * cfg.num_layers
     embedding = lm_head = norm = 0
     vocab_rows = sharding.vocab_shard_padded(cfg, sharding.dense_split(cfg, tp, rank)[0])
     for e in held_by(expected_tensors(cfg), cfg, tp, rank):
@@ -109,12 +137,15 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
             if stored is not None:
                 block, block_bytes = stored
                 aligned = spec.dim != 1 or (spec.start % block == 0 and spec.stop % block == 0)
-                layers[e.layer] += shape[0] * shape[1] // block * block_bytes if aligned else shape[0] * shape[1] * 4
+                n = shape[0] * shape[1] // block * block_bytes if aligned else shape[0] * shape[1] * 4
             elif e.role in ("router", "router_bias"):  # float32 whatever the dtype (model/moe.py Router)
-                layers[e.layer] += _param_bytes(tuple(shape), 4)
+                n = _param_bytes(tuple(shape), 4)
             else:
                 quantized = e.kind == "weight" and e.role.endswith("_proj")
-                layers[e.layer] += _param_bytes(tuple(shape), nb, quantize if quantized else None)
+                n = _param_bytes(tuple(shape), nb, quantize if quantized else None)
+            layers[e.layer] += n
+            if e.expert is not None:
+                experts[e.layer] += n
         elif e.target in ("embed_tokens.weight", "lm_head.weight"):
             stored = (blocks or {}).get(e.hf_name)  # padded to the largest shard either way
             size = vocab_rows * cfg.hidden_size // stored[0] * stored[1] if stored else vocab_rows * cfg.hidden_size * nb
@@ -134,7 +165,11 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
     per_token = (3 * cfg.hidden_size + (heads.num_q_local + 2 * heads.num_kv_local) * hd + heads.num_q_local * hd + 3 * (hi - lo)) * nb
     logits = 2 * max_batch * vocab_rows * dense[0] * 4
     activations = max_batch * max_seq_len * per_token + logits
-    return ShardBytes(tuple(layers), embedding, lm_head, norm, kv_cache, activations)
+    local_experts = 0
+    if cfg.moe is not None:
+        lo, hi = sharding.expert_range(cfg, tp, rank)
+        local_experts = hi - lo
+    return ShardBytes(tuple(layers), embedding, lm_head, norm, kv_cache, activations, tuple(experts), local_experts)
 
 
 @dataclass
@@ -144,10 +179,18 @@ class RankPlan:
     device_type: str  # "cuda" | "cpu"
     sizes: ShardBytes
     tiers: list[Tier]
-    layer_tier: list[str]  # per decoder layer: the tier it lives in
+    layer_tier: list[str]  # per decoder layer: the tier its core lives in (the whole layer, for a dense one)
     fixed: dict[str, int] = field(default_factory=dict)  # FIXED_ITEMS -> bytes in tiers[0]
-    host_staging: int = 0  # GPU with disk layers: a pinned host buffer of one layer
+    host_staging: int = 0  # GPU with disk layers: a pinned host buffer of one layer (per layer kind staged)
     disk_scale: float = 1.0  # bytes a disk layer reads per byte it holds in memory (bf16 file, fp32 run: 0.5)
+    expert_tier: list[str] = field(default_factory=list)  # per layer: the tier its routed experts live in
+    staging_kinds: tuple[str, ...] = ()  # the layer kinds (layer_kinds) with staging layers
+    staged_experts: int = 0  # staging experts that streamed experts are read into (top-k, at most the rank's)
+    expert_share: float = 1.0  # of a layer's routed experts, the share one decode step reads (estimate)
+
+    def __post_init__(self) -> None:
+        if not self.expert_tier:
+            self.expert_tier = list(self.layer_tier)
 
     @property
     def fast(self) -> Tier:
@@ -157,14 +200,26 @@ class RankPlan:
         return next((t for t in self.tiers if t.name == name), None)
 
     def layers_on(self, name: str) -> list[int]:
+        """The layers whose cores (a dense layer: all of it) live in tier `name`."""
         return [i for i, t in enumerate(self.layer_tier) if t == name]
 
-    def layer_bytes_on(self, name: str) -> int:
-        return sum(self.sizes.layers[i] for i in self.layers_on(name))
+    def experts_on(self, name: str) -> list[int]:
+        """The MoE layers whose routed experts live in tier `name`."""
+        return [i for i, t in enumerate(self.expert_tier) if t == name and self.sizes.expert_bytes(i)]
+
+    def layer_bytes_on(self, name: str, expert_share: float = 1.0) -> int:
+        """Decoder-layer bytes in tier `name`: the cores there, and the routed experts there
+        (times expert_share: what a step reads of them)."""
+        cores = sum(self.sizes.core(i) for i in self.layers_on(name))
+        return cores + int(expert_share * sum(self.sizes.expert_bytes(i) for i in self.experts_on(name)))
+
+    def expert_bytes_on(self, name: str) -> int:
+        return sum(self.sizes.expert_bytes(i) for i in self.experts_on(name))
 
     @property
     def disk_read_bytes(self) -> int:
-        """Bytes the disk-tier layers occupy in their files: what one forward pass reads."""
+        """Bytes the disk-tier weights occupy in their files: what one forward pass reads of its
+        streamed layers' cores, and what its streamed experts hold (a pass reads the chosen ones)."""
         return int(self.layer_bytes_on("disk") * self.disk_scale)
 
     def used(self, name: str) -> int:
@@ -181,18 +236,26 @@ class RankPlan:
         return [i for i, t in enumerate(self.layer_tier) if t != self.fast.name]
 
     @property
+    def experts_streamed(self) -> list[int]:
+        """MoE layers whose routed experts are not resident: each forward reads the chosen ones."""
+        return [i for i in range(len(self.expert_tier)) if self.sizes.expert_bytes(i) and self.expert_tier[i] != self.fast.name]
+
+    @property
     def streamed_fraction(self) -> float:
         total = sum(self.sizes.layers)
-        return sum(self.sizes.layers[i] for i in self.streamed) / total if total else 0.0
+        return sum(self.layer_bytes_on(t.name) for t in self.tiers[1:]) / total if total else 0.0
 
     def decode_seconds(self, page_cache: bool) -> float:
         """Per-token time the tiers' bandwidths allow (weights only; KV and communication not
-        counted). Streamed copies overlap compute on a GPU (side stream), not on a CPU."""
+        counted). Streamed copies overlap compute on a GPU (side stream), not on a CPU; streamed
+        experts are read only when chosen (expert_share of them per step)."""
         fast = self.fast
-        reads = self.sizes.weights  # every weight passes through the fastest tier once per token
-        disk = self.disk_read_bytes
+        slow = [t.name for t in self.tiers[1:]]
+        skipped = (1.0 - self.expert_share) * sum(self.expert_bytes_on(t) for t in slow)  # streamed experts not chosen
+        reads = self.sizes.weights - skipped  # every weight a step reads passes through the fastest tier once
+        disk = int(self.layer_bytes_on("disk", self.expert_share) * self.disk_scale)
         if self.device_type == "cuda":
-            host = self.layer_bytes_on("host")
+            host = self.layer_bytes_on("host", self.expert_share)
             h2d = sol.LINKS[H2D_LINK].bandwidth_Bps
             # a page-cache copy into the pinned buffer is a host memcpy: taken as fast as the link
             disk_Bps = h2d if page_cache else self.tier("disk").read_Bps
@@ -246,9 +309,48 @@ def plan_rank(
         if quantize:  # the checkpoint holds the values that streaming quantizes on every use
             unquantized = shard_bytes(cfg, tp, rank, dtype, max_seq_len, max_batch)
             disk_scale *= sum(unquantized.layers) / max(1, sum(sizes.layers))
+    n = cfg.num_layers
     if fast.capacity is None or sum(fixed.values()) + sum(sizes.layers) <= fast.capacity:
-        return RankPlan(rank, tp, device_type, sizes, tiers, [fast.name] * cfg.num_layers, fixed, disk_scale=disk_scale)
-    fixed["staging"] = _staging_layers(device_type) * max(sizes.layers)
+        return RankPlan(rank, tp, device_type, sizes, tiers, [fast.name] * n, fixed, disk_scale=disk_scale)
+    kinds = layer_kinds(cfg)
+    core = [sizes.core(i) for i in range(n)]
+    moe_layers = [i for i in range(n) if sizes.expert_bytes(i)]
+    staged = min(cfg.moe.top_k, sizes.local_experts) if moe_layers else 0
+    expert_staging = staged * sizes.one_expert  # one set of staging experts, on CPU and GPU alike
+    share = min(1.0, max_batch * cfg.moe.top_k / cfg.moe.num_experts) if moe_layers else 1.0
+    moe_args = dict(staged_experts=staged, expert_share=share)
+
+    def experts_out(out: list[int], free: dict[str, int | None], layer_tier: list[str]) -> list[str]:
+        """Each layer's tier for its experts: its core's for all but `out`, whose experts go, layer
+        by layer, to the next tier after the fastest with room (what the cores left of it)."""
+        tier_of = list(layer_tier)
+        for i, t in zip(out, _assign([sizes.experts[i] for i in out], tiers[1:], free)):
+            tier_of[i] = t
+        return tier_of
+
+    if moe_layers:
+        # experts first: every core stays, and the routed experts of the last MoE layers leave
+        base = sum(fixed.values()) + expert_staging + sum(core)
+        keep = next((j for j in range(len(moe_layers), -1, -1) if base + sum(sizes.experts[i] for i in moe_layers[:j]) <= fast.capacity), None)
+        if keep is not None:
+            fixed["staging"] = expert_staging
+            free = {t.name: t.capacity for t in tiers[1:]}
+            return RankPlan(rank, tp, device_type, sizes, tiers, [fast.name] * n, fixed, disk_scale=disk_scale,
+                            expert_tier=experts_out(moe_layers[keep:], free, [fast.name] * n), **moe_args)
+    # whole layers (with every MoE layer's experts out): the cores in order, each through a
+    # staging layer of its kind; the kinds staged are those of the layers that then stream
+    largest = {k: max(core[i] for i in range(n) if kinds[i] == k) for k in set(kinds)}
+    count = _staging_layers(device_type)
+    staging_kinds: set[str] = set()
+    while True:
+        fixed["staging"] = expert_staging + count * sum(largest[k] for k in staging_kinds)
+        free = {t.name: t.capacity for t in tiers}
+        free[fast.name] -= sum(fixed.values())
+        layer_tier = _assign(core, tiers, free)
+        kinds_out = {kinds[i] for i, t in enumerate(layer_tier) if t != fast.name}
+        if kinds_out <= staging_kinds:
+            break
+        staging_kinds |= kinds_out
     minimum = sum(fixed.values())
     if minimum > fast.capacity:
         flag = "--max-device-memory" if fast.name == "device" else "--max-host-memory"
@@ -258,13 +360,10 @@ def plan_rank(
             f"but its budget ({flag}, or that flag's default) allows {format_bytes(fast.capacity)}: {format_bytes(minimum - fast.capacity)} missing. "
             f"Raise {flag}, lower --max-seq-len or --max-batch-size (the KV cache and activations), or use more ranks (--tp)"
         )
-    free = {t.name: t.capacity for t in tiers}
-    free[fast.name] -= minimum
-    layer_tier = _assign(sizes.layers, tiers, free)
     host_staging = 0
     if fast.name == "device" and "disk" in layer_tier and free.get("host") is not None:
-        # disk layers pass through one pinned host buffer on their way to the device
-        host_staging = max(sizes.layers)
+        # disk layers pass through a pinned host buffer (one per kind) on their way to the device
+        host_staging = sum(largest[k] for k in staging_kinds)
         if host_staging > free["host"]:
             raise PlacementError(
                 f"rank {rank} of tp={tp} streams layers from disk through a pinned host buffer of {format_bytes(host_staging)}, "
@@ -272,8 +371,13 @@ def plan_rank(
                 "Raise --max-host-memory or --max-device-memory, or use more ranks (--tp)"
             )
         free["host"] -= host_staging
-        layer_tier = _assign(sizes.layers, tiers, free)
-    return RankPlan(rank, tp, device_type, sizes, tiers, layer_tier, fixed, host_staging, disk_scale)
+        layer_tier = _assign(core, tiers, free)
+    for i, t in enumerate(layer_tier):  # what the cores leave of the slower tiers, for the experts
+        if free.get(t) is not None and t != fast.name:
+            free[t] -= core[i]
+    return RankPlan(rank, tp, device_type, sizes, tiers, layer_tier, fixed, host_staging, disk_scale,
+                    expert_tier=experts_out(moe_layers, {t.name: free[t.name] for t in tiers[1:]}, layer_tier) if moe_layers else [],
+                    staging_kinds=tuple(sorted(staging_kinds)), **moe_args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,14 +461,18 @@ def plan_rows(plan: RankPlan) -> list[dict]:
     rows = []
     for t in plan.tiers:
         layers = plan.layers_on(t.name)
+        experts = plan.experts_on(t.name)
         row = {
             "rank": plan.rank,
             "tier": t.name,
             "capacity": t.capacity,
             "used": plan.used(t.name),
-            "layers": _ranges(layers),
+            "layers": _ranges(layers),  # whose cores live here (a dense layer: all of it)
             "num_layers": len(layers),
-            "layer_bytes": plan.layer_bytes_on(t.name),
+            "layer_bytes": plan.layer_bytes_on(t.name),  # those cores and the experts below
+            "expert_layers": _ranges(experts),  # MoE layers whose routed experts live here
+            "num_expert_layers": len(experts),
+            "expert_bytes": plan.expert_bytes_on(t.name),
             "kv_cache": plan.fixed["kv_cache"] if t is plan.fast else 0,
             "headroom": None if t.capacity is None else t.capacity - plan.used(t.name),
         }
@@ -387,19 +495,28 @@ def _ranges(items: list[int]) -> str:
 
 
 def format_plan(plans: Sequence[RankPlan]) -> str:
-    head = f"{'rank':>4}  {'tier':<14} {'capacity':>11} {'used':>11} {'layers':<12} {'layer bytes':>11} {'KV cache':>10} {'headroom':>11}"
+    """The tiers of each rank; a MoE model's get an "experts" column: the MoE layers whose routed
+    experts live in that tier ("layers" then says where the layers' cores live)."""
+    moe = any(p.sizes.local_experts for p in plans)
+    experts_head = f" {'experts':<12} {'expert bytes':>12}" if moe else ""
+    head = f"{'rank':>4}  {'tier':<14} {'capacity':>11} {'used':>11} {'layers':<12}{experts_head} {'layer bytes':>11} {'KV cache':>10} {'headroom':>11}"
     lines = [head, "-" * len(head)]
     for plan in plans:
         for row, t in zip(plan_rows(plan), plan.tiers):
             cap = "unbounded" if t.capacity is None else format_bytes(t.capacity)
             headroom = "-" if row["headroom"] is None else format_bytes(row["headroom"])
             kv = format_bytes(row["kv_cache"]) if row["kv_cache"] else "-"
+            experts = f" {row['expert_layers']:<12} {format_bytes(row['expert_bytes']):>12}" if moe else ""
             lines.append(
-                f"{plan.rank:>4}  {t.label:<14} {cap:>11} {format_bytes(row['used']):>11} {row['layers']:<12} "
+                f"{plan.rank:>4}  {t.label:<14} {cap:>11} {format_bytes(row['used']):>11} {row['layers']:<12}{experts} "
                 f"{format_bytes(row['layer_bytes']):>11} {kv:>10} {headroom:>11}"
             )
         fixed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in plan.fixed.items() if v)
         lines.append(f"{'':>4}  in {plan.fast.label}: {fixed}")
+        if out := plan.experts_streamed:
+            lines.append(f"{'':>4}  routed experts streamed: {len(out)} of {sum(1 for i in range(len(plan.layer_tier)) if plan.sizes.expert_bytes(i))} MoE layers' "
+                         f"({_ranges(out)}, {format_bytes(sum(plan.sizes.expert_bytes(i) for i in out))}); a step reads its chosen experts "
+                         f"into {plan.staged_experts} staging experts of {format_bytes(plan.sizes.one_expert)}")
     return "\n".join(lines)
 
 

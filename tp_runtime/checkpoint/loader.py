@@ -165,7 +165,9 @@ class CheckpointLayerSource:
 
     `fill(i, module)` copies layer i's slices into `module` (a decoder layer of the same
     shard), converting dtype and merging q/k/v and gate/up exactly as loading does; copy_checked
-    releases the mapped pages as it copies, so the process holds only the staging layer."""
+    releases the mapped pages as it copies, so the process holds only the staging layer. A MoE
+    layer's routed experts are not part of it: a streamed layer's experts stream on their own
+    (CheckpointExpertSource)."""
 
     def __init__(self, index: CheckpointIndex, cfg: ModelConfig, tp: int, rank: int, layers: Iterable[int]) -> None:
         self.files = MappedCheckpoint(index)
@@ -173,7 +175,7 @@ class CheckpointLayerSource:
         self.entries: dict[int, list[tuple[TensorEntry, sharding.ShardSpec | None]]] = {i: [] for i in wanted}
         self._stored_in: dict[int, tuple[str, ...]] = {}  # id(module) -> storage of the layer it holds
         for e in held_by(expected_tensors(cfg), cfg, tp, rank):
-            if e.layer in wanted:
+            if e.layer in wanted and e.expert is None:
                 spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
                 self.entries[e.layer].append((e, spec))
 
@@ -194,6 +196,41 @@ class CheckpointLayerSource:
 
     def prefetch(self, layer: int) -> None:
         for e, spec in self.entries[layer]:
+            self.files.willneed(e.hf_name, spec)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+class CheckpointExpertSource:
+    """Routed experts of this rank read from the mmap'd checkpoint per use (model/offload.py
+    ExpertSource): `fill(i, x, module)` copies this rank's part of expert x of layer i (whole
+    under --moe ep, its slice under tp) into `module` (an ExpertMLP of the shard) as loading
+    does, releasing the mapped pages as it copies."""
+
+    def __init__(self, index: CheckpointIndex, cfg: ModelConfig, tp: int, rank: int, layers: Iterable[int]) -> None:
+        self.files = MappedCheckpoint(index)
+        wanted = set(layers)
+        self.entries: dict[tuple[int, int], list[tuple[TensorEntry, sharding.ShardSpec | None, str]]] = {}
+        for e in held_by(expected_tensors(cfg), cfg, tp, rank):
+            if e.layer in wanted and e.expert is not None:
+                spec = None if index.sliced_for else sharding.spec(e.role, e.kind, cfg, tp, rank)
+                target = e.target.removeprefix(f"layers.{e.layer}.mlp.experts.{e.expert}.")  # inside the expert
+                self.entries.setdefault((e.layer, e.expert), []).append((e, spec, target))
+
+    def experts(self, layer: int) -> list[int]:
+        """The experts of `layer` this rank holds (a part of)."""
+        return sorted(x for i, x in self.entries if i == layer)
+
+    def fill(self, layer: int, expert: int, module: torch.nn.Module) -> int:
+        nbytes = 0
+        with torch.no_grad():
+            for e, spec, target in self.entries[(layer, expert)]:
+                nbytes += load_entry(module, self.files, e, target, spec)
+        return nbytes
+
+    def prefetch(self, layer: int, expert: int) -> None:
+        for e, spec, _ in self.entries[(layer, expert)]:
             self.files.willneed(e.hf_name, spec)
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 
     tp-run plan --model DIR --tp 2 [--max-host-memory 8GiB] [--device cuda --max-device-memory 24GiB]
 
-Prints, per rank, a table of tiers (capacity, bytes used, layers, KV cache, headroom), the
+Prints, per rank, a table of tiers (capacity, bytes used, layers, KV cache, headroom; a
+mixture-of-experts model's also where each layer's routed experts live: they stream first), the
 decode tokens/s the tiers' bandwidths allow, the smallest tp whose shards fit entirely in the
 fastest memory, and the model's size in every sense (parameters, FLOPs and KV bytes per token,
 Chinchilla-optimal training tokens). Reads config.json only.
@@ -38,6 +39,8 @@ def add_plan_parser(sub, size_type) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the checkpoint's")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None)
+    p.add_argument("--moe", choices=("tp", "ep"), default="tp", help="a mixture-of-experts model's experts: sliced over the ranks (tp) or whole per rank (ep), as generate's flag")
+    p.add_argument("--attention", choices=("tp", "dp"), default="tp", help="a mixture-of-experts model's dense parts: split by heads (tp) or whole on every rank (dp, with --moe ep)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--max-batch-size", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="plan for this kind of device (default: cuda if visible, else cpu)")
@@ -96,7 +99,7 @@ def run_plan(args: argparse.Namespace) -> int:
             blocks = placement.stored_blocks(files.index)
     else:
         cfg = load_config(args.model)  # a config alone plans a model not yet downloaded
-    cfg = RuntimeConfig(quantize=args.quantize).split_config(cfg)
+    cfg = RuntimeConfig(quantize=args.quantize, moe=args.moe, attention=args.attention).split_config(cfg)
     plans, context = plan_all_ranks(cfg, args, blocks)
     est = estimate(plans)
     fast = plans[0].fast
@@ -112,6 +115,8 @@ def run_plan(args: argparse.Namespace) -> int:
             "ranks": [placement.plan_rows(p) for p in plans],
             "fixed": [p.fixed for p in plans],
             "layer_tier": [p.layer_tier for p in plans],
+            "expert_tier": [p.expert_tier for p in plans],  # per layer: where its routed experts live (a dense layer: its tier)
+            "experts_streamed": [p.experts_streamed for p in plans],
             "estimate": est,
             "smallest_tp_fitting": fit_tp,
             "model": facts,
@@ -149,5 +154,7 @@ def print_rank_load(rank: int, plan: placement.RankPlan, memory: dict[str, int],
     used = ", ".join(f"{k.replace('_', ' ')} {format_bytes(memory[k])}" for k in ("weights_device", "weights_host", "weights_disk", "kv_cache", "staging") if memory[k])
     peak = f"peak allocated {format_bytes(memory['peak_allocated'])}" if memory["peak_allocated"] else f"peak RSS {format_bytes(memory['peak_rss'])}"
     streamed = f", {len(plan.streamed)} of {len(plan.layer_tier)} layers streamed" if plan.streamed else ""
+    if plan.experts_streamed:
+        streamed += f", the routed experts of {len(plan.experts_streamed)} layers streamed ({format_bytes(memory['weights_experts_streamed'])})"
     head = f"[rank {rank}] placement:\n{placement.format_plan([plan])}\n" if verbose else ""
     print(f"{head}[rank {rank}] loaded: {used}{streamed}; {peak}", file=file, flush=True)

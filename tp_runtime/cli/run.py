@@ -239,7 +239,8 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             "device": str(llm.engine.device),
             "transport": llm.comm.transport,
             "comm": llm.comm.stats.summary(stats.decode_seconds, stats.decode_steps),
-            "memory": {"ranks": memory, "streamed_layers": len(llm.plan.streamed), "layer_tier": llm.plan.layer_tier},
+            "memory": {"ranks": memory, "streamed_layers": len(llm.plan.streamed), "layer_tier": llm.plan.layer_tier,
+                       "expert_layers_streamed": len(llm.plan.experts_streamed), "expert_tier": llm.plan.expert_tier},
             **({"experts": llm.expert_load()} if llm.cfg.moe else {}),
             **(extra or {}),
         }

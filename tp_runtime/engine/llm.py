@@ -96,7 +96,7 @@ def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, de
             use_cpu_gemv_([model])  # the float LM head
             return cpu_gemv.decode_threads
     elif device.type == "cpu" and runtime.gemv != "blas" and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
-        use_cpu_gemv_([model, *(streamer.staging if streamer else [])])
+        use_cpu_gemv_([model, *(streamer.staging_modules() if streamer else [])])
         return cpu_gemv.decode_threads
     elif runtime.gemv == "kernel":
         raise ConfigError("--gemv kernel: the CPU GEMV kernel runs float32 and bfloat16 on CPU, and needs a C compiler (see the warning above)")
@@ -231,8 +231,8 @@ class LLM:
         model.to_empty(device=device)
         model.init_buffers()
         progress = _progress_bar(f"rank {parallel.rank} loading") if runtime.show_progress and parallel.rank == 0 else (lambda it: it)
-        streamed = set(plan.streamed)
-        resident = [e for e in entries if e.layer not in streamed]
+        streamed, experts_out = set(plan.streamed), set(plan.experts_streamed)
+        resident = [e for e in entries if e.layer not in streamed and not (e.expert is not None and e.layer in experts_out)]
         nbytes = load_shard(model, index, resident, cfg, parallel.world_size, parallel.rank, progress)
         decode_context = _choose_matmuls(model, streamer, runtime, device, dtype)
         model.eval()
@@ -246,7 +246,8 @@ class LLM:
         llm.plan, llm.streamer, llm.rss_at_start = plan, streamer, rss_at_start
         llm.memory_at_load = llm.memory()
         llm.bytes_read = nbytes
-        log.info("rank %d: %.1f MB of weights read, %d of %d layers streamed, KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6, len(plan.streamed), cfg.num_layers, engine.cache.nbytes / 1e6, device)
+        log.info("rank %d: %.1f MB of weights read, %d of %d layers streamed (the routed experts of %d), KV cache %.1f MB on %s", parallel.rank, nbytes / 1e6,
+                 len(plan.streamed), cfg.num_layers, len(plan.experts_streamed), engine.cache.nbytes / 1e6, device)
         return llm
 
     def encode(self, text: str) -> list[int]:
@@ -282,10 +283,11 @@ class LLM:
         return rank_memory(self.engine.model, self.plan, self.streamer, self.engine.cache.nbytes, self.engine.device, self.rss_at_start)
 
     def gather_memory(self) -> list[dict]:
-        """Every rank's memory now (`memory()`), with its figures at load under "at_load" and its
-        count of streamed layers, on every rank (one small all-gather outside any token step)."""
+        """Every rank's memory now (`memory()`), with its figures at load under "at_load", its
+        count of streamed layers and of MoE layers whose routed experts stream, on every rank
+        (one small all-gather outside any token step)."""
         now, load = self.memory(), self.memory_at_load
-        row = [float(now[k]) for k in MEMORY_FIELDS] + [float(load[k]) for k in MEMORY_FIELDS] + [float(len(self.plan.streamed))]
+        row = [float(now[k]) for k in MEMORY_FIELDS] + [float(load[k]) for k in MEMORY_FIELDS] + [float(len(self.plan.streamed)), float(len(self.plan.experts_streamed))]
         if self.comm.world_size == 1:
             table = [row]
         else:
@@ -294,7 +296,8 @@ class LLM:
                 table = self.comm.all_gather(t, dim=0, site="memory_report").cpu().tolist()
         n = len(MEMORY_FIELDS)
         return [
-            {**{k: int(v) for k, v in zip(MEMORY_FIELDS, r[:n])}, "at_load": {k: int(v) for k, v in zip(MEMORY_FIELDS, r[n : 2 * n])}, "streamed_layers": int(r[2 * n])}
+            {**{k: int(v) for k, v in zip(MEMORY_FIELDS, r[:n])}, "at_load": {k: int(v) for k, v in zip(MEMORY_FIELDS, r[n : 2 * n])}, "streamed_layers": int(r[2 * n]),
+             "expert_layers_streamed": int(r[2 * n + 1])}
             for r in table
         ]
 

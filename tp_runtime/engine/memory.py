@@ -18,8 +18,10 @@ from torch import nn
 from tp_runtime.checkpoint.layer_state import weight_tensors
 from tp_runtime.placement import RankPlan
 
-# the fields gathered from every rank, in order (bytes)
-FIELDS = ("weights_device", "weights_host", "weights_disk", "kv_cache", "staging", "peak_allocated", "rss_at_start", "peak_rss", "stream_copies", "stream_bytes")
+# the fields gathered from every rank, in order (bytes; copies: counts). stream_bytes: every byte
+# streamed in (layers and experts); expert_bytes / expert_copies: those of the streamed experts
+FIELDS = ("weights_device", "weights_host", "weights_disk", "kv_cache", "staging", "peak_allocated", "rss_at_start", "peak_rss", "stream_copies", "stream_bytes",
+          "expert_copies", "expert_bytes", "weights_experts_streamed")
 
 
 def _status_kib(field: str) -> int | None:
@@ -54,7 +56,7 @@ def rank_memory(model: nn.Module, plan: RankPlan, streamer, kv_bytes: int, devic
     resident = _nbytes(model.parameters()) + _nbytes(b for b in model.buffers())
     staging = 0
     if streamer is not None:
-        staging = sum(_nbytes(weight_tensors(m).values()) for m in streamer.staging)
+        staging = sum(_nbytes(weight_tensors(m).values()) for m in streamer.staging_modules())
     fast = plan.fast.name
     weights = {"device": 0, "host": 0, "disk": plan.disk_read_bytes}
     weights[fast] += resident
@@ -62,6 +64,7 @@ def rank_memory(model: nn.Module, plan: RankPlan, streamer, kv_bytes: int, devic
         weights["host"] += plan.layer_bytes_on("host")
     peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     stats = streamer.stats if streamer is not None else None
+    experts = streamer.experts.stats if streamer is not None and streamer.experts is not None else None
     return {
         "weights_device": weights["device"],
         "weights_host": weights["host"],
@@ -72,7 +75,11 @@ def rank_memory(model: nn.Module, plan: RankPlan, streamer, kv_bytes: int, devic
         "rss_at_start": rss_at_start,
         "peak_rss": peak_rss_bytes(),
         "stream_copies": stats.copies if stats else 0,
-        "stream_bytes": stats.bytes if stats else 0,
+        "stream_bytes": (stats.bytes if stats else 0) + (experts.bytes if experts else 0),
+        "expert_copies": experts.copies if experts else 0,
+        "expert_bytes": experts.bytes if experts else 0,
+        # the routed experts not resident (what their tiers hold; a step reads the chosen ones)
+        "weights_experts_streamed": sum(plan.sizes.expert_bytes(i) for i in plan.experts_streamed),
     }
 
 

@@ -148,7 +148,9 @@ class LlamaForCausalLM(nn.Module):
         w = self.norm.weight
         x = torch.empty(0, self.cfg.hidden_size, dtype=w.dtype, device=w.device)
         for layer in self.layers:
-            if getattr(layer.mlp, "dispatch", False):
+            if not hasattr(layer, "mlp"):  # a streamed layer (model/offload.py StreamedLayer)
+                layer.idle_pass(x)
+            elif getattr(layer.mlp, "dispatch", False):
                 layer.mlp.exchange(x)
 
     @torch.inference_mode()

@@ -18,6 +18,11 @@ Either way a rank's output is a partial sum (its experts or slices, plus its sli
 expert), and one all-reduce under the layer's `mlp_out` site completes it: the same collective
 count as a dense block. Tokens routed to the rank's experts are gathered per expert (one sort of
 the top-k choices), so a decode step multiplies only the chosen experts' weights.
+
+Streamed experts (placement: the first weights to leave the fastest memory): a layer whose
+experts are streamed holds none (`stream_experts`); each forward reads the experts its tokens
+chose from an expert stream (model/offload.py ExpertStreamer) into a few staging experts, in
+rounds when more are chosen than there are staging experts. The arithmetic is the resident one.
 """
 
 from __future__ import annotations
@@ -126,6 +131,8 @@ class SparseMoe(nn.Module):
         moe = cfg.moe
         tp, rank = comm.world_size, comm.rank
         self.comm, self.site, self.moe = comm, f"layer.{layer}.mlp_out", moe
+        self.layer = layer
+        self.expert_stream = None  # set by stream_experts: the experts are read per forward
         self.router = Router(cfg)
         lo, hi = sharding.expert_range(cfg, tp, rank)
         i_lo, i_hi = sharding.expert_intermediate_range(cfg, tp, rank)
@@ -147,7 +154,21 @@ class SparseMoe(nn.Module):
     def init_buffers(self) -> None:
         self.routed.zero_()
 
+    def stream_experts(self, stream) -> None:
+        """Hold no routed experts (call on the meta-built layer: they are never allocated); each
+        forward reads the ones its tokens chose from `stream` (model/offload.py ExpertStreamer:
+        `modules(layer, experts)` yields (expert, a module holding its weights) in order)."""
+        self.experts = nn.ModuleDict()
+        self.expert_stream = stream
+
+    def _expert_modules(self, needed: list[int]):
+        """(expert id, its module) for each of `needed` (this rank's), in order."""
+        if self.expert_stream is None:
+            return ((e, self.experts[str(e)]) for e in needed)
+        return self.expert_stream.modules(self.layer, needed)
+
     def retarget(self, layer: int) -> None:
+        self.layer = layer
         self.site = f"layer.{layer}.mlp_out"
         self.sites = tuple(f"layer.{layer}.{s}" for s in ("moe_counts", "moe_dispatch", "moe_combine"))
 
@@ -187,12 +208,14 @@ class SparseMoe(nn.Module):
         expert_of_row = torch.repeat_interleave(torch.arange(mine, device=x.device).repeat(world), got.flatten())
         by_expert = torch.argsort(expert_of_row, stable=True)
         y = torch.empty_like(rows)
-        start = 0
+        start, spans = 0, {}
         for e, n in zip(self.local_experts, got.sum(dim=0).tolist()):
             if n:
-                sel = by_expert[start : start + n]
-                y.index_copy_(0, sel, self.experts[str(e)](rows.index_select(0, sel)).to(y.dtype))
+                spans[e] = by_expert[start : start + n]
                 start += n
+        for e, expert in self._expert_modules(list(spans)):
+            sel = spans[e]
+            y.index_copy_(0, sel, expert(rows.index_select(0, sel)).to(y.dtype))
         back = self.comm.all_to_all(y, recv, send, site=b_site)  # [n * k, hidden], in `order`'s order
         out = torch.zeros_like(x)
         out.index_add_(0, rows_of, (back.float() * weights.flatten()[order, None]).to(out.dtype))
@@ -220,16 +243,17 @@ class SparseMoe(nn.Module):
         out = torch.zeros_like(x)
         starts = torch.cumsum(counts, 0) - counts
         lo, hi = self.local_experts.start, self.local_experts.stop
-        for e, n in enumerate(counts[lo:hi].tolist(), start=lo):
-            if n == 0:
-                continue
-            s = int(starts[e])
+        chosen = {e: n for e, n in enumerate(counts[lo:hi].tolist(), start=lo) if n}
+        for e, expert in self._expert_modules(list(chosen)):
+            s, n = int(starts[e]), chosen[e]
             rows = rows_of[s : s + n]
-            y = self.experts[str(e)](x.index_select(0, rows))  # [n_e, hidden] partial
+            y = expert(x.index_select(0, rows))  # [n_e, hidden] partial
             out.index_add_(0, rows, (y.float() * w_sorted[s : s + n, None]).to(out.dtype))
         return self._add_shared(x, out)
 
     def fused_problem(self) -> str | None:
+        if self.expert_stream is not None:
+            return "a mixture-of-experts layer whose routed experts are streamed has no fused binding (they are read per forward, eagerly)"
         if self.dispatch:
             return "a mixture-of-experts layer under --attention dp has no fused binding (its all-to-alls run eagerly)"
         for m in [*self.experts.values(), *([self.shared] if self.shared is not None else [])]:
@@ -287,9 +311,11 @@ def load_table(model: nn.Module, world: int, counts: list | None = None) -> dict
     rows = iter(counts or ())
     for i, layer in enumerate(model.layers):
         mlp = getattr(layer, "mlp", None)
-        if not isinstance(mlp, SparseMoe):
+        # a streamed layer's placeholder keeps its layer's counts (its staging layer counts into them)
+        routed = mlp.routed if isinstance(mlp, SparseMoe) else getattr(layer, "routed", None)
+        if routed is None:
             continue
-        prefill, decode = (next(rows), next(rows)) if counts else (row.tolist() for row in mlp.routed)
+        prefill, decode = (next(rows), next(rows)) if counts else (row.tolist() for row in routed)
         total = [p + d for p, d in zip(prefill, decode)]
         per_rank = []
         for r in range(world):
