@@ -200,7 +200,7 @@ class ModelShape:
     # MoE
     experts: int = 0
     active_experts: int = 0
-    shared_experts: int = 0
+    shared_experts: float = 0  # the shared expert's size in routed experts (Qwen2-MoE's need not be whole)
     expert_intermediate: int = 0
     dense_layers: int = 0
     expert_bytes_per_param: float | None = None  # None: bytes_per_param
@@ -258,8 +258,8 @@ class ModelShape:
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, bytes_per_param: float | None = None, name: str | None = None) -> ModelShape:
         """The shape of a checkpoint this runtime loads: Llama family (GQA), mixture-of-experts
-        (Mixtral, Qwen-MoE: routed experts, a shared expert whose size is a whole number of
-        routed ones), MLA (DeepSeek-V3 / Kimi K2).
+        (Mixtral, Qwen-MoE: routed experts, a shared expert counted in routed experts' sizes, a
+        fraction where it is no multiple of one), MLA (DeepSeek-V3 / Kimi K2).
 
         Bytes per parameter: the given value, else the checkpoint dtype's (float32 4, 16-bit 2).
         Biases (qwen2's qkv), a router's correction bias and a shared expert's gate vector are
@@ -273,10 +273,7 @@ class ModelShape:
         kw: dict[str, Any] = {}
         moe = cfg.moe
         if moe is not None:
-            shared, rest = divmod(moe.shared_intermediate_size, moe.intermediate_size)
-            if rest:
-                raise ConfigError(f"{name or cfg.architecture}: a shared expert of {moe.shared_intermediate_size} features is not a whole number "
-                                  f"of routed experts ({moe.intermediate_size}); the speed-of-light model counts shared experts in those")
+            shared = moe.shared_intermediate_size / moe.intermediate_size
             kw.update(experts=moe.num_experts, active_experts=moe.top_k, shared_experts=shared, expert_intermediate=moe.intermediate_size,
                       dense_layers=sum(1 for sparse in moe.sparse_layers if not sparse))
         mla = getattr(cfg, "mla", None)
