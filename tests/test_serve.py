@@ -2,6 +2,7 @@
 the same request run alone in this process; concurrent requests each as if alone; every error
 code; cancellation; metrics. The server runs at tp=2 (rank 1 follows rank 0's plans)."""
 
+import copy
 import http.client
 import json
 import os
@@ -464,6 +465,70 @@ def test_followers_that_hold_other_sequences_stop_naming_their_rank(small_model,
     finally:
         llm.close()
     assert json.loads(plan_wire.encode(plan_wire.IDLE)) == {"op": "idle"}
+
+
+class _Wire:
+    """rank 0's and a follower's ends of the plan broadcasts: what rank 0 sends, the follower gets
+    (each broadcast must have the same size on both ends, as a real collective needs)."""
+
+    def __init__(self):
+        self.sent = []
+        self.world_size = 2
+
+    def broadcast(self, t, src=0, *, site):
+        assert site == "schedule"
+        if self.rank == 0:
+            self.sent.append(t.clone())
+            return t
+        got = self.sent.pop(0)
+        assert got.shape == t.shape and got.dtype == t.dtype
+        return t.copy_(got)
+
+    def end(self, rank):
+        e = copy.copy(self)
+        e.rank = rank
+        return e
+
+
+@pytest.mark.parametrize("prompts", [1, 12])
+def test_a_step_plan_is_one_broadcast_unless_it_is_long(prompts):
+    from tp_runtime.engine.sampling import SamplingParams
+    from tp_runtime.engine.scheduler import Admission, StepChanges
+    from tp_runtime.serve import plan_wire
+
+    changes = StepChanges([Admission(i, i, 0, list(range(1000 + i, 1100 + i)), SamplingParams(max_new_tokens=9, seed=i, stop_token_ids=(5,)), i)
+                           for i in range(prompts)], [77], [(i, 100) for i in range(prompts)], [90, 91])
+    wire = _Wire()
+    nbytes = plan_wire.send(wire.end(0), plan_wire.STEP, changes, 1234)
+    assert len(wire.sent) == (1 if nbytes <= plan_wire.FRAME_BYTES - 8 else 2) and len(wire.sent) == (1 if prompts == 1 else 2)
+    assert plan_wire.receive(wire.end(1)) == (plan_wire.STEP, changes, 1234)
+    assert not wire.sent
+    plan_wire.send(wire.end(0), plan_wire.IDLE)
+    assert plan_wire.receive(wire.end(1)) == (plan_wire.IDLE, None, None) and not wire.sent
+
+
+def test_a_steps_events_reach_each_stream_in_order_in_one_wake_up():
+    import asyncio
+
+    from tp_runtime.engine.sampling import SamplingParams
+    from tp_runtime.engine.scheduler import Request
+    from tp_runtime.serve.engine_loop import Stream, hand_out
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        streams = [Stream(Request(i, [1], SamplingParams(), 0), loop) for i in range(3)]
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (calls.append(a), real(*a))
+        items = [(s, (s.request.req_id, k)) for k in range(2) for s in streams]
+        engine = threading.Thread(target=hand_out, args=(items,))  # from another thread, as the engine loop does
+        engine.start()
+        engine.join()
+        await asyncio.sleep(0)
+        assert len(calls) == 1
+        return [[s.events.get_nowait() for _ in range(s.events.qsize())] for s in streams]
+
+    assert asyncio.run(main()) == [[(i, 0), (i, 1)] for i in range(3)]
 
 
 def test_fuzzed_bodies_get_an_answer_and_leave_the_server_healthy(server):

@@ -33,7 +33,7 @@ class _EngineCollector:
             ("tp_runtime:engine_steps", "Engine steps run", st.steps),
             ("tp_runtime:schedule_bytes", "Bytes of the per-step plan broadcast", st.plan_bytes),
             ("tp_runtime:schedule_seconds", "Seconds spent scheduling and broadcasting step plans", st.plan_seconds),
-            ("tp_runtime:step_host_seconds", "Seconds per step outside the model (schedule, broadcast, hand-out), summed", st.host_seconds),
+            ("tp_runtime:step_host_seconds", "Seconds per step outside the model (taking requests, schedule, broadcast, hand-out), summed", st.host_seconds),
             ("tp_runtime:prefix_reused_tokens", "Prompt tokens whose K/V came from a slot's cache", self.leader.scheduler.reused_tokens),
         ):
             c = CounterMetricFamily(name, doc)

@@ -1,8 +1,12 @@
 """Rank 0's step changes on the wire: one small broadcast per engine step, timed like any
 collective (site `schedule`), so the control plane's cost shows in the comm stats.
 
-A message is JSON in a uint8 tensor, preceded by its length (an int64 tensor): two broadcasts,
-both under the site. It carries the diff (serve: engine/scheduler.py StepChanges): new
+A message is JSON in a frame of FRAME_BYTES (uint8): its length (int64), then as much of the JSON
+as fits; only a longer message (several new prompts at once) takes a second broadcast, of the
+rest, whose size every rank reads from the frame. A step's message is a few hundred bytes, so a
+step costs one broadcast (a length-first second one was another round trip with the waiting
+follower every step).
+Every broadcast is under the site. It carries the diff (serve: engine/scheduler.py StepChanges): new
 sequences with their prompts and sampling parameters, aborted ids, and the step's plan as ids.
 Generated tokens never travel: every rank samples them itself from the same logits, so the
 bytes grow with the requests that change, not with the tokens generated so far.
@@ -21,6 +25,7 @@ import json
 import zlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from tp_runtime.communicator import Communicator
@@ -30,6 +35,8 @@ from tp_runtime.errors import LaunchError
 
 SITE = "schedule"
 STEP, IDLE, STOP = "step", "idle", "stop"
+FRAME_BYTES = 4096  # fits any shared-memory slot (comm/shm.py: at least 4096), so the frame never goes through gloo
+_HEAD = 8  # the int64 length in front
 
 
 def digest(engine) -> int:
@@ -75,13 +82,23 @@ def send(comm: Communicator, op: str, changes: StepChanges | None = None, check:
     """Rank 0: broadcast a message; returns its bytes."""
     payload = encode(op, changes, check)
     if comm.world_size > 1:
-        comm.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0, site=SITE)
-        comm.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, site=SITE)
+        frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+        buf = frame.numpy()
+        buf[:_HEAD].view(np.int64)[0] = len(payload)
+        head = min(len(payload), FRAME_BYTES - _HEAD)
+        buf[_HEAD : _HEAD + head] = np.frombuffer(payload, dtype=np.uint8, count=head)
+        comm.broadcast(frame, src=0, site=SITE)
+        if len(payload) > head:
+            comm.broadcast(torch.frombuffer(bytearray(payload[head:]), dtype=torch.uint8), src=0, site=SITE)
     return len(payload)
 
 
 def receive(comm: Communicator) -> tuple[str, StepChanges | None, int | None]:
     """A rank other than 0: the next message (op, changes, rank 0's digest after them)."""
-    n = comm.broadcast(torch.zeros(1, dtype=torch.int64), src=0, site=SITE)
-    buf = comm.broadcast(torch.empty(int(n.item()), dtype=torch.uint8), src=0, site=SITE)
-    return decode(buf.numpy().tobytes())
+    buf = comm.broadcast(torch.empty(FRAME_BYTES, dtype=torch.uint8), src=0, site=SITE).numpy()
+    n = int(buf[:_HEAD].view(np.int64)[0])
+    head = min(n, FRAME_BYTES - _HEAD)
+    payload = buf[_HEAD : _HEAD + head].tobytes()
+    if n > head:
+        payload += comm.broadcast(torch.empty(n - head, dtype=torch.uint8), src=0, site=SITE).numpy().tobytes()
+    return decode(payload)
