@@ -121,6 +121,8 @@ class Worker:
                 for _ in llm.generate(job["prompts"], SamplingParams(**job["sampling"])):
                     pass
                 llm.gather_memory()  # rank 0 collects every rank's memory report
+                if llm.cfg.moe is not None:
+                    llm.expert_load()  # and the routed-token counts (under --attention dp: summed over the ranks)
             self.server.send(peer, Kind.DONE, {})
             log.warning("job done: rank %d of %d, %d prompt(s)", rank, len(peers), len(job["prompts"]))
         except Exception as e:  # a job's failure must never take the daemon down
@@ -154,7 +156,10 @@ class Worker:
         fp = job["fingerprint"]
         if fp in self.models:
             return self.models[fp]
-        slot = self.cache_dir / fp / f"tp{job['tp']}-rank{job['rank']}"
+        # a MoE model's slices differ with the split (--moe ep: whole experts; --attention dp: whole dense parts)
+        run = job.get("runtime") or {}
+        split = "".join(f"-{k}-{run[k]}" for k in ("moe", "attention") if run.get(k, "tp") != "tp")
+        slot = self.cache_dir / fp / f"tp{job['tp']}-rank{job['rank']}{split}"
         if (slot / SLICES_META).is_file():
             return str(slot)
         self.server.send(peer, Kind.NEED_WEIGHTS, {})

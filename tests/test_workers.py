@@ -257,3 +257,27 @@ def test_workers_take_a_gguf_file_as_blocks(tmp_path, workers):
         kept = json.loads(f.metadata()[BLOCKS_KEY])
     assert {kept[f"model.layers.1.{n}.weight"] for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")} == {"Q6_K"}
     assert "model.layers.1.self_attn.o_proj.weight" not in kept
+
+
+def test_a_moe_model_over_a_worker_streams_it_only_its_experts(tmp_path, workers):
+    """A Mixtral of 3 experts over one hand-started worker: under --moe ep the worker (rank 1) is
+    sent its one whole expert per layer, under --moe tp half the features of all three, so ep
+    streams it half an expert per layer less (computed from the config); each split gives the
+    local --tp 2 tokens, --attention dp too (its all-to-alls over pyzmq, one prompt per rank)."""
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+
+    raw = llama_config_dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96, vocab_size=300,
+                            architecture="MixtralForCausalLM", num_local_experts=3, num_experts_per_tok=2)
+    model = write_checkpoint(tmp_path / "mixtral", raw, seed=3)
+    (w,) = workers(1)
+    streamed = {}
+    for split in (["--moe", "tp"], ["--moe", "ep"], ["--moe", "ep", "--attention", "dp"]):
+        flags = [*split, "--prompt-ids", "3,4,5"]
+        local = last_json(_generate(model, "--tp", "2", *flags).stdout)
+        r = _generate(model, "--workers", w.addr, *flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = last_json(r.stdout)
+        assert [o["output_ids"] for o in got["outputs"]] == [o["output_ids"] for o in local["outputs"]], split
+        streamed[split[1] + ("+dp" if len(split) > 2 else "")] = got["weights_streamed_bytes"]
+    expert = 3 * 64 * 96 * 4  # one expert's float32 bytes
+    assert streamed["tp"] - streamed["ep"] == 2 * (3 * expert // 2 - expert), streamed
