@@ -137,8 +137,10 @@ def mlp_unit(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None, 
     return 1
 
 
-def _feature_range(total: int, what: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None) -> tuple[int, int]:
-    unit = mlp_unit(cfg, tp, weights, total)
+def _feature_range(total: int, what: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None, unit: int | None = None) -> tuple[int, int]:
+    """`total` features split over tp in whole `unit`s (None: mlp_unit's choice); rank's range."""
+    if unit is None:
+        unit = mlp_unit(cfg, tp, weights, total)
     lo, hi = split_ranges(total, tp, weights, unit)[rank]
     if lo == hi:
         raise ShardingError(f"{what}'s {total} features in units of {unit} leave rank {rank} of tp={tp} without any; use a smaller tp")
@@ -182,12 +184,7 @@ def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[f
     """The MLP's intermediate features of `rank`: whole units of `unit` (down_proj's column
     blocks; None: mlp_unit's choice); every rank needs at least one."""
     check_tp(cfg, tp)
-    if unit is None:
-        unit = mlp_unit(cfg, tp, weights)
-    lo, hi = split_ranges(cfg.intermediate_size, tp, weights, unit)[rank]
-    if lo == hi:
-        raise ShardingError(f"the MLP's {cfg.intermediate_size} features in units of {unit} leave rank {rank} of tp={tp} without any; use a smaller tp")
-    return lo, hi
+    return _feature_range(cfg.intermediate_size, "the MLP", cfg, tp, rank, weights, unit)
 
 
 def vocab_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:

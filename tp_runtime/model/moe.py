@@ -192,11 +192,7 @@ class SparseMoe(nn.Module):
         its time is mostly waiting for the slowest rank), the tokens' hidden states to their
         experts' ranks (dispatch), and the weighted-to-be outputs back (combine)."""
         weights, ids = self.router(x)  # [n, k]
-        flat = ids.flatten()
-        counts = torch.bincount(flat, minlength=self.moe.num_experts)  # [E] this rank's choices per expert
-        self.routed[phase] += counts
-        order = torch.argsort(flat, stable=True)  # choices by expert: each destination's rows contiguous
-        rows_of = order // self.moe.top_k
+        counts, order, rows_of = self._by_expert(ids, phase)  # each destination's rows contiguous
         world, mine = len(self.owner_sizes), len(self.local_experts)
         c_site, d_site, b_site = self.sites
         # counts[e] for each rank's own experts -> [world * mine]: from each source, per expert of mine
@@ -230,15 +226,21 @@ class SparseMoe(nn.Module):
             out += y
         return out
 
+    def _by_expert(self, ids: torch.Tensor, phase: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k choices ids [n, k] grouped by expert: (choices per expert [E], the choices'
+        order by expert, token order kept within, and each ordered choice's token); the counts
+        are added to the routed-token counts of `phase`."""
+        flat = ids.flatten()
+        counts = torch.bincount(flat, minlength=self.moe.num_experts)
+        self.routed[phase] += counts
+        order = torch.argsort(flat, stable=True)
+        return counts, order, order // self.moe.top_k
+
     def _experts(self, x: torch.Tensor, phase: int) -> torch.Tensor:
         """This rank's part of the layer for tokens x [n, hidden]: its experts' (or slices')
         weighted outputs plus its slice of the shared expert, a partial sum [n, hidden]."""
         weights, ids = self.router(x)  # [n, k] each
-        flat = ids.flatten()
-        counts = torch.bincount(flat, minlength=self.moe.num_experts)
-        self.routed[phase] += counts
-        order = torch.argsort(flat, stable=True)  # choices grouped by expert, token order kept within
-        rows_of = order // self.moe.top_k  # the token of each sorted choice
+        counts, order, rows_of = self._by_expert(ids, phase)
         w_sorted = weights.flatten()[order]
         out = torch.zeros_like(x)
         starts = torch.cumsum(counts, 0) - counts
