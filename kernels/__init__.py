@@ -1,6 +1,7 @@
 """Kernel dispatch: the one place the model calls for attention, norms and RoPE.
 
-Triton on CUDA tensors (when triton imports), the torch reference elsewhere.
+Triton on CUDA tensors (when triton imports), the torch reference elsewhere (decode attention
+on CPU: the C kernel of the fused decode step, where it builds).
 TP_RUNTIME_KERNELS=triton|torch forces one (read once, at import; `set_backend` changes it
 in-process). Forcing triton on CPU tensors runs Triton's interpreter, which Triton only
 enables when TRITON_INTERPRET=1 is set before the kernels are first used (tests do this to
@@ -19,7 +20,7 @@ from types import ModuleType
 import torch
 
 from tp_runtime.kernels import reference
-from tp_runtime.kernels import cpu_gemv
+from tp_runtime.kernels import cpu_decode, cpu_gemv
 from tp_runtime.kernels.cpu_gemv import cpu_linear  # noqa: F401  (re-exported for the model)
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -115,6 +116,15 @@ def decode_attention(
     in cache row slots[b] (None: row b)."""
     if _use_triton(q):
         return _triton_mods["decode"].decode_attention(q, k_cache, v_cache, cache_lens, kv_head_of_q, max_len, slots=slots)
+    if _backend == "auto" and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == q.dtype:
+        # the fused decode step's C kernel: it reads each sequence's own keys in place, where the
+        # reference gathers every slot's up to the longest and masks (3-5x slower at batch 8)
+        if cpu_decode.lib() is not None:
+            lengths = cache_lens.tolist()
+            out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype)
+            scratch = torch.empty(q.shape[0] * q.shape[1], max(lengths), dtype=torch.float32)
+            cpu_decode.decode_attention_(q.contiguous(), k_cache, v_cache, lengths, kv_head_of_q, out, scratch, None if slots is None else slots.tolist())
+            return out.view_as(q)
     return reference.decode_attention(q, k_cache, v_cache, cache_lens, kv_head_of_q, max_len, slots)
 
 

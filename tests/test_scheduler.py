@@ -54,8 +54,11 @@ def test_late_arrivals_and_chunked_prefill_give_each_request_its_alone_tokens(ll
     s = Scheduler(llm.engine, max_num_seqs=3, max_num_batched_tokens=8, prefix_reuse=False)
     arrivals = {0: [Request(0, PROMPTS[0], params, 100)], 2: [Request(1, PROMPTS[1], params, 101), Request(2, PROMPTS[2], params, 102)],
                 3: [Request(3, PROMPTS[3], params, 103)]}
+    mixed = llm.engine.stats.mixed_steps
     got, trace = _drive(s, arrivals)
     assert got == want
+    # the steps that prefilled a chunk while others decoded ran both in one (ragged) forward
+    assert llm.engine.stats.mixed_steps - mixed == sum(1 for pre, dec in trace if pre and set(dec) - set(pre)) > 0
     # the 37-token prompt took several steps of at most 8 tokens, while request 0 kept decoding
     long_steps = [k for k, (pre, dec) in enumerate(trace) if 1 in pre]
     assert len(long_steps) >= 5 and all(0 in trace[k][1] for k in long_steps[:3])
@@ -118,3 +121,22 @@ def test_bad_limits_are_refused(llm):
         Scheduler(llm.engine, max_num_batched_tokens=0)
     with pytest.raises(ConfigError, match="max-num-seqs"):
         Scheduler(llm.engine, max_num_seqs=0)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
+def test_mixed_steps_of_latent_attention_and_experts_give_the_alone_tokens(name, tmp_path):
+    """A ragged step (prompt chunks and decodes in one forward) through MLA's attention and a MoE
+    layer's routing (every token routed, none of them padding): each request's greedy tokens equal
+    the request run alone at float32."""
+    import hf_models
+
+    path, _ = hf_models.build(name, tmp_path)
+    model = LLM.load(path, ParallelConfig(), RuntimeConfig(show_progress=False, max_batch_size=4, max_seq_len=128, dtype="float32"))
+    try:
+        prompts = {0: [1, 5, 9, 2], 1: list(range(3, 30)), 2: [7, 7, 1, 4, 4]}
+        want = {i: _alone(model, p, GREEDY, 0) for i, p in prompts.items()}
+        s = Scheduler(model.engine, max_num_batched_tokens=6, prefix_reuse=False)
+        got, _ = _drive(s, {0: [Request(0, prompts[0], GREEDY, 0)], 2: [Request(1, prompts[1], GREEDY, 0)], 4: [Request(2, prompts[2], GREEDY, 0)]})
+        assert got == want and model.engine.stats.mixed_steps >= 5
+    finally:
+        model.close()

@@ -2,10 +2,13 @@
 
 One loop drives every entry point: a `Scheduler` (engine/scheduler.py) admits sequences,
 plans each step and aborts between steps; `generate()` runs one over its prompts (prefilled in
-one step, decoded until each finishes), a server over what arrives. A step prefills its prompt chunks (right-padded into one forward per
-distinct start position: causal attention never lets a real token see padding) and decodes
-its sequences (each at its own position, in its own slot; the fused CPU step when there is
-one), then samples one token for every sequence whose prompt is done. Finished sequences
+one step, decoded until each finishes), a server over what arrives. A step that only prefills
+runs its prompt chunks right-padded into one forward per distinct start position (causal
+attention never lets a real token see padding); one that only decodes runs its sequences (each
+at its own position, in its own slot) through the fused CPU step when there is one; one that
+does both runs them in a single ragged forward (model/step.py Ragged: all tokens in one row,
+attention per sequence), so that a prompt admitted mid-stream costs the running sequences no
+forward of their own. Then it samples one token for every sequence whose prompt is done. Finished sequences
 leave the batch and free their slot, so they cost nothing afterwards. Decode steps run inside
 `decode_context()` (the CPU kernel's thread handover), entered by the first decode step and
 left by the next prefill or `end_decode_run()`, so a run of decode steps enters it once.
@@ -26,7 +29,7 @@ from tp_runtime.engine.sequence import Chunk, Sequence, StepPlan, TokenEvent
 from tp_runtime.engine.stats import RunStats
 from tp_runtime.errors import GenerationError
 from tp_runtime.model.kv_cache import KVCache
-from tp_runtime.model.step import StepInfo
+from tp_runtime.model.step import Ragged, Segment, StepInfo
 
 
 class Engine:
@@ -139,13 +142,17 @@ class Engine:
         for s in plan.decode:
             if s.seq_id not in self.running or s.finished or not s.prefilled or s.cached != s.num_tokens - 1:
                 raise GenerationError(f"step plan: sequence {s.seq_id} is not ready to decode (cached {s.cached} of {s.num_tokens} tokens)")
-        starts = sorted({c.seq.cached for c in plan.prefill})
-        idle = self._agree(len(starts) + bool(plan.decode), "prefill" if starts else "decode") if self.group_sync else 0
-        if starts:
+        mixed = bool(plan.prefill and plan.decode)
+        starts = [] if mixed else sorted({c.seq.cached for c in plan.prefill})
+        forwards = 1 if mixed else len(starts) + bool(plan.decode)
+        idle = self._agree(forwards, "prefill" if plan.prefill else "decode") if self.group_sync else 0
+        if plan.prefill:
             self.end_decode_run()  # prefill's GEMMs want torch's threads back
+        if mixed:
+            events += self._mixed(plan.prefill, plan.decode)
         for start in starts:
             events += self._prefill([c for c in plan.prefill if c.seq.cached == start], start)
-        if plan.decode:
+        if plan.decode and not mixed:
             if self._decode_run is None:
                 self._decode_run = ExitStack()
                 self._decode_run.enter_context(self.decode_context())
@@ -232,9 +239,56 @@ class Engine:
         self.comm.stats.span("prefill", t0, t1, tokens=sum(lens))
         return events
 
-    def _decode(self, seqs: Seq[Sequence]) -> list[TokenEvent]:
+    def _mixed(self, chunks: Seq[Chunk], seqs: Seq[Sequence]) -> list[TokenEvent]:
+        """Prompt chunks and decodes in one forward: every linear layer multiplies all their
+        tokens at once, so the decoding sequences ride along with a prompt's GEMMs instead of
+        waiting for it and then reading every weight again in a forward of their own."""
+        self._check_fault()
+        t0 = time.perf_counter()
+        dev = self.device
+        tokens: list[int] = []
+        positions: list[int] = []
+        segments: list[Segment] = []
+        for c in chunks:
+            s = c.seq
+            segments.append(Segment(s.slot, s.cached, len(tokens), c.stop - s.cached))
+            tokens += s.prompt[s.cached : c.stop]
+            positions += range(s.cached, c.stop)
+        n_prefill = len(tokens)
+        done = [(c.seq, g.offset + g.length - 1) for c, g in zip(chunks, segments) if c.stop == len(c.seq.prompt)]
+        decode_pos = [s.num_tokens - 1 for s in seqs]
+        tokens += [s.output[-1] for s in seqs]
+        positions += decode_pos
+        dpos = torch.tensor(decode_pos, dtype=torch.long, device=dev)
+        ragged = Ragged(tuple(segments), n_prefill, dpos, torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev), dpos + 1, max(decode_pos) + 1)
+        rows = [r for _, r in done] + list(range(n_prefill, len(tokens)))
+        step = StepInfo(torch.tensor([positions], dtype=torch.long, device=dev), prefill=True, logit_rows=torch.tensor(rows, dtype=torch.long, device=dev), ragged=ragged)
+        with self.comm.stats.in_phase("mixed"):
+            logits = self.model(torch.tensor([tokens], dtype=torch.long, device=dev), step, self.cache)
+        for c in chunks:
+            c.seq.cached = c.stop
+        for s in seqs:
+            s.cached += 1
+        events = self._sample(logits, [s for s, _ in done] + list(seqs))
+        self._sync()
+        t1 = time.perf_counter()
+        # the step's time split between its prompt and decode tokens by their share of the rows
+        # (what the GEMMs, nearly all of it, scale with)
+        st, share = self.stats, n_prefill / len(tokens)
+        st.prompt_tokens += n_prefill
+        st.prefill_seconds += (t1 - t0) * share
+        st.decode_tokens += len(seqs)
+        st.decode_seconds += (t1 - t0) * (1 - share)
+        st.mixed_steps += 1
+        self.comm.stats.span("mixed step", t0, t1, tokens=n_prefill, decodes=len(seqs))
+        return events
+
+    def _check_fault(self) -> None:
         if self.fault is not None and self.fault == (self.comm.rank, self.stats.decode_steps):
             raise RuntimeError(f"injected fault on rank {self.comm.rank} at decode step {self.stats.decode_steps} (test hook)")
+
+    def _decode(self, seqs: Seq[Sequence]) -> list[TokenEvent]:
+        self._check_fault()
         t0 = time.perf_counter()
         tokens = [s.output[-1] for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]

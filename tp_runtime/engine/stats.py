@@ -11,7 +11,8 @@ class RunStats:
     prefill_seconds: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps (the first token comes from prefill)
     decode_seconds: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # decode-only steps
+    mixed_steps: int = 0  # steps that ran prompt chunks and decodes in one forward
     finish_reasons: list[str] = field(default_factory=list)
 
     @property

@@ -17,6 +17,43 @@ from tp_runtime.model.step import StepInfo
 from tp_runtime.sharding import HeadLayout
 
 
+def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, step: StepInfo, kv_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Write the step's keys and values into the cache and attend: q [batch, q_heads, seq, d],
+    k, v [batch, kv_heads, seq, d] (after RoPE) -> [batch, q_heads, seq, d]. A prefill chunk
+    attends causally over its own keys and the cached ones before it; a decode token over its
+    sequence's cached keys; a ragged step does both, per sequence."""
+    if step.ragged is not None:
+        return _attend_ragged(layer, q, k, v, cache, step, kv_map)
+    b, s = q.shape[0], q.shape[2]
+    if step.prefill:
+        cache.write_prefill(layer, k, v, step.start, step.slots)
+        if step.start:  # a later chunk of the prompt: attend over the cached start too
+            k, v = cache.layer(layer, b, step.slots, step.start + s)
+        return kernels.prefill_attention(q, k, v, kv_map, q_offset=step.start)
+    cache.write_decode(layer, k[:, :, 0], v[:, :, 0], step.positions[:, 0], step.slots)
+    # every slot: the kernel reads each sequence's rows
+    return kernels.decode_attention(q[:, :, 0], cache.k[layer], cache.v[layer], step.cache_lens, kv_map, step.max_len, step.slots).unsqueeze(2)
+
+
+def _attend_ragged(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, step: StepInfo, kv_map: torch.Tensor | None) -> torch.Tensor:
+    r = step.ragged
+    out = torch.empty_like(q)  # [1, q_heads, total, d]
+    for c in r.chunks:
+        rows = slice(c.offset, c.offset + c.length)
+        kc, vc = k[:, :, rows], v[:, :, rows]
+        cache.write_row(layer, c.slot, kc, vc, c.start)
+        if c.start:
+            kc, vc = cache.row(layer, c.slot, c.start + c.length)
+        out[:, :, rows] = kernels.prefill_attention(q[:, :, rows], kc, vc, kv_map, q_offset=c.start)
+    if r.positions is not None:
+        rows = slice(r.decode_offset, None)
+        kd, vd = k[0, :, rows].transpose(0, 1), v[0, :, rows].transpose(0, 1)  # [n_decode, kv_heads, d]
+        cache.write_decode(layer, kd, vd, r.positions, r.slots)
+        qd = q[0, :, rows].transpose(0, 1).contiguous()  # [n_decode, q_heads, d]
+        out[0, :, rows] = kernels.decode_attention(qd, cache.k[layer], cache.v[layer], r.cache_lens, kv_map, r.max_len, r.slots).transpose(0, 1)
+    return out
+
+
 class ParallelAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, heads: HeadLayout, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT) -> None:
         super().__init__()
@@ -55,20 +92,8 @@ class ParallelAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.apply_rope_qk_(q, k, cos, sin)  # in place, in the qkv output
-        kv_map = self.kv_head_of_q if self._kv_of_q else None
-        if step.prefill:
-            cache.write_prefill(self.layer, k, v, step.start, step.slots)
-            if step.start:  # a later chunk of the prompt: attend over the cached start too
-                k, v = cache.layer(self.layer, b, step.slots, step.start + s)
-            out = kernels.prefill_attention(q, k, v, kv_map, q_offset=step.start)  # [batch, q_local, seq, hd]
-            out = out.transpose(1, 2).reshape(b, s, self.q_heads_local * hd)
-        else:
-            pos = step.positions[:, 0]
-            cache.write_decode(self.layer, k[:, :, 0], v[:, :, 0], pos, step.slots)
-            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # every slot: the kernel reads its rows
-            out = kernels.decode_attention(q[:, :, 0], k_cache, v_cache, step.cache_lens, kv_map, step.max_len, step.slots)  # [batch, q_local, hd]
-            out = out.reshape(b, 1, self.q_heads_local * hd)
-        return self.o_proj(out)
+        out = attend(self.layer, q, k, v, cache, step, self.kv_head_of_q if self._kv_of_q else None)  # [batch, q_local, seq, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.q_heads_local * hd))
 
     def fused_problem(self) -> str | None:
         if self.q_norm is not None:

@@ -37,6 +37,16 @@ class KVCache:
         self.k[layer, rows, :, positions] = k
         self.v[layer, rows, :, positions] = v
 
+    def write_row(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        # k, v: [1, kv_heads_local, seq, head_dim], one sequence's keys at positions start..
+        s = k.shape[2]
+        self.k[layer, slot : slot + 1, :, start : start + s] = k
+        self.v[layer, slot : slot + 1, :, start : start + s] = v
+
+    def row(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's first `length` positions, [1, kv_heads_local, length, head_dim] views."""
+        return self.k[layer, slot : slot + 1, :, :length], self.v[layer, slot : slot + 1, :, :length]
+
     def layer(self, layer: int, batch: int, slots: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` positions (default all) of the batch's rows: a view for slots None,
         else a gathered copy."""

@@ -43,6 +43,7 @@ from torch import nn
 from tp_runtime import kernels
 from tp_runtime.communicator import Communicator
 from tp_runtime.config import ModelConfig
+from tp_runtime.model.attention import attend
 from tp_runtime.model.kv_cache import KVCache
 from tp_runtime.model.linear import FLOAT, LinearKinds
 from tp_runtime.model.norm import RMSNorm
@@ -102,19 +103,8 @@ class MlaAttention(nn.Module):
             q = q * self.q_scale
         k = torch.cat((kv[..., :nope], k_rot.expand(b, n, s, rope)), dim=-1)  # [batch, heads_local, seq, qk]
         v = F.pad(kv[..., nope:], (0, qk - self.v_dim))  # zeros up to the key's size: one cache layout
-        if step.prefill:
-            cache.write_prefill(self.layer, k, v, step.start, step.slots)
-            if step.start:  # a later chunk of the prompt: attend over the cached start too
-                k, v = cache.layer(self.layer, b, step.slots, step.start + s)
-            out = kernels.prefill_attention(q, k, v, None, q_offset=step.start)  # [batch, heads_local, seq, qk]
-            out = out[..., : self.v_dim].transpose(1, 2).reshape(b, s, n * self.v_dim)
-        else:
-            pos = step.positions[:, 0]
-            cache.write_decode(self.layer, k[:, :, 0], v[:, :, 0], pos, step.slots)
-            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # every slot: the kernel reads its rows
-            out = kernels.decode_attention(q[:, :, 0], k_cache, v_cache, step.cache_lens, None, step.max_len, step.slots)  # [batch, heads_local, qk]
-            out = out[..., : self.v_dim].reshape(b, 1, n * self.v_dim)
-        return self.o_proj(out)
+        out = attend(self.layer, q, k, v, cache, step)  # [batch, heads_local, seq, qk]
+        return self.o_proj(out[..., : self.v_dim].transpose(1, 2).reshape(b, s, n * self.v_dim))
 
     def fused_problem(self) -> str | None:
         return "multi-head latent attention (MLA) has no fused decode binding yet"

@@ -7,6 +7,34 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One prompt chunk of a ragged step: its tokens are rows offset..offset+length-1 of the
+    step's single row of tokens, at positions start..start+length-1 of cache row `slot`."""
+
+    slot: int
+    start: int
+    offset: int
+    length: int
+
+
+@dataclass
+class Ragged:
+    """A step of prompt chunks and decodes in one forward (vLLM's mixed batch): the tokens are
+    flattened into one row [1, total]; the chunks come first, then one token per decoding
+    sequence (rows decode_offset..total-1). Only attention needs to know where each sequence's
+    tokens are; every linear layer sees one matrix of all of them."""
+
+    chunks: tuple[Segment, ...]
+    decode_offset: int
+    # the decoding sequences' positions, cache rows and valid keys (int64 [n_decode]) and the
+    # longest of those on the host; None when the step decodes nothing
+    positions: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    cache_lens: torch.Tensor | None = None
+    max_len: int = 0
+
+
 @dataclass
 class StepInfo:
     # positions: [batch, seq] absolute position of every input token
@@ -25,3 +53,5 @@ class StepInfo:
     # prefill of prompts of different lengths: indices into batch*seq of the real tokens (the rest
     # pad the batch to its widest prompt); None: every token is real. Routing skips the padding.
     real_rows: torch.Tensor | None = None
+    # a mixed step (prefill chunks and decodes in one forward); batch is then 1
+    ragged: Ragged | None = None
