@@ -611,3 +611,38 @@ def test_a_repeated_long_prefix_answers_measurably_sooner(tmp_path):
         assert statistics.median(warm) < 0.4 * statistics.median(cold), (cold, warm)
     finally:
         assert s.stop() == 0
+
+
+def test_serve_attention_dp_spreads_requests_over_the_ranks(tmp_path):
+    """--moe ep --attention dp: each rank runs the requests of its own slots (the DeepSeek/Kimi
+    serving layout), their tokens shared each step: concurrent greedy requests over a Mixtral-
+    shaped model each equal the request run alone at tp=1 (float32), and the experts' all-to-
+    alls and the token all-gather ran."""
+    import hf_models
+    from tp_runtime.checkpoint.synthetic import train_byte_tokenizer
+
+    path, _ = hf_models.build("mixtral", tmp_path)
+    train_byte_tokenizer(300, path / "tokenizer.json")
+    llm = LLM.load(path, ParallelConfig(), RuntimeConfig(show_progress=False, max_seq_len=MAX_LEN, max_batch_size=1, dtype="float32"))
+    prompts = [PROMPT[: 6 + 5 * i] for i in range(5)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    want = [llm.tokenizer.decode([e.token_id for e in llm.generate([llm.encode(p)], params)], skip_special_tokens=True) for p in prompts]
+    llm.close()
+    s = Server(path, "--tp", "2", "--moe", "ep", "--attention", "dp", "--max-num-seqs", "4", "--dtype", "float32")
+    try:
+        got = [None] * len(prompts)
+
+        def one(i):
+            r = s.client().completions.create(model="mixtral", prompt=prompts[i], max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+            got[i] = r.choices[0].text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == want
+        assert s.metric('tp_runtime:collective_calls_total{op="all_gather",phase="decode",site="dp.step"}') > 0
+        assert s.metric('tp_runtime:collective_calls_total{op="all_to_all",phase="decode",site="layer.1.moe_dispatch"}') > 0
+    finally:
+        assert s.stop() == 0, s.proc.stderr.read()[-3000:]

@@ -138,7 +138,7 @@ def test_moe_collectives_per_step_match_the_runtime(model, p):
     """Per decode step, the runtime's rules (tests/test_moe.py asserts them on real ranks):
     --moe tp and --moe ep: 2 all-reduces per layer + 1 for the embedding (the eager step; none
     where the fused step looks rows up itself), 1 all-gather of logits, no all-to-all; --moe ep
-    --attention dp: 1 all-gather (the step agreement) and 3 all-to-alls per MoE layer, nothing
+    --attention dp: 1 all-gather (the step's tokens) and 3 all-to-alls per MoE layer, nothing
     else (no embedding collective either way)."""
     layers, sparse = model.layers, model.moe_layers
     want = {
@@ -172,8 +172,8 @@ def test_dp_bytes_of_the_exchange():
         q = sol.predict(m, H100, IDEAL, p, parallel="dp", batch=batch, act_bytes=act)
         by_site = {c.site: c.bytes for c in q.collectives}
         rows = local * m.active_experts * m.hidden * act * (p - 1) / p  # the busiest chip's routed rows that leave it
-        assert by_site == {"dp.step": 8 * p, "moe_counts": 8 * m.experts * (p - 1) / p, "moe_dispatch": rows, "moe_combine": rows}
-        assert q.comm_bytes_per_token == pytest.approx(8 * p + m.moe_layers * (8 * m.experts * (p - 1) / p + 2 * rows), rel=EXACT)
+        assert by_site == {"dp.step": 8 * batch * p, "moe_counts": 8 * m.experts * (p - 1) / p, "moe_dispatch": rows, "moe_combine": rows}
+        assert q.comm_bytes_per_token == pytest.approx(8 * batch * p + m.moe_layers * (8 * m.experts * (p - 1) / p + 2 * rows), rel=EXACT)
 
 
 def test_dp_reads_the_nonrouted_weights_whole_for_its_own_sequences():

@@ -82,8 +82,8 @@ Collectives (what this runtime issues; see tp_runtime/model/ and tp_runtime/engi
   the token's row up in the whole table itself: the runtime's fused CPU decode step, dense or
   MoE, reads it from the mapped checkpoint; the eager step all-reduces). The two modes differ
   only in what a chip reads and multiplies, not in what it sends.
-- parallel="dp", per step: 1 all-gather ("dp.step": the chips agree how many forwards the
-  step takes; the runtime adds one more when every chip is done, not counted per step) and,
+- parallel="dp", per step: 1 all-gather ("dp.step": each chip's sampled tokens, one int64
+  per sequence slot of the batch, so that every chip holds every sequence as it is) and,
   per MoE layer, 3 all-to-alls: "moe_counts" (each chip's per-expert token counts to the
   experts' chips, int64), "moe_dispatch" (each routed token's hidden state to its expert's
   chip) and "moe_combine" (the expert outputs back). No all-reduce, no logit all-gather (each
@@ -94,7 +94,7 @@ Collectives (what this runtime issues; see tp_runtime/model/ and tp_runtime/engi
   the runtime gathers float32 logits) for the "lm_head" all-gather; under "dp", for the
   dispatch and the combine, the busiest chip's routed rows that leave it: ceil(b/p) x k x
   hidden x act_bytes x (p-1)/p (uniform routing: 1/p of them stay on the chip), for
-  "moe_counts" 8 x E x (p-1)/p and for "dp.step" 8 x p. It matters at small models and slow
+  "moe_counts" 8 x E x (p-1)/p and for "dp.step" 8 x b x p. It matters at small models and slow
   links.
 - Time of one collective: steps x alpha + bytes / link_bandwidth. The bandwidth term is the
   message size over the link, the lower bound of every algorithm: ring's 2(p-1)/p factor and
@@ -774,7 +774,7 @@ def predict(
         leave = (p - 1) / p
         rows = local * k * model.hidden * act_bytes * leave
         plan += [
-            ("dp.step", "all_gather", 1, 8.0 * p),
+            ("dp.step", "all_gather", 1, 8.0 * batch * p),
             ("moe_counts", "all_to_all", model.moe_layers, 8.0 * e * leave),
             ("moe_dispatch", "all_to_all", model.moe_layers, rows),
             ("moe_combine", "all_to_all", model.moe_layers, rows),

@@ -345,8 +345,6 @@ def serve(args: argparse.Namespace) -> int:
     from tp_runtime.serve.server import run_serve
 
     runtime = _runtime(args, args.max_num_seqs)
-    if runtime.attention == "dp":  # the leader plans every rank's step; dp would need requests per rank
-        raise ConfigError("tp-run serve --attention dp is not supported yet: the server's ranks run one batch together; use --attention tp (with --moe ep or tp)")
     if args.workers:
         from tp_runtime.launch.coordinator import parse_workers, run_with_workers
         from tp_runtime.launch.worker import load_secret

@@ -60,11 +60,9 @@ class Engine:
         self.free_slots = list(range(max_batch))
         self.running: dict[int, Sequence] = {}
         self._decode_run: ExitStack | None = None  # decode_context, open across decode-only steps
-        # --attention dp: each rank runs its own sequences, and every forward meets the other
-        # ranks' in the experts' all-to-alls; so each step the ranks agree on how many forwards
-        # it takes (one small all-gather), and a rank with fewer makes up the rest as idle passes
+        # --attention dp: each rank runs the sequences of the slots it owns (slot % world), and
+        # every forward meets the other ranks' in the experts' all-to-alls (Engine.step)
         self.group_sync = cfg.moe is not None and cfg.moe.data_parallel and comm.world_size > 1
-        self.group_idle = False  # the last agreement found no forward on any rank
 
     @property
     def last_stats(self) -> RunStats:
@@ -142,40 +140,67 @@ class Engine:
         for s in plan.decode:
             if s.seq_id not in self.running or s.finished or not s.prefilled or s.cached != s.num_tokens - 1:
                 raise GenerationError(f"step plan: sequence {s.seq_id} is not ready to decode (cached {s.cached} of {s.num_tokens} tokens)")
-        mixed = bool(plan.prefill and plan.decode)
-        starts = [] if mixed else sorted({c.seq.cached for c in plan.prefill})
-        forwards = 1 if mixed else len(starts) + bool(plan.decode)
-        idle = self._agree(forwards, "prefill" if plan.prefill else "decode") if self.group_sync else 0
-        if plan.prefill:
-            self.end_decode_run()  # prefill's GEMMs want torch's threads back
-        if mixed:
-            events += self._mixed(plan.prefill, plan.decode)
-        for start in starts:
-            events += self._prefill([c for c in plan.prefill if c.seq.cached == start], start)
-        if plan.decode and not mixed:
-            if self._decode_run is None:
-                self._decode_run = ExitStack()
-                self._decode_run.enter_context(self.decode_context())
-            events += self._decode(plan.decode)
+        if not self.group_sync:
+            return self._run(plan)
+        # --attention dp: this rank runs the sequences whose slots it owns; a rank with fewer
+        # forwards than another makes up the rest as idle passes (every forward meets the
+        # others' in the experts' all-to-alls); then the step's tokens are shared
+        world, rank = self.comm.world_size, self.comm.rank
+        parts = [StepPlan(tuple(c for c in plan.prefill if c.seq.slot % world == r), tuple(q for q in plan.decode if q.slot % world == r)) for r in range(world)]
+        mine = parts[rank]
+        idle = max(_forwards(p) for p in parts) - _forwards(mine)
+        events = self._run(mine)
         if idle:
             with self.comm.stats.in_phase("idle"):
                 for _ in range(idle):
                     self.model.idle_pass()
+        return events + self._share_tokens(plan, mine, events)
+
+    def _run(self, plan: StepPlan) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        mixed = bool(plan.prefill and plan.decode)
+        if plan.prefill:
+            self.end_decode_run()  # prefill's GEMMs want torch's threads back
+        if mixed:
+            return self._mixed(plan.prefill, plan.decode)
+        for start in sorted({c.seq.cached for c in plan.prefill}):
+            events += self._prefill([c for c in plan.prefill if c.seq.cached == start], start)
+        if plan.decode:
+            if self._decode_run is None:
+                self._decode_run = ExitStack()
+                self._decode_run.enter_context(self.decode_context())
+            events += self._decode(plan.decode)
         return events
 
-    def _agree(self, forwards: int, phase: str) -> int:
-        """--attention dp: every rank's number of forwards this step; returns how many idle
-        passes this rank adds to reach the most (group_idle: no rank has any)."""
-        with self.comm.stats.in_phase(phase):
-            counts = self.comm.all_gather(torch.tensor([forwards], dtype=torch.int64, device=self.device), dim=0, site="dp.step")
-        most = int(counts.max())
-        self.group_idle = most == 0
-        return most - forwards
-
-    @property
-    def group_busy(self) -> bool:
-        """Whether another rank may still run forwards this rank must meet (--attention dp)."""
-        return self.group_sync and not self.group_idle
+    def _share_tokens(self, plan: StepPlan, mine: StepPlan, events: list[TokenEvent]) -> list[TokenEvent]:
+        """--attention dp: every rank's tokens of this step to every rank (one all-gather of a
+        token per slot), so that each holds every sequence as it is (rank 0 hands them to the
+        server's requests; the scheduler sees every finish); the other ranks' sequences advance
+        here as they did on their own rank. Their events, in plan order."""
+        theirs = [c for c in plan.prefill if c not in mine.prefill]
+        decode = [q for q in plan.decode if q not in mine.decode]
+        picking = [c.seq for c in theirs if c.stop == len(c.seq.prompt)] + decode
+        if not any(c.stop == len(c.seq.prompt) for c in plan.prefill) and not plan.decode:
+            for c in theirs:
+                c.seq.cached = c.stop
+            return []  # only mid-prompt chunks this step: no rank picked a token
+        mine_tokens = torch.full((self.max_batch,), -1, dtype=torch.int64)
+        slot_of = {q.seq_id: q.slot for q in [c.seq for c in mine.prefill] + list(mine.decode)}
+        for e in events:
+            mine_tokens[slot_of[e.seq]] = e.token_id
+        with self.comm.stats.in_phase("decode" if plan.decode else "prefill"):
+            tokens = self.comm.all_gather(mine_tokens.to(self.device), dim=0, site="dp.step").view(-1, self.max_batch).cpu()
+        world = self.comm.world_size
+        for c in theirs:
+            c.seq.cached = c.stop
+        for q in decode:
+            q.cached += 1
+        out = []
+        for q in picking:
+            out.append(q.append(int(tokens[q.slot % world, q.slot])))
+            if q.finished:
+                self.release(q)
+        return out
 
     def end_decode_run(self) -> None:
         """Leave decode_context (entered by the first decode step after a prefill or a pause);
@@ -326,3 +351,11 @@ class Engine:
             logits = self.model(ids, StepInfo(positions, prefill=True, start=0, slots=slots, real_rows=self._real_rows([len(p) for p in prompts])), self.cache)
         logits = logits.view(len(prompts), width, -1)
         return [logits[i, : len(p)] for i, p in enumerate(prompts)]
+
+
+def _forwards(plan: StepPlan) -> int:
+    """How many forwards Engine._run makes of a plan: one mixed, or one per distinct prefill
+    start and one decode."""
+    if plan.prefill and plan.decode:
+        return 1
+    return len({c.seq.cached for c in plan.prefill}) + bool(plan.decode)

@@ -163,7 +163,7 @@ class Scheduler:
     def step(self) -> tuple[list[TokenEvent], StepChanges]:
         """Schedule and run one step; its token events and the changes it was made of."""
         plan, changes = self.schedule()
-        events = self.engine.step(plan) if plan or self.engine.group_sync else []  # (dp: an empty step still meets the others')
+        events = self.engine.step(plan) if plan else []
         self.retire()
         return events, changes
 
@@ -182,9 +182,20 @@ class Scheduler:
             self._freed.remove(seq.slot)
         self._freed.append(seq.slot)
 
+    def _load_first(self, slot: int):
+        """A sort key for free slots: under --attention dp the slot of the rank running the fewest
+        sequences first (a rank runs the slots slot % world == rank); then by slot, or by when it
+        was freed (the order of self._freed)."""
+        order = self._freed.index(slot) if slot in self.slot_tokens else slot
+        if not self.engine.group_sync:
+            return (0, order)
+        world = self.engine.comm.world_size
+        return (sum(1 for q in self.running.values() if q.slot % world == slot % world), order)
+
     def _slot_for(self, prompt: list[int]) -> tuple[int, int]:
         """A free slot and how many of the prompt's leading tokens it already holds: the slot
-        with the longest common prefix; else one holding nothing, else the least recently freed."""
+        with the longest common prefix; else one holding nothing, else the least recently freed
+        (under --attention dp: of the least busy rank)."""
         free = self.engine.free_slots
         best, best_len = None, 0
         if self.prefix_reuse:
@@ -194,6 +205,6 @@ class Scheduler:
                     best, best_len = slot, n
         if best is None:
             empty = [s for s in free if s not in self.slot_tokens]
-            best = min(empty) if empty else next(s for s in self._freed if s in free)
+            best = min(empty, key=self._load_first) if empty else min((s for s in self._freed if s in free), key=self._load_first)
         self.slot_tokens.pop(best, None)  # its rows from `reused` on are overwritten
         return best, min(best_len, len(prompt) - 1)  # at least one token to prefill: its logits
