@@ -131,6 +131,21 @@ def alone(chat_model):
 PROMPT = "the quick brown fox jumps over"
 
 
+def _concurrently(n: int, request) -> list:
+    """request(i) for i < n, all at once, each in its own thread; their results in order."""
+    got = [None] * n
+
+    def one(i):
+        got[i] = request(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return got
+
+
 def test_completion_equals_the_request_run_alone_streamed_or_not(server, alone):
     c = server.client()
     ids = alone.llm.encode(PROMPT)
@@ -167,17 +182,8 @@ def test_concurrent_requests_each_get_what_they_get_alone(server, alone):
     to itself run alone; their prompts differ in length, so prefill chunks interleave."""
     prompts = [PROMPT[: 5 + 4 * i] for i in range(6)]
     want = [alone(alone.llm.encode(p), max_new_tokens=10, temperature=0.9, top_p=0.95, seed=i)[1] for i, p in enumerate(prompts)]
-    got = [None] * len(prompts)
-
-    def one(i):
-        r = server.client().completions.create(model="tiny", prompt=prompts[i], max_tokens=10, temperature=0.9, top_p=0.95, seed=i, extra_body={"ignore_eos": True})
-        got[i] = r.choices[0].text
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    got = _concurrently(len(prompts), lambda i: server.client().completions.create(
+        model="tiny", prompt=prompts[i], max_tokens=10, temperature=0.9, top_p=0.95, seed=i, extra_body={"ignore_eos": True}).choices[0].text)
     assert got == want
 
 
@@ -630,17 +636,8 @@ def test_serve_attention_dp_spreads_requests_over_the_ranks(tmp_path):
     llm.close()
     s = Server(path, "--tp", "2", "--moe", "ep", "--attention", "dp", "--max-num-seqs", "4", "--dtype", "float32")
     try:
-        got = [None] * len(prompts)
-
-        def one(i):
-            r = s.client().completions.create(model="mixtral", prompt=prompts[i], max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
-            got[i] = r.choices[0].text
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        got = _concurrently(len(prompts), lambda i: s.client().completions.create(
+            model="mixtral", prompt=prompts[i], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}).choices[0].text)
         assert got == want
         assert s.metric('tp_runtime:collective_calls_total{op="all_gather",phase="decode",site="dp.step"}') > 0
         assert s.metric('tp_runtime:collective_calls_total{op="all_to_all",phase="decode",site="layer.1.moe_dispatch"}') > 0
