@@ -101,7 +101,9 @@ def run_with_workers(
     model = open_model(model_dir)  # a Hugging Face folder or a GGUF file, checked before any worker is contacted
     cfg, index = runtime.split_config(model.cfg), model.index
     tp = len(workers) + 1
-    sharding.check_tp(cfg, tp)
+    if runtime.shares == "auto":  # the slices are streamed before the ranks could measure anything
+        raise ConfigError("--shares auto is not available over tp-workers yet: give each rank's weight, e.g. --shares 3,1")
+    sharding.check_job(cfg, tp)
     fp = fingerprint(model_dir, index)
     entries = validate(index, cfg)
     gen_cfg_path = Path(model_dir) / "generation_config.json"  # a GGUF file's are in its metadata, hence in the config

@@ -271,6 +271,9 @@ class ModelConfig:
     # DeepSeek-V3 / Kimi K2: multi-head latent attention; head_dim is then qk_nope + qk_rope (a
     # key's size) and num_kv_heads num_heads (every q head has its own key and value)
     mla: MlaConfig | None = None
+    # each rank's share of the heads, MLP features, vocabulary and experts (--shares), by rank;
+    # None: equal shares. Read by sharding.py wherever a split over as many ranks is made.
+    shares: tuple[float, ...] | None = None
 
     @property
     def rope_head_dim(self) -> int:
@@ -516,6 +519,8 @@ class RuntimeConfig:
     # decode on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
     # buffers), "eager" (the model's forward), "auto": fused wherever it applies
     decode_step: str = "auto"
+    # --shares: "auto" (each rank's measured GEMV rate at load), or a weight per rank; None: equal
+    shares: str | tuple[float, ...] | None = None
     moe: str = "tp"  # MOE_PARALLEL: a MoE model's experts sliced over ranks, or whole experts per rank
     attention: str = "tp"  # ATTENTION_PARALLEL: a MoE model's attention split by heads, or replicated with sequences per rank
     comm: CommConfig = CommConfig()
@@ -547,6 +552,10 @@ class RuntimeConfig:
         for flag, v in (("max_device_memory", self.max_device_memory), ("max_host_memory", self.max_host_memory)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
+        if isinstance(self.shares, str) and self.shares != "auto":
+            raise ConfigError(f"--shares {self.shares!r}: 'auto' or one positive weight per rank (e.g. 3,1)")
+        if isinstance(self.shares, (tuple, list)) and (not self.shares or any(not math.isfinite(w) or w <= 0 for w in self.shares)):
+            raise ConfigError(f"--shares {','.join(map(str, self.shares))}: every weight must be a positive number")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be positive, got {self.max_batch_size}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
@@ -562,6 +571,8 @@ class RuntimeConfig:
             raise ConfigError(f"--attention dp splits a mixture-of-experts model's experts over the ranks; {cfg.architecture} has none (use tensor parallelism)")
         if cfg.moe is not None and (cfg.moe.parallel, cfg.moe.attention) != (self.moe, self.attention):
             cfg = replace(cfg, moe=replace(cfg.moe, parallel=self.moe, attention=self.attention))
+        if isinstance(self.shares, (tuple, list)):  # ("auto" is measured at load: LLM.load)
+            cfg = replace(cfg, shares=tuple(float(w) for w in self.shares))
         return cfg
 
     def for_job(self) -> dict[str, Any]:

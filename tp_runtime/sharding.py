@@ -64,6 +64,20 @@ def split_ranges(total: int, parts: int, weights: Sequence[float] | None = None,
     return ranges
 
 
+def shares(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None) -> Sequence[float] | None:
+    """The split weights of a split over tp ranks: those given, else the config's --shares when
+    it has one per rank (a split over another count, such as the dense parts' world of 1
+    under --attention dp, is even)."""
+    if weights is None and cfg.shares is not None and len(cfg.shares) == tp:
+        return cfg.shares
+    return weights
+
+
+def vocab_ranges(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None) -> list[tuple[int, int]]:
+    """Every rank's vocabulary rows [lo, hi)."""
+    return split_ranges(cfg.vocab_size, tp, shares(cfg, tp, weights))
+
+
 def dense_split(cfg: ModelConfig, tp: int, rank: int) -> tuple[int, int]:
     """(ranks, rank) over which the dense parts (attention, embedding, head, dense MLPs, shared
     experts) are split: the group's, or (1, 0) under --attention dp, where every rank holds
@@ -84,6 +98,13 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     if cfg.moe is not None and cfg.moe.parallel == "ep" and cfg.moe.num_experts < tp:
         raise ShardingError(f"--moe ep gives each rank whole experts, and this {cfg.architecture} has {cfg.moe.num_experts} experts "
                             f"for {tp} ranks; use --moe tp or at most {cfg.moe.num_experts} ranks")
+
+
+def check_job(cfg: ModelConfig, world: int) -> None:
+    """check_tp for a job of `world` ranks, and its --shares: one weight per rank."""
+    check_tp(cfg, world)
+    if cfg.shares is not None and len(cfg.shares) != world:
+        raise ShardingError(f"--shares gives {len(cfg.shares)} weights ({','.join(f'{w:g}' for w in cfg.shares)}) for {world} ranks; give one per rank")
 
 
 @dataclass(frozen=True)
@@ -116,6 +137,7 @@ class HeadLayout:
 
 def head_layout(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> HeadLayout:
     check_tp(cfg, tp)
+    weights = shares(cfg, tp, weights)
     q_start, q_stop = split_ranges(cfg.num_heads, tp, weights)[rank]
     if q_stop == q_start:
         raise ShardingError(f"split weights {list(weights or [])} leave rank {rank} without attention heads; every rank needs at least one")
@@ -132,6 +154,7 @@ def mlp_unit(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None, 
     inside blocks are decoded)."""
     u = cfg.mlp_unit
     total = cfg.intermediate_size if total is None else total
+    weights = shares(cfg, tp, weights)
     if u > 1 and total % u == 0 and all(split_sizes(total, tp, weights, u)):
         return u
     return 1
@@ -139,6 +162,7 @@ def mlp_unit(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None, 
 
 def _feature_range(total: int, what: str, cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None, unit: int | None = None) -> tuple[int, int]:
     """`total` features split over tp in whole `unit`s (None: mlp_unit's choice); rank's range."""
+    weights = shares(cfg, tp, weights)
     if unit is None:
         unit = mlp_unit(cfg, tp, weights, total)
     lo, hi = split_ranges(total, tp, weights, unit)[rank]
@@ -154,6 +178,7 @@ def expert_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] 
     if moe.parallel == "tp":
         return 0, moe.num_experts
     check_tp(cfg, tp)
+    weights = shares(cfg, tp, weights)
     lo, hi = split_ranges(moe.num_experts, tp, weights)[rank]
     if lo == hi:
         raise ShardingError(f"--moe ep: split weights {list(weights or [])} leave rank {rank} without an expert")
@@ -189,12 +214,12 @@ def intermediate_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[f
 
 def vocab_range(cfg: ModelConfig, tp: int, rank: int, weights: Sequence[float] | None = None) -> tuple[int, int]:
     check_tp(cfg, tp)
-    return split_ranges(cfg.vocab_size, tp, weights)[rank]
+    return vocab_ranges(cfg, tp, weights)[rank]
 
 
 def vocab_shard_padded(cfg: ModelConfig, tp: int, weights: Sequence[float] | None = None) -> int:
     """Rows every rank's LM head shard is padded to, so that logits all-gather in equal pieces."""
-    return max(split_sizes(cfg.vocab_size, tp, weights))
+    return max(split_sizes(cfg.vocab_size, tp, shares(cfg, tp, weights)))
 
 
 class Parallel(enum.Enum):

@@ -57,6 +57,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _shares(text: str):
+    from tp_runtime.engine import shares
+
+    try:
+        return shares.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tp-run", description="Tensor-parallel inference for Llama-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +149,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="a mixture-of-experts model's attention and dense parts: split by heads (tp) or whole on every rank, each rank running its own "
              "sequences and reaching the experts (--moe ep) through all-to-all (dp: the DeepSeek/Kimi serving layout)",
     )
+    p.add_argument(
+        "--shares", type=_shares, default=None, metavar="auto|W0,W1,...",
+        help="each rank's share of the heads, MLP, vocabulary and experts, for machines of unequal speed: a weight per rank (3,1), or auto "
+             "(each rank's GEMV rate measured at load); default equal",
+    )
     p.add_argument("--max-seq-len", type=int, default=None, help="context size of the KV cache (default: min(model max, 4096))")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences the KV cache holds (default: the number of prompts)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present, else cpu)")
@@ -169,6 +183,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         decode_step=args.decode_step,
         moe=args.moe,
         attention=args.attention,
+        shares=args.shares,
         max_device_memory=args.max_device_memory,
         max_host_memory=args.max_host_memory,
         offload_dir=args.offload_dir,
@@ -235,6 +250,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             "decode_seconds": stats.decode_seconds,
             "load_seconds": llm.load_seconds,
             "tp": parallel.world_size,
+            "shares": list(llm.cfg.shares) if llm.cfg.shares else None,
             "dtype": llm.dtype,
             "device": str(llm.engine.device),
             "transport": llm.comm.transport,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -33,6 +34,7 @@ from tp_runtime.engine.sequence import TokenEvent
 from tp_runtime.engine.memory import FIELDS as MEMORY_FIELDS
 from tp_runtime.engine.memory import rank_memory, rss_bytes
 from tp_runtime.engine.offload import attach_streaming
+from tp_runtime.engine import shares
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import CheckpointError, ConfigError
 from tp_runtime import kernels
@@ -193,7 +195,7 @@ class LLM:
         t0 = time.perf_counter()
         files = open_model(model_dir)  # config, tensor records, tokenizer: headers only
         cfg = runtime.split_config(files.cfg)
-        sharding.check_tp(cfg, parallel.world_size)
+        sharding.check_job(cfg, parallel.world_size)
         max_seq_len = runtime.resolve_max_seq_len(cfg)
         device = pick_device(runtime, parallel)
         if device.type == "cuda":  # pinned buffers and mem_get_info act on the current device
@@ -217,8 +219,17 @@ class LLM:
         plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len, placement.stored_blocks(files.index) if keeps_blocks else None)
 
         owns_comm = comm is None
+        auto_shares = runtime.shares == "auto" and parallel.world_size > 1
         if comm is None:
-            comm = create_communicator(parallel, device, runtime.comm, decode_message_bytes(cfg, parallel.world_size, runtime.max_batch_size, dtype))
+            # (under --shares auto a rank's vocabulary share is not known yet: room for all of it)
+            comm = create_communicator(parallel, device, runtime.comm, decode_message_bytes(cfg, 1 if auto_shares else parallel.world_size, runtime.max_batch_size, dtype))
+        if auto_shares:
+            cfg = replace(cfg, shares=shares.measured(comm, device))
+            sharding.check_job(cfg, parallel.world_size)
+            entries = validate(index, cfg, parallel.world_size, parallel.rank)
+            plan = plan_for(cfg, parallel, runtime, device, dtype_name, max_seq_len, placement.stored_blocks(files.index) if keeps_blocks else None)
+        if cfg.shares is not None and parallel.rank == 0:
+            log.info("shares of the split by rank: %s", shares.describe(cfg.shares, parallel.world_size))
         # --attention dp: the dense parts are whole on every rank, their "collectives" a world of 1
         dense_comm = LocalCommunicator() if cfg.moe is not None and cfg.moe.data_parallel else None
         with torch.device("meta"):

@@ -120,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.heads = sharding.head_layout(cfg, tp, rank)
         lo, hi = sharding.intermediate_range(cfg, tp, rank)
-        vocab_ranges = sharding.split_ranges(cfg.vocab_size, tp)
+        vocab_ranges = sharding.vocab_ranges(cfg, tp)
         self.embed_tokens = linears.embedding(vocab_ranges, sharding.vocab_shard_padded(cfg, tp), rank, cfg.hidden_size, dtype, comm, site="embed")
         self._layer_args = (cfg, self.heads, hi - lo)
         self._dtype, self._comm, self._linears = dtype, comm, linears
