@@ -90,7 +90,9 @@ def test_int8_row_with_block_quantised_activations(n, k):
 @pytest.mark.skipif(not cpu_gemv.has_int8_dot(), reason="the int8 path needs AVX512-VNNI")
 def test_int8_decode_follows_the_int8_prefill(tmp_path):
     """Decode (one row: int8 activations, VNNI) against prefill (many rows: bf16 GEMM) on the
-    same int8 model: at >= 95% of 64 positions the decoded token is the prefill's argmax."""
+    same int8 model: at >= 90% of 64 positions the decoded token is the prefill's argmax, and
+    where not, the prefill's best leads by under 1% of max |logit| (this random model's
+    near-ties; the int8 LM head rounds the activations in both, another rounding to part on)."""
     from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
     from tp_runtime.config import ParallelConfig, RuntimeConfig
     from tp_runtime.engine.llm import LLM
@@ -104,8 +106,11 @@ def test_int8_decode_follows_the_int8_prefill(tmp_path):
     prompt = [3, 14, 15, 92, 65]
     out = [e.token_id for e in llm.generate([prompt], SamplingParams(max_new_tokens=64, ignore_eos=True))]
     logits = llm.prompt_logits([prompt + out[:-1]])[0]
-    agree = (logits[len(prompt) - 1 :].argmax(-1) == torch.tensor(out)).float().mean().item()
-    assert agree >= 0.95, f"{agree:.1%}"
+    scored = logits[len(prompt) - 1 :]
+    agree = (scored.argmax(-1) == torch.tensor(out)).float().mean().item()
+    assert agree >= 0.9, f"{agree:.1%}"
+    lead = scored.max(-1).values - scored.gather(-1, torch.tensor(out)[:, None])[:, 0]
+    assert lead.max().item() <= 0.01 * scored.abs().max().item()
 
 
 def test_kernels_refuse_bad_sizes_instead_of_trusting_the_caller():

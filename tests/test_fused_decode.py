@@ -199,23 +199,37 @@ def biased_model(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("biased") / "llama", cfg, seed=5, tokenizer_vocab=300)
 
 
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    """Tied embeddings, hidden 128 and head_dim 32: int8's and int4's kernels both apply."""
+    from test_quant import SHAPE, conditioned_checkpoint
+
+    return conditioned_checkpoint(tmp_path_factory.mktemp("tied") / "llama", tie_word_embeddings=True, **SHAPE)
+
+
 CASES = {  # model, runtime flags -> logits tolerance against the eager step (same weights, same cache)
     "float32": ("small", dict(dtype="float32"), 1e-4),
     "bfloat16": ("small", dict(dtype="bfloat16"), 0.05),
-    "int8": ("small", dict(dtype="float32", quantize="int8"), 1e-4),
+    "int8": ("small", dict(dtype="float32", quantize="int8"), 1e-4),  # the int8 LM head and embedding too
     "biases float32": ("biased", dict(dtype="float32"), 1e-4),
     "biases bfloat16": ("biased", dict(dtype="bfloat16"), 0.05),
+    # one quantized table for the embedding and the head; float32 logits from it either way
+    "int8 tied bfloat16": ("tied", dict(dtype="bfloat16", quantize="int8"), 0.05),
+    "int4 tied float32": ("tied", dict(dtype="float32", quantize="int4"), 1e-4),
+    "int4 tied bfloat16": ("tied", dict(dtype="bfloat16", quantize="int4"), 0.05),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_step_gives_the_eager_step_logits(small_model, biased_model, case):
+def test_fused_step_gives_the_eager_step_logits(small_model, biased_model, tied_model, case):
     model, flags, atol = CASES[case]
-    if flags.get("quantize") and not cpu_gemv.has_int8_dot():
+    if flags.get("quantize") == "int8" and not cpu_gemv.has_int8_dot():
         pytest.skip("the int8 GEMV needs AVX512-VNNI")
-    llm = _load(small_model if model == "small" else biased_model, **flags)
+    llm = _load({"small": small_model, "biased": biased_model, "tied": tied_model}[model], **flags)
     eng = llm.engine
     assert eng.fused_decode is not None
+    if flags.get("quantize"):  # the quantized head's logits are gathered as it gives them
+        assert eng.fused_decode.pieces.dtype == torch.float32
     prompt = [5, 9, 2, 7, 11]
     tok, pos = int(eng.prompt_logits([prompt])[0][-1].argmax()), len(prompt)
     for _ in range(10):
@@ -269,8 +283,37 @@ class NewStorages(TorchDispatchMode):
         return out
 
 
-def test_decode_step_allocates_nothing_after_warm_up(small_model):
-    llm = _load(small_model, dtype="bfloat16")
+def assert_stored_rows_give_the_loaded_rows(embedding_cls, values: torch.Tensor, stored: dict, model_dtype: torch.dtype) -> None:
+    """A quantising embedding: each row as the checkpoint stores it (stored: what -> (rows,
+    storage type or None for floats)) looked up as the fused step does gives the loaded row bit
+    for bit, allocating nothing."""
+    from types import SimpleNamespace
+
+    from tp_runtime.kernels import cpu_quant
+
+    n, hidden = values.shape
+    for what, (rows, storage) in stored.items():
+        table = rows if storage is None else cpu_quant.dequantize_(rows, storage, torch.empty(n, hidden))  # what the loader hands over
+        embed = embedding_cls([(0, n), (n, n + 23)], n, 0, hidden, model_dtype, SimpleNamespace(rank=0, world_size=2), "embed")
+        embed.init_buffers()
+        embed.load_weight("weight", table, None)
+        want, got = torch.empty(1, hidden, dtype=model_dtype), torch.empty(1, hidden, dtype=model_dtype)
+        for i in range(n):
+            embed.row_into_(i, want[0])
+            mode = NewStorages()
+            with mode:
+                embed.stored_row_into_(rows[i : i + 1], storage, got)
+            assert torch.equal(got, want) and torch.equal(want[0], embed.lookup(torch.tensor([i]))[0]), (what, i)
+            assert mode.ops == [], (what, mode.ops)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_decode_step_allocates_nothing_after_warm_up(small_model, tied_model, quantize):
+    """Float; int8 and int4, whose embedding rows are int8 (dequantised through a scratch row)
+    or Q8_0 blocks, and whose LM head writes float32 logits."""
+    if quantize == "int8" and not cpu_gemv.has_int8_dot():
+        pytest.skip("the int8 GEMV needs AVX512-VNNI")
+    llm = _load(tied_model if quantize else small_model, dtype="bfloat16", quantize=quantize)
     eng = llm.engine
     sampler, params = Sampler(), SamplingParams()
     prompt = [5, 9, 2, 7]

@@ -1,5 +1,6 @@
 """--quantize int4: float checkpoints quantised at load into GGML Q4_0 blocks (per 32 values,
-round to nearest) and multiplied by the native block kernels."""
+round to nearest) and multiplied by the native block kernels; the embedding and LM head into
+Q8_0 blocks (8 bits, as llama.cpp keeps them)."""
 
 import gguf
 import numpy as np
@@ -18,7 +19,7 @@ from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import ConfigError
 from tp_runtime.kernels import cpu_quant
 from tp_runtime.model import int4
-from tp_runtime.model.int4 import Int4ColumnParallelLinear, Int4RowParallelLinear, quantize_q4_0
+from tp_runtime.model.int4 import Int4ColumnParallelLinear, Int4ParallelLMHead, Int4RowParallelLinear, Int4VocabParallelEmbedding, quantize_q4_0, quantize_q8_0
 
 pytestmark = pytest.mark.skipif(not cpu_quant.supported("Q4_0"), reason="the block kernels need a C compiler")
 
@@ -40,9 +41,21 @@ def test_quantisation_is_gguf_s_q4_0_bit_for_bit(w):
     assert np.array_equal(quantize_q4_0(torch.from_numpy(w)).numpy(), want)
 
 
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 4).map(lambda g: 32 * g)),
+              elements=st.floats(-1e4, 1e4, width=32) | st.sampled_from([0.0, -0.0, 1e-30])))
+def test_vocab_quantisation_is_gguf_s_q8_0_bit_for_bit(w):
+    """The embedding's and LM head's Q8_0 (halves rounded away from zero, as gguf-py does)."""
+    with np.errstate(all="ignore"):
+        want = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(quantize_q8_0(torch.from_numpy(w)).numpy(), want)
+
+
 def test_rows_of_partial_groups_are_refused():
     with pytest.raises(ValueError, match="whole 32-value groups; a row has 40"):
         quantize_q4_0(torch.zeros(2, 40))
+    with pytest.raises(ValueError, match="whole 32-value groups; a row has 40"):
+        quantize_q8_0(torch.zeros(2, 40))
 
 
 def _load(path, **kw):
@@ -68,16 +81,24 @@ def test_int4_holds_q4_0_blocks_of_each_slice_and_the_planner_counts_them(hf_che
     assert sum(plan.layers) == held + norms + biases
 
 
+def _round_through(w: torch.Tensor, qtype) -> None:
+    """w <- its values quantised by gguf-py into `qtype` and decoded again."""
+    blocks = gguf.quants.quantize(w.float().numpy(), qtype)
+    w.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).reshape(w.shape))
+
+
 def test_int4_follows_its_dequantised_weights(hf_checkpoints):
     """Prefill multiplies the decoded blocks in float: the logits of a float model holding the
-    Q4_0-rounded weights. Decode's native GEMV rounds the activations to int8 per block: its
-    greedy tokens may leave that model's only where its best leads by under GAP x max |logit|."""
+    Q4_0-rounded linears and the Q8_0-rounded embedding and LM head. Decode's native GEMVs round
+    the activations to int8 per block: its greedy tokens may leave that model's only where its
+    best leads by under GAP x max |logit|."""
     path, _ = hf_checkpoints[MODEL]
     ref, i4 = _load(path), _load(path, quantize="int4")
     for name, m in i4.engine.model.named_modules():
         if isinstance(m, (Int4ColumnParallelLinear, Int4RowParallelLinear)):
-            w = ref.engine.model.get_submodule(name).weight.data
-            w.copy_(torch.from_numpy(gguf.quants.dequantize(_q4_0_reference(w), gguf.GGMLQuantizationType.Q4_0)).reshape(w.shape))
+            _round_through(ref.engine.model.get_submodule(name).weight.data, gguf.GGMLQuantizationType.Q4_0)
+    for name in ("embed_tokens", "lm_head"):  # untied: two tables
+        _round_through(ref.engine.model.get_submodule(name).weight.data, gguf.GGMLQuantizationType.Q8_0)
     prompt = [1, 17, 42, 7, 99, 3, 250]
     got = [e.token_id for e in i4.generate([prompt], SamplingParams(max_new_tokens=32, ignore_eos=True))]
     seq = prompt + got
@@ -110,3 +131,58 @@ def test_int4_refuses_what_it_cannot_split_in_groups(small_model):
     assert "runs on the CPU's block kernels" in int4.unsupported(cfg, 32, "cuda")
     with pytest.raises(ConfigError, match="--gguf-weights native keeps the file's blocks, and --quantize int4"):
         RuntimeConfig(quantize="int4", gguf_weights="native")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int4_vocab_tables_are_q8_0_of_each_row(tmp_path, tied):
+    """8 bits for the vocab rows, not 4: the embedding holds gguf-py's Q8_0 of each checkpoint
+    row (the padding rows zero), tied the head multiplies that same table, untied its own. A
+    looked-up row is its decoded row exactly; the head's logits are float32, several rows' the
+    decoded table's to 1e-5, a decode row's (the native GEMV, activations rounded per 32
+    values) within GAP. The planner counts 34 bytes per 32 values, and the memory report drops
+    by what that saves against float32."""
+    from test_quant import SHAPE, conditioned_checkpoint
+
+    path = conditioned_checkpoint(tmp_path / "llama", tie_word_embeddings=tied, **SHAPE)
+    f32, i4 = _load(path), _load(path, quantize="int4")
+    embed, head = i4.engine.model.embed_tokens, i4.engine.model.lm_head
+    assert type(embed) is Int4VocabParallelEmbedding and type(head) is Int4ParallelLMHead
+    for name, m in [("embed_tokens", embed)] + ([] if tied else [("lm_head", head)]):
+        want = torch.from_numpy(gguf.quants.quantize(f32.engine.model.get_submodule(name).weight.numpy(), gguf.GGMLQuantizationType.Q8_0))
+        assert m.storage == "Q8_0" and torch.equal(m.table, want), name
+    assert (head.state_dict() == {}) == tied and (head._source is embed) == tied
+
+    vocab, hidden = SHAPE["vocab_size"], SHAPE["hidden_size"]
+    decoded = embed.dense_rows(0, vocab, torch.float32)
+    ids = torch.tensor([[0, 7, 1000, 7, 500]])
+    assert torch.equal(embed(ids)[0], decoded[ids[0]])
+    weight = decoded if tied else head.dense_rows(0, vocab, torch.float32)
+    h = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0))
+    want = h @ weight.T
+    several, one = head.local_logits(h), head.local_logits(h[:1])
+    assert several.dtype == one.dtype == torch.float32
+    assert (several - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert (one[0] - want[0]).abs().max().item() <= GAP * want[0].abs().max().item()
+
+    planned = i4.plan.sizes
+    assert planned.embedding == vocab * hidden // 32 * 34 == embed.table.numel() and planned.lm_head == (0 if tied else planned.embedding)
+    saved = f32.plan.sizes.embedding + f32.plan.sizes.lm_head - planned.embedding - planned.lm_head
+    assert saved == (1 if tied else 2) * vocab * hidden // 32 * (4 * 32 - 34)
+    assert f32.memory()["weights_host"] - i4.memory()["weights_host"] >= saved
+    for llm in (f32, i4):
+        llm.close()
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_a_checkpoint_row_gives_the_q8_0_row_loading_gave(model_dtype):
+    """The fused step at tp > 1 reads a token's row from the mapped checkpoint (float values, or a
+    GGUF's blocks of another type) and quantises it as loading did: the loaded row, bit for bit,
+    and no tensor allocated per row."""
+    from test_fused_decode import assert_stored_rows_give_the_loaded_rows
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(37, 64, generator=g) * torch.logspace(-3, 1, 37)[:, None]
+    values[5, :32] = 0  # a zero block: scale 0, its reciprocal taken as 0
+    q4_1 = torch.from_numpy(gguf.quants.quantize(values.numpy(), gguf.GGMLQuantizationType.Q4_1))
+    stored = {"float32": (values, None), "bfloat16": (values.bfloat16(), None), "Q4_1": (q4_1, "Q4_1")}
+    assert_stored_rows_give_the_loaded_rows(Int4VocabParallelEmbedding, values, stored, model_dtype)

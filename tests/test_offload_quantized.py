@@ -55,6 +55,12 @@ def test_streamed_quantized_layers_give_the_resident_logits_and_tokens(models, c
     want_logits, want_tokens = _run(resident)
     s = resident.plan.sizes
     resident.close()
+    # the vocab tables, in the fixed part of the budget, at the size the model holds them: the
+    # file's blocks, or int8 rows with a float32 scale each, or Q8_0 blocks (int4)
+    vocab, hidden = CFG["vocab_size"], CFG["hidden_size"]
+    row = {"Q4_0": hidden // 32 * 18, "Q4_K": hidden // 256 * 144, "safetensors": {"int8": hidden + 4, "int4": hidden // 32 * 34}.get(quantize)}[kind]
+    table = vocab * row
+    assert s.embedding == s.lm_head == table
     budget = s.kv_cache + s.activations + s.embedding + s.lm_head + s.norm + max(s.layers) + s.layers[0] + 1
     offload_dir = str(tmp_path / "off") if offload else None
     for attempt in range(2 if offload else 1):  # an offload folder is written once, then read

@@ -113,17 +113,35 @@ def test_shard_bytes_equal_real_parameters(case, dtype):
 @pytest.mark.parametrize("case", SHARD_CASES, ids=case_id)
 def test_shard_bytes_int8_equal_quantized_model(case):
     """int8: linear weights 1 byte per element + one scale per output row in the activation
-    dtype; biases, norms, embedding and LM head stay in float."""
+    dtype; the embedding and LM head 1 byte per element + a float32 scale per (padded) vocab
+    row, one table when tied; biases and norms stay in float."""
     heads, kv, tp, extra = case
     cfg = make_cfg(heads, kv, **extra)
+    rows = -(-cfg.vocab_size // tp)
     for dtype in ("bfloat16", "float32"):
         for rank in range(tp):
             s = placement.shard_bytes(cfg, tp, rank, dtype, 16, 1, quantize="int8")
             model = build_meta(cfg, tp, rank, dtype, quantize="int8")
             assert list(s.layers) == [module_bytes(layer) for layer in model.layers], (dtype, rank)
+            assert (s.embedding, s.lm_head) == (module_bytes(model.embed_tokens), module_bytes(model.lm_head))
+            assert s.weights == sum(module_bytes(m) for m in (model.embed_tokens, model.norm, model.lm_head, *model.layers))
             float_s = placement.shard_bytes(cfg, tp, rank, dtype, 16, 1)
-            assert (s.embedding, s.lm_head, s.norm) == (float_s.embedding, float_s.lm_head, float_s.norm)
+            assert s.embedding == rows * (cfg.hidden_size + 4) < float_s.embedding
+            assert s.lm_head == (0 if cfg.tie_word_embeddings else s.embedding) and s.norm == float_s.norm
             assert s.layers[0] < float_s.layers[0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_shard_bytes_int4_count_q8_0_vocab_tables(tied):
+    """int4: the embedding and LM head are Q8_0 blocks (34 bytes per 32 values, padded rows
+    included), allocated with the meta-built model; one table when tied."""
+    cfg = make_cfg(8, 2, hidden=64, head_dim=32, inter=64, tie_word_embeddings=tied)
+    for tp in (1, 2, 3):
+        for rank in range(tp):
+            s = placement.shard_bytes(cfg, tp, rank, "bfloat16", 16, 1, quantize="int4")
+            model = build_meta(cfg, tp, rank, "bfloat16", quantize="int4")
+            assert s.embedding == module_bytes(model.embed_tokens) == -(-cfg.vocab_size // tp) * 64 // 32 * 34
+            assert s.lm_head == module_bytes(model.lm_head) == (0 if tied else s.embedding)
 
 
 def test_shard_bytes_int8_real_cpu_model():
@@ -187,7 +205,8 @@ def test_shard_bytes_equal_real_parameters_moe(name, split, quantize):
             moe_layer = model.layers[cfg.moe.sparse_layers.index(True)]
             assert s.local_experts == len(moe_layer.mlp.experts) and s.one_expert == module_bytes(next(iter(moe_layer.mlp.experts.values()))), where
             assert [s.core(i) for i in range(cfg.num_layers)] == [module_bytes(layer) - x for layer, x in zip(model.layers, experts)]
-            assert s.weights == sum(module_bytes(m) for m in (model.embed_tokens, model.norm, *model.layers)) + (0 if cfg.tie_word_embeddings else nbytes(model.lm_head.weight))
+            head = 0 if cfg.tie_word_embeddings else module_bytes(model.lm_head)  # a tied float head holds the embedding's weight
+            assert s.weights == sum(module_bytes(m) for m in (model.embed_tokens, model.norm, *model.layers)) + head, where
 
 
 def _staging_bytes(model, plan, device_type: str) -> int:

@@ -108,6 +108,20 @@ def _param_bytes(shape: tuple[int, ...], dtype_bytes: int, quantize: str | None 
     return n * dtype_bytes
 
 
+def _vocab_bytes(rows: int, hidden: int, dtype_bytes: int, quantize: str | None, stored: tuple[int, int] | None) -> int:
+    """One vocab table (the embedding, or an untied LM head) of `rows` rows, padding included: a
+    GGUF's blocks where kept (`stored`: values, bytes per block), else what --quantize makes of it
+    (int8: a byte per value and a float32 scale per row, model/quant.py; int4: Q8_0 blocks, 34
+    bytes per 32 values, model/int4.py), else floats."""
+    if stored is not None:
+        return rows * hidden // stored[0] * stored[1]
+    if quantize == "int8":
+        return rows * hidden + rows * 4
+    if quantize == "int4":
+        return rows * hidden // 32 * 34
+    return rows * hidden * dtype_bytes
+
+
 def stored_blocks(index) -> dict[str, tuple[int, int]]:
     """The weights of a checkpoint (a GGUF's CheckpointIndex) that a model keeping blocks holds
     as blocks (a type with a native kernel; the decoder layers' linears, the embedding and the
@@ -146,9 +160,8 @@ def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: i
             layers[e.layer] += n
             if e.expert is not None:
                 experts[e.layer] += n
-        elif e.target in ("embed_tokens.weight", "lm_head.weight"):
-            stored = (blocks or {}).get(e.hf_name)  # padded to the largest shard either way
-            size = vocab_rows * cfg.hidden_size // stored[0] * stored[1] if stored else vocab_rows * cfg.hidden_size * nb
+        elif e.target in ("embed_tokens.weight", "lm_head.weight"):  # padded to the largest shard
+            size = _vocab_bytes(vocab_rows, cfg.hidden_size, nb, quantize, (blocks or {}).get(e.hf_name))
             if e.target == "lm_head.weight":
                 lm_head = size
             else:

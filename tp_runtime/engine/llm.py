@@ -95,7 +95,7 @@ def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, de
     context the decode loop runs in."""
     if runtime.quantize == "int8":
         if device.type == "cpu" and runtime.gemv != "blas" and cpu_gemv.available() and cpu_gemv.has_int8_dot():
-            use_cpu_gemv_([model])  # the float LM head
+            use_cpu_gemv_([model])  # any linear still in float
             return cpu_gemv.decode_threads
     elif device.type == "cpu" and runtime.gemv != "blas" and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
         use_cpu_gemv_([model, *(streamer.staging_modules() if streamer else [])])

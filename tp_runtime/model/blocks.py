@@ -21,7 +21,7 @@ from torch import nn
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.communicator import Communicator
 from tp_runtime.kernels import cpu_decode, cpu_quant
-from tp_runtime.model.embedding import ParallelLMHead, VocabParallelEmbedding, load_vocab_rows
+from tp_runtime.model.embedding import HEAD_TILE_ROWS, ParallelLMHead, VocabParallelEmbedding, load_vocab_rows
 from tp_runtime.model.fused_decode import Gemv
 from tp_runtime.model.linear import ColumnParallelLinear, LinearKinds, bind_row_parallel
 
@@ -265,13 +265,12 @@ class BlockVocabParallelEmbedding(_VocabBlocks, VocabParallelEmbedding):
             cpu_quant.dequantize_(self.table[local_id : local_id + 1], self.storage, out.view(1, -1))
 
 
-_HEAD_TILE_ROWS = 4096  # vocab rows decoded at once for a larger prefill
-
-
 class BlockParallelLMHead(_VocabBlocks, ParallelLMHead):
     """ParallelLMHead's twin for GGUF blocks (the tied embedding's table, or its own): a decode
     row's logits straight from the blocks (the native GEMV, as the block linears), several rows'
-    by tiles of vocab rows decoded into one GEMM each (float values, as a prefill)."""
+    by tiles of vocab rows decoded into one GEMM each (float values, as a prefill). A table of
+    blocks gives float32 logits either way (the GEMV's own output; no rounding to the model's
+    dtype before the gather), a table of float values the model dtype's, as the float head."""
 
     def _make_weight(self, embedding, tied: bool) -> None:
         self.hidden, self.dtype = embedding.hidden, embedding.dtype
@@ -287,10 +286,12 @@ class BlockParallelLMHead(_VocabBlocks, ParallelLMHead):
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         src = self._source
         h2 = h.reshape(-1, self.hidden)
+        dtype = h.dtype if src.storage is None else torch.float32
         if src.storage is not None and h2.shape[0] == 1:
             out = torch.empty(h2.shape[0], self.rows_padded, dtype=torch.float32)
             return cpu_quant.gemv_(src.table, src.storage, h2.float().contiguous(), out)
-        pieces = [F.linear(h2, src.dense_rows(lo, min(lo + _HEAD_TILE_ROWS, self.rows_padded), h.dtype)) for lo in range(0, self.rows_padded, _HEAD_TILE_ROWS)]
+        h2 = h2.to(dtype)
+        pieces = [F.linear(h2, src.dense_rows(lo, min(lo + HEAD_TILE_ROWS, self.rows_padded), dtype)) for lo in range(0, self.rows_padded, HEAD_TILE_ROWS)]
         return torch.cat(pieces, dim=-1)
 
     def fused_problem(self) -> str | None:
@@ -298,9 +299,9 @@ class BlockParallelLMHead(_VocabBlocks, ParallelLMHead):
 
     def bind_decode(self, binder):
         src = self._source
-        out = binder.buffer(self.rows_padded)
         if src.storage is None:
-            return binder.float_gemv(src.table, out)
+            return binder.float_gemv(src.table, binder.buffer(self.rows_padded))
+        out = binder.buffer(self.rows_padded, torch.float32)  # the eager GEMV's float32 logits
         x = binder.buffer(self.hidden, torch.float32)
         call = _bound_qgemv(cpu_quant.lib(), binder, cpu_quant.TYPES[src.storage], src.table, x, out, self.hidden, self.rows_padded)
         return Gemv(x, out, call)

@@ -13,6 +13,10 @@ from torch import nn
 
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.communicator import Communicator
+from tp_runtime.kernels import cpu_quant
+
+
+HEAD_TILE_ROWS = 4096  # vocab rows of a quantized table decoded at once for a several-row product
 
 
 def load_vocab_rows(param: torch.Tensor, data: torch.Tensor, rows: int) -> None:
@@ -43,6 +47,16 @@ class VocabParallelEmbedding(nn.Module):
     def row_into_(self, local_id: int, out: torch.Tensor) -> None:
         """out [hidden] <- the row of one local id (the fused decode step's lookup)."""
         out.copy_(self.weight[local_id])
+
+    def stored_row_into_(self, row: torch.Tensor, storage: str | None, out: torch.Tensor) -> None:
+        """out [1, hidden] <- the row this table holds for a checkpoint row as the file stores it
+        (`row` [1, hidden] values, or [1, row bytes] of GGML `storage` blocks): the fused step's
+        lookup in the mapped checkpoint, which must give what `lookup` gives. A table that
+        quantises at load quantises the row alike."""
+        if storage is None:
+            out.copy_(row)
+        else:
+            cpu_quant.dequantize_(row, storage, out)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [batch, seq] -> [batch, seq, hidden]

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from tp_runtime.kernels import cpu_decode, cpu_quant
+from tp_runtime.kernels import cpu_decode
 from tp_runtime.model.kv_cache import KVCache
 
 
@@ -127,10 +127,12 @@ class DecodeBinder:
         return Gemv(x, out, call)
 
     def int8_gemv(self, qweight: torch.Tensor, block_sums: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> Gemv:
-        """out[:nb] = x[:nb] @ (qweight * scales)^T, x float32 quantised per 64 values."""
+        """out[:nb] = x[:nb] @ (qweight * scales)^T, x float32 quantised per 64 values; out in the
+        model's dtype, or float32 (the LM head's logits)."""
         x = self.buffer(qweight.shape[1], torch.float32)
         scales = scales.float()  # what the eager int8 path hands the kernel
-        call = partial(self.lib.tp_gemv_q8, self.ptr(qweight), self.ptr(block_sums), self.ptr(scales), self.ptr(x), self.ptr(out), qweight.shape[1], qweight.shape[0], self.mbf)
+        ybf = int(out.dtype == torch.bfloat16)
+        call = partial(self.lib.tp_gemv_q8, self.ptr(qweight), self.ptr(block_sums), self.ptr(scales), self.ptr(x), self.ptr(out), qweight.shape[1], qweight.shape[0], ybf)
         if call(self.rows):  # sizes the kernel's activation buffer now, not in a token step
             raise MemoryError("int8 GEMV: the activation buffer could not be allocated")
         return Gemv(x, out, call)
@@ -184,18 +186,16 @@ class FusedDecodeStep:
         tp, shard = self.comm.world_size, self.head.rows_padded
         self.lm = self.head.bind_decode(b)
         self.norm = b.rms_norm(model.norm.weight, model.norm.eps, self.lm.x, add=True)
-        self.pieces = torch.zeros(tp * rows, shard, dtype=dtype)  # the ranks' logits, rank after rank
-        self.gathered = torch.zeros(rows, tp * shard, dtype=dtype)  # ... and sequence after sequence
-        self.kept = torch.zeros(rows, cfg.vocab_size, dtype=dtype) if self.head.uneven else self.gathered
-        self.logits = self.kept if dtype == torch.float32 else torch.zeros(rows, cfg.vocab_size, dtype=torch.float32)
+        ldt = self.lm.out.dtype  # the head's output: float32 from a quantized table, else the model's dtype (as eager)
+        self.pieces = torch.zeros(tp * rows, shard, dtype=ldt)  # the ranks' logits, rank after rank
+        self.gathered = torch.zeros(rows, tp * shard, dtype=ldt)  # ... and sequence after sequence
+        self.kept = torch.zeros(rows, cfg.vocab_size, dtype=ldt) if self.head.uneven else self.gathered
+        self.logits = self.kept if ldt == torch.float32 else torch.zeros(rows, cfg.vocab_size, dtype=torch.float32)
 
     def _embed(self, tokens: Sequence[int]) -> None:
         if self.embedding_table is not None:  # every rank has every row: no collective
-            for b, token in enumerate(tokens):
-                if self.embedding_storage is None:
-                    self.res[b].copy_(self.embedding_table[token])
-                else:
-                    cpu_quant.dequantize_(self.embedding_table[token : token + 1], self.embedding_storage, self.res[b : b + 1])
+            for b, token in enumerate(tokens):  # the row the embedding holds for it (quantised as at load, where it quantises)
+                self.embed.stored_row_into_(self.embedding_table[token : token + 1], self.embedding_storage, self.res[b : b + 1])
             return
         e = self.embed
         for b, token in enumerate(tokens):
