@@ -1,11 +1,16 @@
 """Communication benchmark: collective latency versus message size, against the socket floor.
 
-    python bench/collectives.py [--out DIR] [--quick] [--ranks 2,4] [--transports gloo,zmq]
+    python bench/collectives.py [--out DIR] [--quick] [--ranks 2,4] [--transports gloo,zmq,curve]
 
 Measures, on loopback, for every (transport, ranks, op, size):
     transports  gloo (torch.distributed), zmq-direct and zmq-ring (tp_runtime's pyzmq transport
                 with its all-reduce forced to the direct exchange or to the ring; its all-gather is
-                always a direct exchange, shown as "zmq")
+                always a direct exchange, shown as "zmq"); curve: the cost of securing the worker
+                network, 2 ranks, all-reduce only, the transport's default algorithm three ways,
+                interleaved in blocks like direct and ring: zmq-plain (no MAC, no encryption),
+                zmq-hmac (the shared secret's HMAC-SHA256 per message) and zmq-curve (CURVE keys:
+                every socket encrypted, what a keyed tp-worker job runs), each through
+                ZmqCommunicator.on_loopback, with p50 / p99 and bandwidth (bytes / p50) side by side
     ranks       2 and 4 local processes, one thread each (4 ranks on a 2-core machine are
                 scheduling-bound: that sweep is kept short and says so)
     ops         all_reduce, all_gather of a float32 tensor, through the communicator's own method
@@ -101,10 +106,19 @@ def repeats_for(nbytes: int, ranks: int, quick: bool) -> int:
     return max(n, 6)
 
 
+SECURED = ["zmq-plain", "zmq-hmac", "zmq-curve"]  # the "curve" job's variants
+
+
 def build_plan(transport: str, ranks: int, quick: bool) -> list[dict[str, Any]]:
     """The (op, size, variants) points one group of ranks runs, in order; identical on every rank."""
     plan = []
     base = sizes_for(quick)
+    if transport == "curve":
+        for nbytes in base:
+            reps = repeats_for(nbytes, ranks, quick)
+            plan.append({"op": "all_reduce", "bytes": nbytes, "variants": SECURED, "repeats": reps, "warmup": max(3, reps // 10)})
+        random.Random(f"{transport}/{ranks}").shuffle(plan)
+        return plan
     for op in ("all_reduce", "all_gather"):
         sizes = sorted(set(base) | (set(crossover_sizes(quick)) if transport == "zmq" and op == "all_reduce" else set()))
         for nbytes in sizes:
@@ -136,8 +150,9 @@ def summarize(samples_s: list[float]) -> dict[str, float]:
     import numpy as np
 
     a = np.asarray(samples_s) * 1e6
-    p10, p50, p90 = np.percentile(a, [10, 50, 90])
-    return {"p50_us": float(p50), "p10_us": float(p10), "p90_us": float(p90), "min_us": float(a.min()), "mean_us": float(a.mean()), "n": int(a.size)}
+    p10, p50, p90, p99 = np.percentile(a, [10, 50, 90, 99])
+    return {"p50_us": float(p50), "p10_us": float(p10), "p90_us": float(p90), "p99_us": float(p99), "min_us": float(a.min()),
+            "mean_us": float(a.mean()), "n": int(a.size)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +198,9 @@ def rank_worker(args: argparse.Namespace) -> None:
             if args.transport == "shm":  # the runtime's default between ranks of one host
                 comm = ShmCommunicator(comm)
             ctx = None
+        elif args.transport == "curve":
+            comms = secured_comms(par.rank, par.world_size, [int(p) for p in args.zmq_ports.split(",")], Path(args.keys_dir))
+            comm, ctx = comms["zmq-plain"], None
         else:
             import zmq
 
@@ -194,11 +212,15 @@ def rank_worker(args: argparse.Namespace) -> None:
             inbox.setsockopt(zmq.LINGER, 0)
             inbox.bind(f"tcp://127.0.0.1:{ports[par.rank]}")
             comm = ZmqCommunicator(ctx, par.rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox)
-        thresholds = {"zmq-direct": 1 << 62, "zmq-ring": 0, "zmq": 1 << 62, "gloo": None, "shm": None}
+        if args.transport != "curve":
+            comms = {v: comm for v in ("zmq-direct", "zmq-ring", "zmq", "gloo", "shm")}
+        thresholds = {"zmq-direct": 1 << 62, "zmq-ring": 0, "zmq": 1 << 62, "gloo": None, "shm": None, **{v: None for v in SECURED}}
         blocks = 8  # interleave the variants of one size in this many blocks
+        variant = [None]
 
         def run(op: str, t: torch.Tensor, n: int, out: list[float] | None) -> None:
-            fn = comm.all_reduce if op == "all_reduce" else comm.all_gather
+            c = comms[variant[0]]
+            fn = c.all_reduce if op == "all_reduce" else c.all_gather
             clock = time.perf_counter
             for _ in range(n):
                 t0 = clock()
@@ -206,19 +228,22 @@ def rank_worker(args: argparse.Namespace) -> None:
                 if out is not None:
                     out.append(clock() - t0)
 
-        comm.barrier(site="start")
+        for c in dict.fromkeys(comms.values()):  # the same order on every rank
+            c.barrier(site="start")
         bar = _progress(len(plan), f"{args.transport} x{par.world_size} ranks", par.rank == 0)
         for pt in plan:
             bar.set_postfix_str(f"{pt['op']} {fmt_bytes(pt['bytes'])}")
             t = torch.zeros(pt["bytes"] // 4, dtype=torch.float32)  # zeros: sums stay finite
             samples: dict[str, list[float]] = {v: [] for v in pt["variants"]}
             for v in pt["variants"]:
+                variant[0] = v
                 if thresholds[v] is not None:
                     comm.ring_threshold = thresholds[v]
                 run(pt["op"], t, pt["warmup"], None)
             per_block = [pt["repeats"] // blocks + (1 if b < pt["repeats"] % blocks else 0) for b in range(blocks)]
             for b in range(blocks):
                 for v in (pt["variants"] if b % 2 == 0 else pt["variants"][::-1]):
+                    variant[0] = v
                     if thresholds[v] is not None:
                         comm.ring_threshold = thresholds[v]
                     run(pt["op"], t, per_block[b], samples[v])
@@ -227,15 +252,34 @@ def rank_worker(args: argparse.Namespace) -> None:
                     _append_point(args.points, {"kind": "collective", "transport": v, "ranks": par.world_size, "op": pt["op"], "bytes": pt["bytes"], **summarize(s)})
             bar.update(1)
         bar.close()
-        comm.barrier(site="end")
+        for c in dict.fromkeys(comms.values()):  # the same order on every rank
+            c.barrier(site="end")
         # close() drops unsent messages (LINGER 0): give the peers time to take this rank's last barrier message
         time.sleep(0.5)
-        comm.close()
+        for c in dict.fromkeys(comms.values()):
+            c.close()
         if ctx is not None:
             ctx.destroy(linger=0)
     except BaseException as e:
         record_failure(par.rank, e)
         raise
+
+
+def secured_comms(rank: int, world: int, ports: list[int], keys_dir: Path) -> dict[str, Any]:
+    """The "curve" job's three communicators on one rank, each on its own ports (3 x world):
+    plain, with the shared secret's HMAC, with CURVE keys (the pairs written by the parent)."""
+    import hashlib
+
+    from tp_runtime.comm.keys import JobKeys, load_keypair
+    from tp_runtime.comm.zmq_transport import ZmqCommunicator
+
+    pairs = [load_keypair(keys_dir / f"rank{r}") for r in range(world)]
+    job = 0x5EC
+    return {
+        "zmq-plain": ZmqCommunicator.on_loopback(rank, ports[:world], job=job),
+        "zmq-hmac": ZmqCommunicator.on_loopback(rank, ports[world:2 * world], secret=hashlib.sha256(b"bench").digest(), job=job),
+        "zmq-curve": ZmqCommunicator.on_loopback(rank, ports[2 * world:], keys=JobKeys(pairs[rank], tuple(p.public for p in pairs)), job=job),
+    }
 
 
 def floor_worker(args: argparse.Namespace) -> None:
@@ -373,7 +417,7 @@ def timing_overhead(quick: bool) -> dict[str, float]:
 
 def floor_socket(transport: str) -> str:
     """shm has no socket: the TCP round trip is shown as what it saves."""
-    return "zmq" if transport == "zmq" else "tcp"
+    return "zmq" if transport.startswith("zmq") or transport == "curve" else "tcp"
 
 
 def crossover(rows: list[dict[str, Any]], ranks: int) -> dict[str, Any]:
@@ -419,8 +463,23 @@ def recommend_threshold(rows: list[dict[str, Any]], ranks_list: list[int]) -> tu
     return best, cost
 
 
+def secured_cost(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size, the plain / HMAC / CURVE all-reduce: p50, p99, bandwidth (bytes / p50), CURVE over plain."""
+    by = {(r["transport"], r["bytes"]): r for r in rows if r["transport"] in SECURED}
+    out = []
+    for nbytes in sorted({b for _, b in by}):
+        if all((v, nbytes) in by for v in SECURED):
+            c = {"bytes": nbytes}
+            for v in SECURED:
+                r = by[(v, nbytes)]
+                c[v] = {"p50_us": r["p50_us"], "p99_us": r["p99_us"], "gbps": nbytes / r["p50_us"] / 1e3}
+            c["curve_over_plain"] = c["zmq-curve"]["p50_us"] / c["zmq-plain"]["p50_us"]
+            out.append(c)
+    return out
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    cols = ["transport", "ranks", "op", "bytes", "n", "p50_us", "p10_us", "p90_us", "min_us", "mean_us", "floor_us", "floor_rtt_us", "ratio_to_floor"]
+    cols = ["transport", "ranks", "op", "bytes", "n", "p50_us", "p10_us", "p90_us", "p99_us", "min_us", "mean_us", "floor_us", "floor_rtt_us", "ratio_to_floor"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -443,7 +502,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['transport']:<11} {r['ranks']:>5} {r['op']:<10} {fmt_bytes(r['bytes']):>9} {r['p50_us']:9.1f} {r['p10_us']:9.1f} {r['p90_us']:9.1f} {floor} {ratio}")
 
 
-COLORS = {"shm": "tab:red", "gloo": "tab:blue", "zmq-direct": "tab:orange", "zmq": "tab:orange", "zmq-ring": "tab:green"}
+COLORS = {"shm": "tab:red", "gloo": "tab:blue", "zmq-direct": "tab:orange", "zmq": "tab:orange", "zmq-ring": "tab:green",
+          "zmq-plain": "tab:olive", "zmq-hmac": "tab:purple", "zmq-curve": "tab:brown"}
 FLOOR_COLORS = {"tcp": "tab:blue", "zmq": "tab:orange"}
 
 
@@ -532,7 +592,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default bench/out)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under ~60 s)")
     p.add_argument("--ranks", default="2,4", help="rank counts, comma-separated (default 2,4)")
-    p.add_argument("--transports", default="shm,gloo,zmq", help="shm, gloo, zmq (zmq = its direct and ring all-reduce)")
+    p.add_argument("--transports", default="shm,gloo,zmq,curve",
+                   help="shm, gloo, zmq (zmq = its direct and ring all-reduce), curve (2 ranks: zmq plain / HMAC / CURVE all-reduce)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--pin", action="store_true",
                    help="pin rank r to core r mod cores (default: ranks left to the scheduler, as the runtime runs them; the floor is always pinned, to 2 different cores)")
@@ -544,6 +605,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--points", help=argparse.SUPPRESS)
     p.add_argument("--zmq-ports", help=argparse.SUPPRESS)
     p.add_argument("--floor-ports", help=argparse.SUPPRESS)
+    p.add_argument("--keys-dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -566,8 +628,8 @@ def main(argv=None) -> int:
     ranks_list = sorted({int(x) for x in args.ranks.split(",") if x.strip()})
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     for t in transports:
-        if t not in ("shm", "gloo", "zmq"):
-            raise SystemExit(f"unknown transport {t!r}: choose from shm, gloo, zmq")
+        if t not in ("shm", "gloo", "zmq", "curve"):
+            raise SystemExit(f"unknown transport {t!r}: choose from shm, gloo, zmq, curve")
     if any(p < 2 for p in ranks_list):
         raise SystemExit("--ranks: every count must be at least 2")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -599,7 +661,14 @@ def main(argv=None) -> int:
     program = [sys.executable, str(Path(__file__).resolve())]
     with tempfile.TemporaryDirectory(prefix="tp-collbench-") as tmp:
         tmpd = Path(tmp)
-        jobs: list[tuple[str, int | None]] = [("floor", None)] + [(t, p) for p in ranks_list for t in transports]
+        # curve: the worker network's cost between two ranks, whatever --ranks says
+        jobs: list[tuple[str, int | None]] = [("floor", None)] + [(t, p) for p in ranks_list for t in transports if t != "curve"]
+        if "curve" in transports:
+            from tp_runtime.comm.keys import keygen
+
+            for r in range(2):
+                keygen(tmpd / "keys" / f"rank{r}")
+            jobs.append(("curve", 2))
         for i, (what, p) in enumerate(jobs, 1):
             plan = floor_plan(args.quick, [floor_socket(t) for t in transports]) if what == "floor" else build_plan(what, p, args.quick)
             plan_file, pts_file = tmpd / f"plan-{i}.json", tmpd / f"points-{i}.jsonl"
@@ -607,11 +676,13 @@ def main(argv=None) -> int:
             argv = ["--plan", str(plan_file), "--points", str(pts_file)] + (["--pin"] if args.pin else [])
             if what == "floor":
                 argv += ["--floor-worker", "--floor-ports", ",".join(str(free_port()) for _ in range(3))]
-                nprocs, label = 2, f"floor: {' and '.join(sorted({'zmq PUSH/PULL' if t == 'zmq' else 'TCP' for t in transports}))} ping-pong, 2 processes"
+                nprocs, label = 2, f"floor: {' and '.join(sorted({'zmq PUSH/PULL' if floor_socket(t) == 'zmq' else 'TCP' for t in transports}))} ping-pong, 2 processes"
             else:
                 argv += ["--rank-worker", "--transport", what]
                 if what == "zmq":
                     argv += ["--zmq-ports", ",".join(str(free_port()) for _ in range(p))]
+                if what == "curve":
+                    argv += ["--zmq-ports", ",".join(str(free_port()) for _ in range(3 * p)), "--keys-dir", str(tmpd / "keys")]
                 nprocs, label = p, f"{what}, {p} ranks"
             print(f"[{i}/{len(jobs)}] {label}: {len(plan)} points", flush=True)
             t0 = time.perf_counter()
@@ -640,7 +711,7 @@ def main(argv=None) -> int:
             r["floor_us"] = f["p50_us"] / 2
             r["ratio_to_floor"] = r["p50_us"] / r["floor_us"]
         rows.append(r)
-    order = {"gloo": 0, "zmq-direct": 1, "zmq": 1, "zmq-ring": 2}
+    order = {"gloo": 0, "zmq-direct": 1, "zmq": 1, "zmq-ring": 2, "zmq-plain": 3, "zmq-hmac": 4, "zmq-curve": 5}
     rows.sort(key=lambda r: (r["op"] != "all_reduce", r["ranks"], order.get(r["transport"], 9), r["bytes"]))
 
     print()
@@ -679,6 +750,15 @@ def main(argv=None) -> int:
                   f"the measured size that minimises the summed log-excess over the faster algorithm across {ranks_list} ranks "
                   f"(current default {fmt_bytes(DEFAULT_RING_THRESHOLD)}: excess {cost.get(DEFAULT_RING_THRESHOLD, float('nan')):.2f}, "
                   f"recommended: {cost[best]:.2f})")
+    secured = secured_cost(rows)
+    if secured:
+        print()
+        print("securing the worker network: all-reduce between 2 ranks on loopback (the transport's default algorithm), float32")
+        print(f"{'bytes':>9} | {'plain p50':>9} {'p99':>8} {'GB/s':>6} | {'HMAC p50':>9} {'p99':>8} {'GB/s':>6} | "
+              f"{'CURVE p50':>9} {'p99':>8} {'GB/s':>6} | {'CURVE/plain':>11}")
+        for c in secured:
+            cells = " | ".join(f"{c[v]['p50_us']:9.1f} {c[v]['p99_us']:8.1f} {c[v]['gbps']:6.3f}" for v in SECURED)
+            print(f"{fmt_bytes(c['bytes']):>9} | {cells} | {c['curve_over_plain']:10.2f}x")
     if failures:
         print()
         print("FAILURES:")
@@ -702,6 +782,8 @@ def main(argv=None) -> int:
             f.write(json.dumps({**meta, **r}) + "\n")
         for c in xo:
             f.write(json.dumps({"kind": "crossover", **meta, **{k: (v if k != "ratio_ring_over_direct" else {str(s): x for s, x in v.items()}) for k, v in c.items()}}) + "\n")
+        for c in secured:
+            f.write(json.dumps({"kind": "secured_cost", **meta, **c}) + "\n")
     written = [csv_path, jsonl_path]
     if not args.no_plot and rows:
         title = (f"collective latency vs size on loopback ({cores} cores, ranks {'pinned' if args.pin else 'not pinned'}; torch {torch.__version__}, "

@@ -1,18 +1,21 @@
 """The coordinator side of a job on hand-started workers (`tp-run generate --workers h1:7340,h2:7340`).
 
-The coordinator is rank 0; worker i is rank i. It greets every worker (protocol version,
-shared secret), sends the job, streams each worker exactly its own slices when the worker has
-neither a local copy nor a cached one, collects the workers' data ports, tells everyone where
-everyone is, and then runs rank 0 itself: from there on the ranks exchange activations
-directly, peer to peer, through the pyzmq communicator.
+The coordinator is rank 0; worker i is rank i. It greets every worker (protocol version, a
+fresh session nonce; in a keyed network over CURVE, each worker pinned to the key its
+known-workers line names, as ssh pins known_hosts), sends the job (a fresh job nonce and, when
+keyed, every rank's public key, so that the ranks' peer-to-peer sockets admit exactly each
+other), streams each worker exactly its own slices when the worker has neither a local copy nor
+a cached one, collects the workers' data ports, tells everyone where everyone is, and then runs
+rank 0 itself: from there on the ranks exchange activations directly, peer to peer, through the
+pyzmq communicator. Without keys it contacts only workers on loopback, unless --insecure.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,8 +28,9 @@ from tp_runtime.checkpoint.mapped import MappedCheckpoint, release_pages
 from tp_runtime.checkpoint.model_files import open_model
 from tp_runtime.checkpoint.names import TensorEntry, held_by
 from tp_runtime.comm.control import ControlClient
+from tp_runtime.comm.keys import DATA_DOMAIN, KNOWN_FILE, CurveClient, Gate, JobKeys, Keypair, KnownWorkers, is_loopback, load_keypair
 from tp_runtime.comm.sockets import new_context
-from tp_runtime.comm.protocol import Kind
+from tp_runtime.comm.protocol import Kind, new_nonce
 from tp_runtime.comm.timing import wrap
 from tp_runtime.comm.zmq_transport import ZmqCommunicator, bind_inbox
 from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
@@ -50,6 +54,40 @@ def parse_workers(text: str) -> list[tuple[str, int]]:
     if not out:
         raise ConfigError("--workers names no worker")
     return out
+
+
+@dataclass(frozen=True)
+class WorkerAccess:
+    """How this coordinator proves itself to workers and checks them: the shared secret (an
+    HMAC layer), its CURVE keypair and the workers' pinned keys, or plain TCP where allowed."""
+
+    secret: bytes | None = None
+    keys: Keypair | None = None
+    known: KnownWorkers | None = None
+    insecure: bool = False
+
+
+def worker_access(secret_file: str | None, worker_keys: str | None, known_workers: str | None, insecure: bool) -> WorkerAccess:
+    """From the flags: --secret-file, --worker-keys DIR, --known-workers FILE (default DIR/known_workers), --insecure."""
+    from tp_runtime.launch.worker import load_secret
+
+    if known_workers and not worker_keys:
+        raise ConfigError("--known-workers needs --worker-keys DIR (this coordinator's own keypair, made by `tp-worker --keygen DIR`)")
+    keys = load_keypair(worker_keys) if worker_keys else None
+    known = KnownWorkers(known_workers or Path(worker_keys).expanduser() / KNOWN_FILE) if keys else None
+    return WorkerAccess(load_secret(secret_file), keys, known, insecure)
+
+
+def _check_access(access: WorkerAccess, workers: list[tuple[str, int]]) -> list[bytes] | None:
+    """The workers' pinned keys (None: an unkeyed job), or the refusal, before any worker is contacted."""
+    if access.keys is None:
+        exposed = [f"{h}:{p}" for h, p in workers if not is_loopback(h)]
+        if exposed and not access.insecure:
+            raise ConfigError(f"refusing to send a job to {', '.join(exposed)} without keys: the weights, prompts and activations would "
+                              f"cross the network readable and forgeable. Use --worker-keys DIR (and pin each worker in DIR/{KNOWN_FILE}), "
+                              f"or pass --insecure on a network you trust")
+        return None
+    return [access.known.key_for(f"{h}:{p}") for h, p in workers]
 
 
 def _local_address_towards(host: str) -> str:
@@ -87,7 +125,7 @@ def _stream_slices(client: ControlClient, index: CheckpointIndex, entries: list[
 def run_with_workers(
     model_dir: str,
     workers: list[tuple[str, int]],
-    secret: bytes | None,
+    access: WorkerAccess,
     runtime: RuntimeConfig,
     prompts: list[list[int]],
     sampling: dict[str, Any],
@@ -98,6 +136,7 @@ def run_with_workers(
     """Drive the workers through a job and run rank 0 here with `run_rank0(parallel, comm, extra)`;
     extra holds what the coordinator learnt (bytes of weights streamed) for the result. mode
     "serve": the workers follow rank 0's steps (serve/engine_loop.py) until it stops them."""
+    pinned = _check_access(access, workers)
     model = open_model(model_dir)  # a Hugging Face folder or a GGUF file, checked before any worker is contacted
     cfg, index = runtime.split_config(model.cfg), model.index
     tp = len(workers) + 1
@@ -109,23 +148,34 @@ def run_with_workers(
     gen_cfg_path = Path(model_dir) / "generation_config.json"  # a GGUF file's are in its metadata, hence in the config
     gen_cfg = json.loads(gen_cfg_path.read_text()) if model.format == "safetensors" and gen_cfg_path.is_file() else None
     rank_names = ["coordinator"] + [f"worker {h}:{p}" for h, p in workers]
+    secret = access.secret
     ctx = new_context()
-    clients = [ControlClient(ctx, f"tcp://{h}:{p}", secret, f"{h}:{p}") for h, p in workers]
+    gate = keys = None
+    if pinned is not None:
+        keys = JobKeys(access.keys, (access.keys.public, *pinned))
+        gate = Gate(ctx)
+        gate.admit(DATA_DOMAIN, keys.others(0))
+    clients = []
     comm = inbox = None
     try:
+        for i, (h, p) in enumerate(workers):
+            addr = f"{h}:{p}"
+            curve = CurveClient(access.keys, pinned[i]) if pinned is not None else None
+            clients.append(ControlClient(ctx, f"tcp://{addr}", secret, addr, curve=curve, pinned_at=access.known.where(addr) if curve else ""))
         for c in clients:
             c.send(Kind.HELLO, {"role": "coordinator"})
         for c in clients:
             c.recv(HELLO_TIMEOUT_S, "handshake")
         my_addr = advertise or _local_address_towards(workers[0][0])
-        inbox, my_port = bind_inbox(ctx, my_addr)
+        inbox, my_port = bind_inbox(ctx, my_addr, keys=keys)
         streamed = 0
-        epoch = secrets.randbits(32)  # this job's: a late frame of an earlier one is dropped
+        job = new_nonce()  # this job's: a late or replayed frame of an earlier one is dropped
         for rank, c in enumerate(clients, start=1):
             c.send(Kind.JOB, {
                 "fingerprint": fp, "config": model.config_json,
                 "generation_config": gen_cfg,
-                "tp": tp, "rank": rank, "names": rank_names, "epoch": epoch,
+                "tp": tp, "rank": rank, "names": rank_names, "job": job,
+                "keys": [k.decode() for k in keys.ranks] if keys else None,
                 "runtime": runtime.for_job(),  # every setting but the rank-local ones: all ranks run alike
                 "prompts": prompts, "sampling": sampling, "mode": mode,
             })
@@ -146,7 +196,7 @@ def run_with_workers(
             for c in clients:
                 c.check()
 
-        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=rank_names, watch=watch, epoch=epoch)
+        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=rank_names, watch=watch, job=job, keys=keys)
         comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
         result = run_rank0(ParallelConfig(world_size=tp, rank=0), comm, {"weights_streamed_bytes": streamed})
         for c in clients:
@@ -159,4 +209,6 @@ def run_with_workers(
             inbox.close(0)
         for c in clients:
             c.close()
+        if gate is not None:
+            gate.stop()
         ctx.term()

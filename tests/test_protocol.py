@@ -1,4 +1,5 @@
-"""The wire protocol: round trips, and every kind of bad message rejected with a reason."""
+"""The wire protocol: round trips, every kind of bad message rejected with a reason, the job
+nonce and the per-stream counters (replays), on frames and between live ranks."""
 
 import struct
 import time
@@ -6,14 +7,14 @@ import time
 import pytest
 import torch
 
-from tp_runtime.comm.protocol import _FIXED, Kind, ProtocolError, decode, encode
+from tp_runtime.comm.protocol import _FIXED, Kind, ProtocolError, ReplayGuard, decode, encode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
 def test_tensor_round_trip(dtype):
     t = (torch.randn(3, 5) * 10).to(dtype)
-    msg = decode(encode(Kind.TENSOR, secret=b"k", src=2, seq=9, flags=3, tensor=t), secret=b"k")
-    assert (msg.kind, msg.src, msg.seq, msg.flags) == (Kind.TENSOR, 2, 9, 3)
+    msg = decode(encode(Kind.TENSOR, secret=b"k", src=2, seq=9, flags=3, tensor=t, job=2**64 - 1, counter=7), secret=b"k")
+    assert (msg.kind, msg.src, msg.seq, msg.flags, msg.job, msg.counter) == (Kind.TENSOR, 2, 9, 3, 2**64 - 1, 7)
     assert msg.tensor.dtype == dtype and torch.equal(msg.tensor, t)
 
 
@@ -67,6 +68,17 @@ def test_size_lies_rejected_without_a_secret():
         decode([header, payload, mac], secret=None, max_payload=8)
 
 
+def test_a_huge_dimension_beside_a_zero_one_is_refused():
+    """prod(shape) is 0, so the sizes agree, and torch's reshape would raise its own error (an overflow)."""
+    header, payload, mac = encode(Kind.TENSOR, secret=None, tensor=torch.empty(0, 3))
+    lying = bytearray(header)
+    for dims in ((0, 2**64 - 1), (2**49, 0)):
+        struct.pack_into("<QQ", lying, _FIXED.size, *dims)
+        with pytest.raises(ProtocolError, match="is larger than any tensor"):
+            decode([bytes(lying), payload, mac], secret=None)
+    assert decode(encode(Kind.TENSOR, secret=None, tensor=torch.tensor(2.5)), secret=None).tensor.shape == ()  # 0-dim: also found by it
+
+
 def test_unknown_kind_and_garbage_json():
     header, payload, mac = encode(Kind.HELLO, secret=None, obj={})
     bad = bytearray(header)
@@ -78,17 +90,53 @@ def test_unknown_kind_and_garbage_json():
         decode([header, b"{nojson", b""], secret=None)  # same length as {"x":1}
 
 
-def test_frame_of_another_epoch_is_refused():
-    """A data frame names its job's epoch; a late frame of an earlier job (or of a group that has
-    re-formed) is refused, and the control channel (epoch None) does not check."""
-    frames = encode(Kind.TENSOR, secret=b"k", src=1, seq=4, tensor=torch.ones(3), epoch=77)
-    assert decode(frames, secret=b"k", epoch=77).epoch == 77
-    assert decode(frames, secret=b"k").epoch == 77
-    with pytest.raises(ProtocolError, match="a frame of epoch 77, this job is epoch 78"):
-        decode(frames, secret=b"k", epoch=78)
+@pytest.mark.parametrize("payload, reason", [
+    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),  # nested past the recursion limit
+    (b"9" * 5000, "not JSON"),  # more digits than int() takes
+    (b"[1,2]", "must be a JSON object"),  # a control kind's payload is an object
+])
+def test_hostile_json_is_a_protocol_error(payload, reason):
+    header, _, _ = encode(Kind.JOB, secret=None, obj={})
+    lying = bytearray(header)
+    struct.pack_into("<Q", lying, _FIXED.size - 8, len(payload))  # payload_len, the last fixed field
+    with pytest.raises(ProtocolError, match=reason):
+        decode([bytes(lying), payload, b""], secret=None)
 
 
-def test_zmq_ranks_drop_frames_of_another_epoch():
+def test_kind_and_payload_type_must_agree():
+    """A TENSOR frame without a tensor would reach a collective as None: refused at the door."""
+    h, p, m = encode(Kind.HEARTBEAT, secret=None)
+    bad = bytearray(h)
+    struct.pack_into("<H", bad, 6, int(Kind.TENSOR))
+    with pytest.raises(ProtocolError, match="TENSOR frame must carry a tensor"):
+        decode([bytes(bad), p, m], secret=None)
+
+
+def test_frame_of_another_job_is_refused():
+    """A frame names its job's nonce; a late frame of an earlier job (or of a group that has
+    re-formed) is refused, and a decode without a job (the control channel's first look) passes it."""
+    frames = encode(Kind.TENSOR, secret=b"k", src=1, seq=4, tensor=torch.ones(3), job=77)
+    assert decode(frames, secret=b"k", job=77).job == 77
+    assert decode(frames, secret=b"k").job == 77
+    with pytest.raises(ProtocolError, match="a frame of job 0x4d, expected job 0x4e"):
+        decode(frames, secret=b"k", job=78)
+
+
+def test_replay_guard_refuses_repeated_and_reordered_frames_per_stream():
+    guard = ReplayGuard()
+    frames = [decode(encode(Kind.TENSOR, secret=None, src=1, tensor=torch.ones(1), counter=c), secret=None) for c in range(1, 6)]
+    guard.check(1, frames[0])
+    guard.check(1, frames[2])  # a gap is fine (a reconnect may lose frames)
+    with pytest.raises(ProtocolError, match="#3 after #3: repeated"):
+        guard.check(1, frames[2])
+    with pytest.raises(ProtocolError, match="#2 after #3"):
+        guard.check(1, frames[1])
+    guard.check(2, frames[1])  # another stream counts on its own
+    with pytest.raises(ProtocolError, match="#0 after #0"):  # an uncounted frame never passes
+        guard.check(3, decode(encode(Kind.HEARTBEAT, secret=None), secret=None))
+
+
+def test_zmq_ranks_drop_frames_of_another_job():
     """A replayed frame of another job reaches a rank's inbox between two collectives: it is
     dropped with a log line, and the next collective sums only this job's tensors."""
     import zmq
@@ -97,12 +145,12 @@ def test_zmq_ranks_drop_frames_of_another_epoch():
     from tp_runtime.launch.spawn import free_port
 
     ports = [free_port(), free_port()]
-    comms = [ZmqCommunicator.on_loopback(r, ports, epoch=5) for r in range(2)]
+    comms = [ZmqCommunicator.on_loopback(r, ports, job=5) for r in range(2)]
     try:
         ctx = zmq.Context()
         stale = ctx.socket(zmq.PUSH)
         stale.connect(f"tcp://127.0.0.1:{ports[0]}")
-        stale.send_multipart(encode(Kind.TENSOR, secret=None, src=1, seq=1, tensor=torch.full((2,), 100.0), epoch=4))
+        stale.send_multipart(encode(Kind.TENSOR, secret=None, src=1, seq=1, tensor=torch.full((2,), 100.0), job=4, counter=1))
         import threading
 
         out = {}

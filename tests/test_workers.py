@@ -150,14 +150,18 @@ def test_killed_worker_ends_job_naming_it_and_others_serve_again(small_model, wo
     assert r.returncode == 0, r.stderr
 
 
-def test_open_listen_without_secret_warns_and_keygen_writes_private_file(tmp_path):
+def test_open_listen_without_keys_is_refused_unless_insecure_and_new_secret_is_private(tmp_path):
+    """Beyond loopback a worker without keys refuses to start (like sshd without host keys); --insecure
+    is the explicit way out, and it still warns."""
     env = {k: v for k, v in os.environ.items() if k != "TP_RUNTIME_SECRET"}
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "tp_runtime.launch.worker", "--listen", f"tcp://0.0.0.0:{port}", "--max-jobs", "0"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "without a secret" in r.stderr
+    cmd = [sys.executable, "-m", "tp_runtime.launch.worker", "--listen", f"tcp://0.0.0.0:{port}", "--max-jobs", "0"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "refusing to listen on" in r.stderr and "--keygen DIR" in r.stderr and "--insecure" in r.stderr, r.stderr
+    r = subprocess.run([*cmd, "--insecure"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "without keys (--insecure)" in r.stderr, r.stderr
     key = tmp_path / "secret"
-    r = subprocess.run([sys.executable, "-m", "tp_runtime.launch.worker", "--keygen", str(key)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "tp_runtime.launch.worker", "--new-secret", str(key)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and len(bytes.fromhex(key.read_text().strip())) == 32
     assert key.stat().st_mode & 0o777 == 0o600
 

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default=None, metavar="HOST:PORT,...", help="run ranks 1..N on these tp-worker daemons (pyzmq); this process is rank 0")
     p.add_argument("--secret-file", default=None, help="shared secret of the workers (default $TP_RUNTIME_SECRET)")
+    p.add_argument("--worker-keys", metavar="DIR", default=None, help="this coordinator's CURVE keypair (`tp-worker --keygen DIR`): every socket to the workers encrypted")
+    p.add_argument("--known-workers", metavar="FILE", default=None, help="the workers' pinned public keys, `HOST:PORT KEY` a line (default DIR/known_workers)")
+    p.add_argument("--insecure", action="store_true", help="allow workers beyond loopback without keys (plain TCP)")
     p.add_argument("--advertise-addr", default=None, help="this machine's address as the workers reach it (default: found by routing)")
 
 
@@ -291,8 +294,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
 
 def generate_on_workers(args: argparse.Namespace) -> dict[str, Any]:
     from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
-    from tp_runtime.launch.coordinator import parse_workers, run_with_workers
-    from tp_runtime.launch.worker import load_secret
+    from tp_runtime.launch.coordinator import parse_workers, run_with_workers, worker_access
 
     workers = parse_workers(args.workers)
     if args.tp is not None and args.tp != len(workers) + 1:
@@ -302,7 +304,7 @@ def generate_on_workers(args: argparse.Namespace) -> dict[str, Any]:
         args.prompt_ids, args.prompt = [encode_prompt(tok, t) for t in args.prompt], None
     batch = len(args.prompt_ids)
     return run_with_workers(
-        args.model, workers, load_secret(args.secret_file), _runtime(args, batch), args.prompt_ids, _sampling(args),
+        args.model, workers, worker_access(args.secret_file, args.worker_keys, args.known_workers, args.insecure), _runtime(args, batch), args.prompt_ids, _sampling(args),
         run_rank0=lambda parallel, comm, extra: run_generate(args, parallel, comm, extra), advertise=args.advertise_addr,
     )
 
@@ -362,13 +364,12 @@ def serve(args: argparse.Namespace) -> int:
 
     runtime = _runtime(args, args.max_num_seqs)
     if args.workers:
-        from tp_runtime.launch.coordinator import parse_workers, run_with_workers
-        from tp_runtime.launch.worker import load_secret
+        from tp_runtime.launch.coordinator import parse_workers, run_with_workers, worker_access
 
         workers = parse_workers(args.workers)
         if args.tp is not None and args.tp != len(workers) + 1:
             raise ConfigError(f"--tp {args.tp} does not match 1 + {len(workers)} workers")
-        return run_with_workers(args.model, workers, load_secret(args.secret_file), runtime, [], {},
+        return run_with_workers(args.model, workers, worker_access(args.secret_file, args.worker_keys, args.known_workers, args.insecure), runtime, [], {},
                                 run_rank0=lambda parallel, comm, extra: run_serve(args, parallel, runtime, comm), advertise=args.advertise_addr, mode="serve")
     tp = args.tp or 1
     if tp < 1:

@@ -3,18 +3,27 @@
 A message is three ZeroMQ frames: [header, payload, mac].
 
     header = MAGIC "TPRT" | version u16 | kind u16 | src u16 | flags u16 | seq u64 |
-             dtype u8 | ndim u8 | reserved u16 | epoch u32 | payload_len u64 | shape u64 x ndim
-    payload: raw tensor bytes (kind TENSOR, WEIGHTS) or UTF-8 JSON (control kinds)
+             dtype u8 | ndim u8 | reserved u16 | job u64 | counter u64 | payload_len u64 |
+             shape u64 x ndim
+    payload: raw tensor bytes (kind TENSOR, WEIGHTS) or UTF-8 JSON (the other kinds; an object
+             for every kind but OBJECT)
     mac: HMAC-SHA256(secret, header + payload) when a shared secret is set, else empty
 
 Message kinds and dtypes are IntEnums with pinned numbers: a number never changes meaning;
 new kinds get new numbers and a protocol version bump where old peers would misread them.
 `decode` checks everything (frame count, magic, version, kind, sizes against the header, the
-MAC) and raises ProtocolError, so that a receiver can drop a bad message with one log line.
+MAC, the job) and raises ProtocolError, so that a receiver can drop a bad message with one log
+line; nothing else escapes it, whatever the bytes (tests/test_fuzz.py).
 
-The epoch (version 2) names the job a data-plane frame belongs to: the coordinator draws one per
-job, and a rank drops a frame of another epoch (a late frame of an earlier job, or of a group
-that has re-formed since). Control messages carry epoch 0 and are not checked.
+Replay protection (version 3). `job` is a fresh 64-bit nonce and `counter` a number that
+strictly increases along each stream of frames (one sender's socket to one receiver); a
+receiver keeps the last counter per stream (`ReplayGuard`) and drops a frame of another job, or
+one whose counter is not above the last (repeated or reordered). Under the MAC (or inside
+CURVE) neither can be forged, so a captured frame cannot be played again: not in its own job
+(its counter is spent) nor in a later one (another nonce). On the data plane the job is the
+coordinator's per-job draw; on the control channel each side draws one per session (HELLO
+carries the coordinator's, WELCOME the worker's) and every later frame carries the receiver's,
+so a recorded session replayed to a worker gets a new nonce and its JOB is dropped.
 """
 
 from __future__ import annotations
@@ -24,20 +33,22 @@ import hashlib
 import hmac
 import json
 import math
+import secrets
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 
 from tp_runtime.errors import TPRuntimeError
 
 MAGIC = b"TPRT"
-PROTOCOL_VERSION = 2  # 2: the epoch field
-_FIXED = struct.Struct("<4sHHHHQBBHIQ")
+PROTOCOL_VERSION = 3  # 2: the epoch field; 3: a 64-bit job nonce and the per-stream counter
+_FIXED = struct.Struct("<4sHHHHQBBHQQQ")
 MAX_NDIM = 8
 DEFAULT_MAX_PAYLOAD = 4 << 30  # 4 GiB: the largest weight slice we expect in one frame
 NO_RANK = 0xFFFF
+MAX_ELEMENTS = 1 << 48  # a shape's extent, zero dimensions counted as 1: beyond it a lie, and one that overflows torch
 
 
 class ProtocolError(TPRuntimeError):
@@ -45,10 +56,10 @@ class ProtocolError(TPRuntimeError):
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # coordinator -> worker: {"version", "role"}
-    WELCOME = 2  # worker -> coordinator: {"version", "host", "models", "cached"}
+    HELLO = 1  # coordinator -> worker: {"version", "role"}; job = the coordinator's session nonce
+    WELCOME = 2  # worker -> coordinator: {"version", "host", "models", "nonce": the worker's session nonce}
     REJECT = 3  # worker -> coordinator: {"reason"}
-    JOB = 4  # coordinator -> worker: the job spec (JSON)
+    JOB = 4  # coordinator -> worker: the job spec (JSON; "job": the data plane's nonce, "keys": every rank's public key when keyed)
     NEED_WEIGHTS = 5  # worker -> coordinator: stream my slices
     WEIGHTS_BEGIN = 6  # coordinator -> worker: {"names": [...], "bytes": n}, then one WEIGHTS per name
     WEIGHTS = 7  # coordinator -> worker: one tensor slice; seq = its index in WEIGHTS_BEGIN's names
@@ -64,6 +75,7 @@ class Kind(enum.IntEnum):
 
 # pinned numbers, as llama.cpp's rpc does with static_assert: changing one breaks old peers
 assert (Kind.HELLO, Kind.TENSOR, Kind.HEARTBEAT) == (1, 13, 14)
+TENSOR_KINDS = frozenset({Kind.TENSOR, Kind.WEIGHTS})  # the kinds whose payload is a tensor; the rest carry JSON
 
 
 class DType(enum.IntEnum):
@@ -90,9 +102,15 @@ class Message:
     src: int = NO_RANK
     seq: int = 0
     flags: int = 0
-    epoch: int = 0
+    job: int = 0
+    counter: int = 0
     tensor: torch.Tensor | None = None
     obj: Any = None
+
+
+def new_nonce() -> int:
+    """A job's or a session's nonce: 64 random bits, never 0 (0 is "no job")."""
+    return secrets.randbits(64) or 1
 
 
 def _mac(secret: bytes | None, header: bytes, payload: bytes | memoryview) -> bytes:
@@ -104,30 +122,31 @@ def _mac(secret: bytes | None, header: bytes, payload: bytes | memoryview) -> by
 
 
 def encode(kind: Kind, *, secret: bytes | None, src: int = NO_RANK, seq: int = 0, flags: int = 0,
-           tensor: torch.Tensor | None = None, obj: Any = None, version: int = PROTOCOL_VERSION, epoch: int = 0) -> list[bytes | memoryview]:
+           tensor: torch.Tensor | None = None, obj: Any = None, version: int = PROTOCOL_VERSION, job: int = 0, counter: int = 0) -> list[bytes | memoryview]:
     if tensor is not None:
         t = tensor.detach().contiguous().cpu()
         code = _CODE.get(t.dtype)
         if code is None:
             raise ProtocolError(f"dtype {t.dtype} cannot be sent")
-        payload = t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b""
+        payload = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""  # flat first: a 0-dim tensor has no byte view
         shape = tuple(t.shape)
     else:
         code, shape = DType.NONE, ()
         payload = json.dumps(obj if obj is not None else {}, separators=(",", ":")).encode()
-    header = _FIXED.pack(MAGIC, version, int(kind), src, flags, seq, int(code), len(shape), 0, epoch, len(payload)) + struct.pack(f"<{len(shape)}Q", *shape)
+    header = _FIXED.pack(MAGIC, version, int(kind), src, flags, seq, int(code), len(shape), 0, job, counter, len(payload)) + struct.pack(f"<{len(shape)}Q", *shape)
     return [header, payload, _mac(secret, header, payload)]
 
 
-def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAULT_MAX_PAYLOAD, epoch: int | None = None) -> Message:
-    """epoch: the job's; a frame of another one is refused (None: not checked, the control channel)."""
+def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAULT_MAX_PAYLOAD, job: int | None = None) -> Message:
+    """job: the nonce the frame must carry; a frame of another job is refused (None: not checked).
+    Counters are the receiver's to check, per stream (ReplayGuard)."""
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames, got {len(frames)}")
     header, payload, mac = (f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames)
     header = bytes(header)
     if len(header) < _FIXED.size:
         raise ProtocolError(f"header of {len(header)} bytes is truncated")
-    magic, version, kind, src, flags, seq, code, ndim, _, frame_epoch, length = _FIXED.unpack_from(header)
+    magic, version, kind, src, flags, seq, code, ndim, _, frame_job, counter, length = _FIXED.unpack_from(header)
     if magic != MAGIC:
         raise ProtocolError("bad magic: not a tp-runtime message")
     if version != PROTOCOL_VERSION:
@@ -137,8 +156,8 @@ def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAUL
             raise ProtocolError("message not authenticated: missing or wrong MAC (the peer uses another secret, or none)")
     elif len(mac):
         raise ProtocolError("message carries a MAC but this side has no secret configured")
-    if epoch is not None and frame_epoch != epoch:
-        raise ProtocolError(f"a frame of epoch {frame_epoch}, this job is epoch {epoch} (left over from another job)")
+    if job is not None and frame_job != job:
+        raise ProtocolError(f"a frame of job {frame_job:#x}, expected job {job:#x} (left over from another job or session, or replayed)")
     try:
         kind = Kind(kind)
         code = DType(code)
@@ -148,14 +167,22 @@ def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAUL
         raise ProtocolError(f"header length {len(header)} does not match {ndim} dimensions")
     if length != len(payload) or length > max_payload:
         raise ProtocolError(f"payload of {len(payload)} bytes, header says {length} (limit {max_payload})")
+    if (code is not DType.NONE) != (kind in TENSOR_KINDS):
+        raise ProtocolError(f"a {kind.name} frame must carry {'a tensor' if kind in TENSOR_KINDS else 'JSON'}, this one has dtype {code.name}")
     shape = struct.unpack_from(f"<{ndim}Q", header, _FIXED.size)
-    msg = Message(kind, src, seq, flags, frame_epoch)
+    msg = Message(kind, src, seq, flags, frame_job, counter)
     if code is DType.NONE:
+        if ndim:
+            raise ProtocolError(f"a JSON payload with a shape of {ndim} dimensions")
         try:
             msg.obj = json.loads(bytes(payload).decode()) if length else None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"control payload is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too many digits, nested too deep
+            raise ProtocolError(f"control payload is not JSON ({str(e)[:100]})") from None
+        if kind is not Kind.OBJECT and not isinstance(msg.obj, (dict, type(None))):
+            raise ProtocolError(f"a {kind.name} payload must be a JSON object, got {type(msg.obj).__name__}")
         return msg
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # (2**48, 2**48, 0) holds no bytes, and breaks reshape
+        raise ProtocolError(f"shape {list(shape)} is larger than any tensor")
     dtype = _TORCH[code]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if math.prod(shape) * itemsize != length:
@@ -163,3 +190,19 @@ def decode(frames: list[Any], *, secret: bytes | None, max_payload: int = DEFAUL
     raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if length else torch.empty(0, dtype=torch.uint8)
     msg.tensor = raw.view(dtype).reshape(shape)
     return msg
+
+
+class ReplayGuard:
+    """The last counter seen on each stream (named by the receiver: a peer and its channel).
+    A frame must carry a larger one: a repeated, reordered or replayed frame is refused. Gaps
+    are allowed (a reconnecting socket may lose frames; it never reorders them)."""
+
+    def __init__(self) -> None:
+        self.last: dict[Hashable, int] = {}
+
+    def check(self, stream: Hashable, msg: Message) -> None:
+        """Call only on an authenticated, decoded message: a forged one must not move the counter."""
+        last = self.last.get(stream, 0)
+        if msg.counter <= last:
+            raise ProtocolError(f"{msg.kind.name} frame #{msg.counter} after #{last}: repeated or out of sequence (a replay?)")
+        self.last[stream] = msg.counter

@@ -11,6 +11,13 @@ large tensors. `ring_threshold_bytes` picks between them (bench/collectives.py m
 crossover). Both give bit-identical results on every rank, which keeps the ranks' sampling in
 step.
 
+Security: every frame carries the job's nonce and, per sender and socket, a strictly increasing
+counter (protocol.py); a rank drops a frame of another job, a repeated or reordered one, or one
+from a rank not in the job, with a log line. In a keyed job (keys.JobKeys) every socket is
+CURVE: the inbox admits exactly the other ranks' keys (the context's keys.Gate), each outbox
+talks only to its peer's key, and a frame must come over the connection of the rank it claims
+to be from (the ZAP User-Id is the sender's key), so one rank cannot speak for another.
+
 Liveness: a background thread sends a HEARTBEAT to every peer every `heartbeat_s`. A rank that
 waits for a peer whose last sign of life is older than `dead_after_s` raises WorkerError
 naming it, so a dead or hung machine ends the job within seconds, never a hang.
@@ -26,7 +33,8 @@ from typing import Any, Callable, Sequence
 import torch
 import zmq
 
-from tp_runtime.comm.protocol import Kind, ProtocolError, decode, encode
+from tp_runtime.comm.keys import DATA_DOMAIN, CurveClient, CurveServer, Gate, JobKeys
+from tp_runtime.comm.protocol import Kind, ProtocolError, ReplayGuard, decode, encode
 from tp_runtime.comm.sockets import make_socket, new_context
 from tp_runtime.communicator import check_splits
 from tp_runtime.errors import WorkerError
@@ -36,9 +44,10 @@ log = logging.getLogger("tp_runtime.zmq")
 DEFAULT_RING_THRESHOLD = 1 << 20  # bench/collectives.py: ring wins from 1 MiB (4 ranks) / 2 MiB (2 ranks)
 
 
-def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = None) -> tuple[zmq.Socket, int]:
-    """A PULL socket on `port` (default: a free one) of `host` (0.0.0.0: every interface); returns (socket, port)."""
-    sock = make_socket(ctx, zmq.PULL)
+def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = None, keys: JobKeys | None = None) -> tuple[zmq.Socket, int]:
+    """A PULL socket on `port` (default: a free one) of `host` (0.0.0.0: every interface); returns (socket, port).
+    keys: a keyed job's: the inbox is a CURVE server admitting what the context's Gate admits for DATA_DOMAIN."""
+    sock = make_socket(ctx, zmq.PULL, curve=CurveServer(keys.own, DATA_DOMAIN) if keys else None)
     if port is None:
         port = sock.bind_to_random_port(f"tcp://{host}")
     else:
@@ -46,10 +55,18 @@ def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = Non
     return sock, port
 
 
+def _sender_key(frame: zmq.Frame) -> str | None:
+    """The public key the frame's connection authenticated with (the Gate makes it the ZAP User-Id)."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+
+
 class _Heartbeat(threading.Thread):
-    def __init__(self, ctx: zmq.Context, rank: int, peers: list[str], secret: bytes | None, interval: float, epoch: int) -> None:
+    def __init__(self, ctx: zmq.Context, rank: int, peers: list[str], secret: bytes | None, interval: float, job: int, keys: JobKeys | None) -> None:
         super().__init__(daemon=True, name=f"tp-heartbeat-{rank}")
-        self.ctx, self.rank, self.peers, self.secret, self.interval, self.epoch = ctx, rank, peers, secret, interval, epoch
+        self.ctx, self.rank, self.peers, self.secret, self.interval, self.job, self.keys = ctx, rank, peers, secret, interval, job, keys
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -57,12 +74,15 @@ class _Heartbeat(threading.Thread):
         for r, ep in enumerate(self.peers):
             if r == self.rank:
                 continue
-            s = make_socket(self.ctx, zmq.PUSH, send_queue=4)  # a dead peer must not pile up heartbeats
+            curve = CurveClient(self.keys.own, self.keys.ranks[r]) if self.keys else None
+            s = make_socket(self.ctx, zmq.PUSH, send_queue=4, curve=curve)  # a dead peer must not pile up heartbeats
             s.connect(ep)
             socks.append(s)
+        counter = 0  # one count for all peers: each still sees it increase
         try:
             while not self.stop_event.is_set():
-                frames = encode(Kind.HEARTBEAT, secret=self.secret, src=self.rank, epoch=self.epoch)
+                counter += 1
+                frames = encode(Kind.HEARTBEAT, secret=self.secret, src=self.rank, job=self.job, counter=counter)
                 for s in socks:
                     try:
                         s.send_multipart(frames, flags=zmq.NOBLOCK)
@@ -89,44 +109,56 @@ class ZmqCommunicator:
         dead_after_s: float = 4.0,
         ring_threshold_bytes: int = DEFAULT_RING_THRESHOLD,
         watch: Callable[[], None] | None = None,
-        epoch: int = 0,
+        job: int = 0,
+        keys: JobKeys | None = None,
     ) -> None:
         """peers: every rank's inbox endpoint, by rank (this rank's own entry is unused).
         names: how to name each rank in errors (e.g. the worker's host:port).
         watch: called while waiting, may raise (the coordinator checks its control channel).
-        epoch: the job's number (protocol.py); frames of another epoch are dropped."""
+        job: the job's nonce (protocol.py); frames of another job are dropped.
+        keys: a keyed job's (the inbox must then come from bind_inbox with the same keys, and
+        the context's Gate admit the other ranks' keys for DATA_DOMAIN)."""
         self.ctx, self.rank, self.world_size = ctx, rank, len(peers)
-        self.secret, self.inbox = secret, inbox
+        self.secret, self.inbox, self.keys = secret, inbox, keys
         self.names = names or [f"rank {r}" for r in range(self.world_size)]
+        if keys is not None and (len(keys.ranks) != self.world_size or not inbox.getsockopt(zmq.CURVE_SERVER)):
+            raise WorkerError(f"a keyed job needs a key for each of its {self.world_size} ranks ({len(keys.ranks)} given) and a CURVE inbox")
         self.dead_after_s, self.ring_threshold, self.watch = dead_after_s, ring_threshold_bytes, watch
-        self.seq, self.epoch = 0, epoch
+        self.seq, self.job = 0, job
         self.outbox: dict[int, zmq.Socket] = {}
         for r, ep in enumerate(peers):
             if r != rank:
-                s = make_socket(ctx, zmq.PUSH)
+                s = make_socket(ctx, zmq.PUSH, curve=CurveClient(keys.own, keys.ranks[r]) if keys else None)
                 s.connect(ep)
                 self.outbox[r] = s
+        self.sent = {r: 0 for r in self.outbox}  # frames sent to each peer: the counter they check
+        self.guard = ReplayGuard()
         self.early: dict[tuple[int, int], Any] = {}
         now = time.monotonic()
         self.last_seen = {r: now for r in self.outbox}
-        self.heartbeat = _Heartbeat(ctx, rank, peers, secret, heartbeat_s, epoch)
+        self.heartbeat = _Heartbeat(ctx, rank, peers, secret, heartbeat_s, job, keys)
         self.heartbeat.start()
         self.poller = zmq.Poller()
         self.poller.register(inbox, zmq.POLLIN)
 
     @classmethod
-    def on_loopback(cls, rank: int, ports: list[int], **kw: Any) -> ZmqCommunicator:
+    def on_loopback(cls, rank: int, ports: list[int], keys: JobKeys | None = None, **kw: Any) -> ZmqCommunicator:
         """Rank `rank` of local ranks whose inboxes are 127.0.0.1:ports[r] (benchmarks, tests)."""
         ctx = new_context()
-        inbox, _ = bind_inbox(ctx, "127.0.0.1", port=ports[rank])
-        comm = cls(ctx, rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox, **kw)
-        comm.owned_context = ctx
+        gate = None
+        if keys is not None:
+            gate = Gate(ctx)
+            gate.admit(DATA_DOMAIN, keys.others(rank))
+        inbox, _ = bind_inbox(ctx, "127.0.0.1", port=ports[rank], keys=keys)
+        comm = cls(ctx, rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox, keys=keys, **kw)
+        comm.owned_context, comm.owned_gate = ctx, gate
         return comm
 
     # -- point to point --
     def _send(self, dst: int, seq: int, step: int = 0, tensor: torch.Tensor | None = None, obj: Any = None) -> None:
         kind = Kind.TENSOR if tensor is not None else Kind.OBJECT
-        frames = encode(kind, secret=self.secret, src=self.rank, seq=seq, flags=step, tensor=tensor, obj=obj, epoch=self.epoch)
+        self.sent[dst] += 1
+        frames = encode(kind, secret=self.secret, src=self.rank, seq=seq, flags=step, tensor=tensor, obj=obj, job=self.job, counter=self.sent[dst])
         self.outbox[dst].send_multipart(frames, copy=False)
 
     def _recv(self, src: int, seq: int, step: int = 0) -> Any:
@@ -157,12 +189,15 @@ class ZmqCommunicator:
             except zmq.Again:
                 return
             try:
-                msg = decode(frames, secret=self.secret, epoch=self.epoch)
+                msg = decode(frames, secret=self.secret, job=self.job)
+                if msg.src not in self.last_seen:
+                    raise ProtocolError(f"a frame from rank {msg.src}, not a peer of this job")
+                if self.keys is not None and _sender_key(frames[0]) != self.keys.ranks[msg.src].decode():
+                    raise ProtocolError(f"a frame that claims to come from rank {msg.src} arrived over another rank's connection")
+                # heartbeats come over their own socket: a stream of their own
+                self.guard.check((msg.src, msg.kind is Kind.HEARTBEAT), msg)
             except ProtocolError as e:
                 log.warning("rank %d: dropped a message: %s", self.rank, e)
-                continue
-            if msg.src not in self.last_seen:
-                log.warning("rank %d: dropped a message from unknown rank %d", self.rank, msg.src)
                 continue
             self.last_seen[msg.src] = time.monotonic()
             if msg.kind is Kind.TENSOR:
@@ -253,5 +288,7 @@ class ZmqCommunicator:
         for s in self.outbox.values():
             s.close(linger=1000)  # a peer may still wait for our last message: let it leave
         self.inbox.close(0)
+        if getattr(self, "owned_gate", None) is not None:
+            self.owned_gate.stop()
         if getattr(self, "owned_context", None) is not None:
             self.owned_context.term()
