@@ -10,7 +10,8 @@ admit exactly those. Without keys a worker listens only on loopback, unless --in
 otherwise. A shared secret (--secret-file, HMAC on every message) may be added to either. Each
 session and job has fresh nonces and every frame a counter: replays are dropped (protocol.py).
 
-A job: HELLO (version, session nonce) -> JOB (model fingerprint, rank, prompts, the job's
+A job: HELLO (version, session nonce; under --shares auto the coordinator asks for this machine's
+GEMV rate and memory budget, measured then and sent in the WELCOME) -> JOB (model fingerprint, rank, prompts, the job's
 nonce and keys) -> weights from a local copy with the same fingerprint, else from this worker's
 cache of its slices, else streamed by the coordinator and cached -> READY (data port) ->
 START (every rank's data endpoint) -> the same sharded model and generate loop as every other
@@ -21,6 +22,7 @@ vanishing, a bad message, an exception) ends that job only; the daemon waits for
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +38,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from tp_runtime import placement, sharding
 from tp_runtime.checkpoint.index import SLICES_FILE, SLICES_META, fingerprint
+from tp_runtime.checkpoint.names import expected_tensors, held_by
 from tp_runtime.checkpoint.safetensors_reader import BLOCKS_KEY
 from tp_runtime.comm.control import ControlServer
 from tp_runtime.comm.keys import (AUTHORIZED_FILE, CONTROL_DOMAIN, DATA_DOMAIN, AuthorizedKeys, Gate, JobKeys, Keypair, is_loopback,
@@ -46,7 +50,8 @@ from tp_runtime.comm.sockets import new_context
 from tp_runtime.comm.protocol import PROTOCOL_VERSION, Kind
 from tp_runtime.comm.timing import wrap
 from tp_runtime.comm.zmq_transport import ZmqCommunicator
-from tp_runtime.config import ParallelConfig, RuntimeConfig
+from tp_runtime.config import ModelConfig, ParallelConfig, RuntimeConfig
+from tp_runtime.engine import shares
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import ConfigError, TPRuntimeError, WorkerError
@@ -109,12 +114,26 @@ class Worker:
                 continue
             peer, msg = got
             if msg.kind is Kind.HELLO:
-                self.server.welcome(peer, {"version": PROTOCOL_VERSION, "host": socket.gethostname(), "models": sorted(self.models)})
+                about = {"version": PROTOCOL_VERSION, "host": socket.gethostname(), "models": sorted(self.models)}
+                if isinstance(msg.obj, dict) and msg.obj.get("measure"):  # --shares auto: measured now, as the coordinator measures its own
+                    about.update(self.measure())
+                self.server.welcome(peer, about)
             elif msg.kind is Kind.JOB:
                 self._run_job(peer, msg.obj or {})
                 self.jobs_done += 1
             else:
                 log.warning("ignored %s outside a job", msg.kind.name)
+
+    def measure(self) -> dict[str, Any]:
+        """This machine's speed and room for `--shares auto`: the GEMV rate (bytes of weights
+        read per second, engine/shares.py) with the threads its jobs use, and the host memory a
+        job's rank may take (what the machine has available now, as a rank's default budget)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        rate = shares.gemv_rate(torch.device("cpu"))
+        budget = placement.default_host_budget(1)
+        log.warning("measured for --shares auto: GEMV %.1f GB/s, memory budget %.1f GB", rate / 1e9, budget / 1e9)
+        return {"gemv_rate": rate, "memory_budget": budget}
 
     def _run_job(self, peer: bytes, job: dict[str, Any]) -> None:
         comm = llm = None
@@ -200,6 +219,7 @@ class Worker:
         # a MoE model's slices differ with the split (--moe ep: whole experts; --attention dp: whole dense parts)
         run = job.get("runtime") or {}
         split = "".join(f"-{k}-{run[k]}" for k in ("moe", "attention") if run.get(k, "tp") != "tp")
+        split += _uneven_split_key(job)
         slot = self.cache_dir / fp / f"tp{job['tp']}-rank{job['rank']}{split}"
         if (slot / SLICES_META).is_file():
             return str(slot)
@@ -232,6 +252,18 @@ class Worker:
         if self.gate is not None:
             self.gate.stop()
         self.ctx.term()
+
+
+def _uneven_split_key(job: dict[str, Any]) -> str:
+    """Under --shares a rank's slices depend on the weights: the cache slot is named after the
+    ranges this rank holds (a digest), so measured shares that round to the same split reuse it."""
+    run = job.get("runtime") or {}
+    if not run.get("shares"):
+        return ""
+    tp, rank = job["tp"], job["rank"]
+    cfg = RuntimeConfig.from_job(run).split_config(ModelConfig.from_dict(job["config"]))
+    specs = [(e.hf_name, sharding.spec(e.role, e.kind, cfg, tp, rank)) for e in held_by(expected_tensors(cfg), cfg, tp, rank)]
+    return "-split-" + hashlib.sha256(repr(specs).encode()).hexdigest()[:12]
 
 
 def _listen_host(listen: str) -> str:

@@ -51,3 +51,23 @@ def test_uneven_shares_and_auto_give_the_tp1_tokens(small_model):
         assert got["output_ids"] == want and check(got["shares"]), (flag, got["shares"])
     r = run_cli(["generate", "--model", str(small_model), "--tp", "2", "--shares", "1,1,1", *PROMPT])
     assert r.returncode != 0 and "--shares gives 3 weights" in r.stderr
+
+
+def test_measured_rates_become_shares_capped_by_memory():
+    """--shares auto over tp-workers: shares follow the rates; a rank whose memory holds less than
+    its rate's share gets what it holds and the rest goes to the others by their rates; caps that
+    cannot hold the model together are ignored (every rank streams then, placement.py)."""
+    from tp_runtime import placement
+
+    assert shares.from_rates([3e9, 1e9]) == (0.75, 0.25)
+    assert shares.from_rates([3.0, 1.0, 1.0], caps=[0.5, 0.3, 0.9]) == (0.5, 0.25, 0.25)
+    assert shares.from_rates([3.0, 1.0], caps=[0.3, 0.3]) == (0.75, 0.25)  # 0.6 < 1: rates alone
+    cfg = _cfg()
+    whole = placement.shard_bytes(cfg, 1, 0, "float32", 64, 1)
+    half = whole.activations + (whole.weights + whole.kv_cache) // 2
+    caps = shares.memory_caps(whole, [half, 10 * half])
+    assert caps[0] == pytest.approx(0.5, abs=1e-3) and caps[1] > 1
+    assert shares.from_rates([3.0, 1.0], caps) == (0.5, 0.5)
+    assert shares.memory_caps(whole, [half, None]) is None
+    with pytest.raises(ConfigError, match="--shares auto"):
+        shares.from_rates([1.0, 0.0])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -285,3 +286,50 @@ def test_a_moe_model_over_a_worker_streams_it_only_its_experts(tmp_path, workers
         streamed[split[1] + ("+dp" if len(split) > 2 else "")] = got["weights_streamed_bytes"]
     expert = 3 * 64 * 96 * 4  # one expert's float32 bytes
     assert streamed["tp"] - streamed["ep"] == 2 * (3 * expert // 2 - expert), streamed
+
+
+def test_a_worker_whose_main_loop_hangs_is_named_and_a_slow_one_is_not(small_model, workers):
+    """The worker's main loop stalls at decode step 3 (test hook) while its heartbeat thread
+    lives: the coordinator names it as hung within seconds. A stall of 2 s (a slow step, inside
+    the 4 s floor) is waited out: the tokens are the local tp=2 run's."""
+    (w,) = workers(1)
+    local = last_json(_generate(small_model, "--tp", "2").stdout)
+    slow = _generate(small_model, "--workers", w.addr, "--debug-stall-rank", "1", "--debug-stall-step", "3", "--debug-stall-seconds", "2")
+    assert slow.returncode == 0, slow.stderr[-3000:]
+    assert last_json(slow.stdout)["output_ids"] == local["output_ids"]
+    t0 = time.monotonic()
+    r = _generate(small_model, "--workers", w.addr, "--debug-stall-rank", "1", "--debug-stall-step", "3")
+    took = time.monotonic() - t0
+    assert r.returncode == 1 and f"worker {w.addr} (rank 1) hung" in r.stderr, r.stderr[-3000:]
+    assert "heartbeat still arrives" in r.stderr
+    assert took < 30, took  # load (cached slices) + 3 steps + the 4 s floor
+    stalled_for = float(re.search(r"has not reached collective #\d+ for ([\d.]+) s", r.stderr).group(1))
+    assert 4.0 <= stalled_for < 6.0, stalled_for  # named within the floor and a heartbeat or so of the stall
+    assert "stalls for 3600.0 s at decode step 3" in w.log.read_text()
+
+
+def test_shares_auto_over_a_worker_gives_the_local_tokens_and_shows_the_shares(small_model, workers):
+    """--shares auto over tp-workers: the worker measures its GEMV rate when the HELLO asks, the
+    coordinator its own meanwhile; the shares are printed, travel in the job as explicit weights,
+    the worker's slices are cut (and cached) by them, and the tokens are the local tp=2 run's."""
+    (w,) = workers(1)
+    local = last_json(_generate(small_model, "--tp", "2").stdout)
+    r = _generate(small_model, "--workers", w.addr, "--shares", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = last_json(r.stdout)
+    assert got["output_ids"] == local["output_ids"] and got["tp"] == 2
+    s = got["shares"]
+    assert len(s) == 2 and abs(sum(s) - 1) < 0.01 and min(s) > 0, s
+    assert len(got["gemv_rates"]) == 2 and all(x > 0 for x in got["gemv_rates"]) and got["weights_streamed_bytes"] > 0
+    assert "measured for --shares auto" in w.log.read_text()
+    # explicit uneven weights over the worker: its slices for that split, in a cache slot of their own
+    r = _generate(small_model, "--workers", w.addr, "--shares", "3,1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = last_json(r.stdout)
+    assert got["output_ids"] == local["output_ids"] and got["shares"] == [3.0, 1.0] and got["weights_streamed_bytes"] > 0
+    again = last_json(_generate(small_model, "--workers", w.addr, "--shares", "3,1").stdout)
+    assert again["output_ids"] == local["output_ids"] and again["weights_streamed_bytes"] == 0  # from its cache
+    # the printed line (not --quiet)
+    r = run_cli(["generate", "--model", str(small_model), "--prompt-ids", "1,5,9", "--max-new-tokens", "2", "--threads", "1",
+                 "--workers", w.addr, "--shares", "auto"], timeout=120, env=ENV)
+    assert r.returncode == 0 and "shares by rank (--shares auto" in r.stderr and f"worker {w.addr}" in r.stderr, r.stderr[-3000:]

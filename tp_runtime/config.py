@@ -527,6 +527,11 @@ class RuntimeConfig:
     # test hook: raise on this rank at this decode step
     fail_rank: int | None = None
     fail_step: int | None = None
+    # test hook: this rank's main loop sleeps stall_s seconds at this decode step (a hung compute
+    # loop while its heartbeat thread lives; a few seconds: a slow one)
+    stall_rank: int | None = None
+    stall_step: int = 0
+    stall_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:

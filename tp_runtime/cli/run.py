@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     # test hook: make one rank raise mid-generation
     p.add_argument("--debug-fail-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-fail-step", type=int, default=0, help=argparse.SUPPRESS)
+    # test hook: make one rank's main loop sleep at a decode step (a hang; a few seconds: a slow rank)
+    p.add_argument("--debug-stall-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-stall-step", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-stall-seconds", type=float, default=3600.0, help=argparse.SUPPRESS)
 
 
 def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
@@ -195,12 +200,21 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         show_progress=not args.quiet,
         fail_rank=args.debug_fail_rank,
         fail_step=args.debug_fail_step,
+        stall_rank=args.debug_stall_rank,
+        stall_step=args.debug_stall_step,
+        stall_s=args.debug_stall_seconds,
         comm=CommConfig(transport=args.transport, inject_latency_s=args.inject_latency, inject_bandwidth_Bps=args.inject_bandwidth, trace=bool(args.comm_trace)),
     )
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+
+
+def decided(runtime: RuntimeConfig, extra: dict[str, Any] | None) -> RuntimeConfig:
+    """The runtime with what a coordinator decided for its job: under --shares auto over
+    tp-workers, the shares measured in the handshake (the workers run with the same)."""
+    return replace(runtime, shares=tuple(extra["shares"])) if extra and extra.get("shares") else runtime
 
 
 def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -213,7 +227,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
 
     batch = len(args.prompt or args.prompt_ids)
     params = SamplingParams(**_sampling(args))
-    llm = LLM.load(args.model, parallel, _runtime(args, batch), comm=comm)
+    llm = LLM.load(args.model, parallel, decided(_runtime(args, batch), extra), comm=comm)
     try:
         if not args.quiet or args.verbose:  # every rank, at load: where its memory went (and its plan)
             from tp_runtime.cli.plan import print_rank_load
@@ -364,13 +378,18 @@ def serve(args: argparse.Namespace) -> int:
 
     runtime = _runtime(args, args.max_num_seqs)
     if args.workers:
-        from tp_runtime.launch.coordinator import parse_workers, run_with_workers, worker_access
+        from tp_runtime.launch.coordinator import parse_workers, serve_with_workers, worker_access
+        from tp_runtime.serve.server import Front
 
         workers = parse_workers(args.workers)
         if args.tp is not None and args.tp != len(workers) + 1:
             raise ConfigError(f"--tp {args.tp} does not match 1 + {len(workers)} workers")
-        return run_with_workers(args.model, workers, worker_access(args.secret_file, args.worker_keys, args.known_workers, args.insecure), runtime, [], {},
-                                run_rank0=lambda parallel, comm, extra: run_serve(args, parallel, runtime, comm), advertise=args.advertise_addr, mode="serve")
+        access = worker_access(args.secret_file, args.worker_keys, args.known_workers, args.insecure)
+        front = Front(args, full_tp=len(workers) + 1, workers=[f"{h}:{p}" for h, p in workers])  # the HTTP side outlives a lost worker
+        try:
+            return serve_with_workers(args.model, workers, access, runtime, front, advertise=args.advertise_addr)
+        finally:
+            front.close()
     tp = args.tp or 1
     if tp < 1:
         raise ConfigError(f"--tp must be at least 1, got {tp}")

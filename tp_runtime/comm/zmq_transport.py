@@ -20,11 +20,20 @@ to be from (the ZAP User-Id is the sender's key), so one rank cannot speak for a
 
 Liveness: a background thread sends a HEARTBEAT to every peer every `heartbeat_s`. A rank that
 waits for a peer whose last sign of life is older than `dead_after_s` raises WorkerError
-naming it, so a dead or hung machine ends the job within seconds, never a hang.
+naming it, so a dead machine or a lost link ends the job within seconds, never a hang.
+
+Hangs: a rank whose main loop is stuck (a deadlock, an endless wait) while its heartbeat thread
+lives still looks alive. So a heartbeat also carries the rank's progress: how many collectives
+it has entered, whether it is inside one, and for how long it has been computing since it left
+the last one. A waiting rank names a peer as hung when that peer has been computing for longer
+than the stretch of work it is in should take, measured by the waiting rank itself (see
+`Progress.allowance`): every rank runs the same plan, so the stretch between collective k-1
+and k is the same work on every rank (its share of it), and the waiting rank has just done it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -63,10 +72,89 @@ def _sender_key(frame: zmq.Frame) -> str | None:
         return None
 
 
+HANG_SLACK = 10.0  # a peer may take this many times as long as this rank took for the same stretch of work
+SEGMENTS_KEPT = 4096  # own compute times remembered, by collective (peers are never that far behind)
+
+
+class Progress:
+    """This rank's progress through the job's collectives (written by the main thread, read by
+    the heartbeat thread), and what the peers last reported of theirs.
+
+    The hang rule. Between two collectives every rank computes the same stretch of the same
+    plan (its share of it), so the time this rank spent computing from leaving collective k-1
+    to entering k is a measure of what the stretch costs: a prefill's stretch of thousands of
+    tokens takes seconds, a decode step's a millisecond. A peer that has entered k-1 but not
+    k, and has computed for longer than `floor_s + slack * (this rank's time for it)`, is hung.
+    The floor absorbs scheduling noise and the heartbeat period (a slow peer's hiccup, a page
+    fault burst); the slack factor admits a peer up to `slack` times slower than this rank (an
+    unequal machine: an equal split on a 3x slower peer is well inside 10x). Before its first
+    collective a peer is loading, which differs legitimately between ranks (streamed slices, a
+    slower disk): no hang is called there, only death (silence). Durations travel, never
+    timestamps: the ranks' clocks are not compared. Not covered: a stretch that costs one rank
+    far more than the others by design, beyond the floor (a layer that rank alone streams from a
+    slow disk, its plan differing from the waiting rank's): it would be named as hung."""
+
+    def __init__(self, floor_s: float, slack: float) -> None:
+        self.floor_s, self.slack = floor_s, slack
+        self.entered = 0  # collectives entered (the one in flight counts)
+        self.inside = False  # in a collective now
+        self.left_at = time.monotonic()  # when the last collective returned (or the job began)
+        self.compute_s: dict[int, float] = {}  # collective k -> seconds this rank computed before entering it
+        self.peers: dict[int, tuple[int, bool, float, float]] = {}  # rank -> (entered, inside, busy_s, local time of the report)
+
+    # -- this rank (main thread) --
+    def enter(self) -> None:
+        now = time.monotonic()
+        self.compute_s[self.entered + 1] = now - self.left_at
+        self.compute_s.pop(self.entered + 1 - SEGMENTS_KEPT, None)
+        self.inside = True
+        self.entered += 1
+
+    def leave(self) -> None:
+        self.left_at = time.monotonic()
+        self.inside = False
+
+    def report(self) -> tuple[int, bool, float]:
+        """(entered, inside, seconds computing since the last collective) for a heartbeat."""
+        inside = self.inside
+        return self.entered, inside, 0.0 if inside else time.monotonic() - self.left_at
+
+    # -- the peers --
+    def heard(self, src: int, entered: int, inside: bool, busy_s: float) -> None:
+        """A peer's report (a heartbeat), or the sign that it entered collective `entered` (its
+        data arrived: inside, busy 0). Heartbeats and data come over different sockets, so the
+        furthest report wins; at equal progress the heartbeat, which also says it has left."""
+        last = self.peers.get(src)
+        if last is None or entered > last[0] or (entered == last[0] and (not inside or busy_s > 0)):
+            self.peers[src] = (entered, inside, busy_s, time.monotonic())
+
+    def allowance(self, k: int) -> float | None:
+        """Seconds a peer may compute before entering collective k (None: no measure yet)."""
+        own = self.compute_s.get(k)
+        return None if own is None else self.floor_s + self.slack * own
+
+    def hung(self, waiting_for: int, last_seen: dict[int, float], fresh_s: float) -> tuple[int, float, float, float] | None:
+        """A peer behind collective `waiting_for` (which this rank waits in) that has computed
+        past its allowance while still heard from within fresh_s (a silent one is the death
+        check's: named as stopped responding): (rank, seconds computing, this rank's seconds for
+        that stretch, allowance); None if every peer is within its own."""
+        now = time.monotonic()
+        for src, (entered, inside, busy_s, at) in self.peers.items():
+            if inside or entered == 0 or entered >= waiting_for or now - last_seen[src] > fresh_s:
+                continue  # in a collective (the peer it waits for is the one to blame), loading, there, or silent
+            allowed = self.allowance(entered + 1)
+            busy = busy_s + (now - at)
+            if allowed is not None and busy > allowed:
+                return src, busy, self.compute_s[entered + 1], allowed
+        return None
+
+
 class _Heartbeat(threading.Thread):
-    def __init__(self, ctx: zmq.Context, rank: int, peers: list[str], secret: bytes | None, interval: float, job: int, keys: JobKeys | None) -> None:
+    def __init__(self, ctx: zmq.Context, rank: int, peers: list[str], secret: bytes | None, interval: float, job: int, keys: JobKeys | None,
+                 progress: Progress) -> None:
         super().__init__(daemon=True, name=f"tp-heartbeat-{rank}")
         self.ctx, self.rank, self.peers, self.secret, self.interval, self.job, self.keys = ctx, rank, peers, secret, interval, job, keys
+        self.progress = progress
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -82,7 +170,10 @@ class _Heartbeat(threading.Thread):
         try:
             while not self.stop_event.is_set():
                 counter += 1
-                frames = encode(Kind.HEARTBEAT, secret=self.secret, src=self.rank, job=self.job, counter=counter)
+                # the main loop's progress: collectives entered (seq), inside one (flags), computing for how long
+                entered, inside, busy_s = self.progress.report()
+                frames = encode(Kind.HEARTBEAT, secret=self.secret, src=self.rank, job=self.job, counter=counter, seq=entered,
+                                flags=int(inside), obj={"busy_ms": int(busy_s * 1000)})
                 for s in socks:
                     try:
                         s.send_multipart(frames, flags=zmq.NOBLOCK)
@@ -92,6 +183,20 @@ class _Heartbeat(threading.Thread):
         finally:
             for s in socks:
                 s.close(0)
+
+
+def _collective(fn: Callable) -> Callable:
+    """A public collective: its entry and exit mark this rank's progress (heartbeats carry it)."""
+
+    @functools.wraps(fn)
+    def run(self: ZmqCommunicator, *args: Any, **kwargs: Any) -> Any:
+        self.progress.enter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.progress.leave()
+
+    return run
 
 
 class ZmqCommunicator:
@@ -111,13 +216,17 @@ class ZmqCommunicator:
         watch: Callable[[], None] | None = None,
         job: int = 0,
         keys: JobKeys | None = None,
+        hang_after_s: float | None = None,
+        hang_slack: float = HANG_SLACK,
     ) -> None:
         """peers: every rank's inbox endpoint, by rank (this rank's own entry is unused).
         names: how to name each rank in errors (e.g. the worker's host:port).
         watch: called while waiting, may raise (the coordinator checks its control channel).
         job: the job's nonce (protocol.py); frames of another job are dropped.
         keys: a keyed job's (the inbox must then come from bind_inbox with the same keys, and
-        the context's Gate admit the other ranks' keys for DATA_DOMAIN)."""
+        the context's Gate admit the other ranks' keys for DATA_DOMAIN).
+        hang_after_s, hang_slack: a peer computing longer than hang_after_s (default dead_after_s)
+        + hang_slack x what this rank took for the same stretch is named as hung (Progress)."""
         self.ctx, self.rank, self.world_size = ctx, rank, len(peers)
         self.secret, self.inbox, self.keys = secret, inbox, keys
         self.names = names or [f"rank {r}" for r in range(self.world_size)]
@@ -136,7 +245,9 @@ class ZmqCommunicator:
         self.early: dict[tuple[int, int], Any] = {}
         now = time.monotonic()
         self.last_seen = {r: now for r in self.outbox}
-        self.heartbeat = _Heartbeat(ctx, rank, peers, secret, heartbeat_s, job, keys)
+        self.fresh_s = 3 * heartbeat_s  # heard from within this: alive (hung, not dead)
+        self.progress = Progress(dead_after_s if hang_after_s is None else hang_after_s, hang_slack)
+        self.heartbeat = _Heartbeat(ctx, rank, peers, secret, heartbeat_s, job, keys, self.progress)
         self.heartbeat.start()
         self.poller = zmq.Poller()
         self.poller.register(inbox, zmq.POLLIN)
@@ -180,6 +291,14 @@ class ZmqCommunicator:
                     f"{self.names[src]} (rank {src}) stopped responding: no data or heartbeat for {silent:.1f} s "
                     f"while rank {self.rank} waited for collective #{seq}; it died, hung or lost the network"
                 )
+            if (hung := self.progress.hung(seq, self.last_seen, self.fresh_s)) is not None:
+                r, busy, own, allowed = hung
+                raise WorkerError(
+                    f"{self.names[r]} (rank {r}) hung: its main loop has not reached collective "
+                    f"#{self.progress.peers[r][0] + 1} for {busy:.1f} s, where rank {self.rank} computed that stretch in "
+                    f"{own * 1e3:.1f} ms (allowed: {self.progress.floor_s:g} s + {self.progress.slack:g} x that = {allowed:.1f} s); "
+                    f"its heartbeat still arrives, so the process lives but its compute loop is stuck"
+                )
         return self.early.pop(key)
 
     def _drain(self) -> None:
@@ -202,9 +321,14 @@ class ZmqCommunicator:
             self.last_seen[msg.src] = time.monotonic()
             if msg.kind is Kind.TENSOR:
                 self.early[(msg.seq, msg.flags, msg.src)] = msg.tensor
+                self.progress.heard(msg.src, msg.seq, True, 0.0)
             elif msg.kind is Kind.OBJECT:
                 self.early[(msg.seq, msg.flags, msg.src)] = msg.obj
-            elif msg.kind is not Kind.HEARTBEAT:
+                self.progress.heard(msg.src, msg.seq, True, 0.0)
+            elif msg.kind is Kind.HEARTBEAT:
+                busy = msg.obj.get("busy_ms", 0) if isinstance(msg.obj, dict) else 0
+                self.progress.heard(msg.src, msg.seq, bool(msg.flags & 1), busy / 1000 if isinstance(busy, int) and busy >= 0 else 0.0)
+            else:
                 log.warning("rank %d: unexpected %s on the data channel", self.rank, msg.kind.name)
 
     def _next_seq(self) -> int:
@@ -218,6 +342,7 @@ class ZmqCommunicator:
             self._send(r, seq, tensor=t)
         return [t if r == self.rank else self._recv(r, seq).to(t.device) for r in range(self.world_size)]
 
+    @_collective
     def all_reduce(self, t: torch.Tensor, *, site: str) -> torch.Tensor:
         seq = self._next_seq()
         if t.numel() * t.element_size() >= self.ring_threshold and t.numel() >= self.world_size:
@@ -248,10 +373,12 @@ class ZmqCommunicator:
             t.copy_(flat.view_as(t))
         return t
 
+    @_collective
     def all_gather(self, t: torch.Tensor, dim: int = -1, *, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
         parts = self._exchange(t.detach().contiguous(), self._next_seq())
         return torch.cat(parts, dim=dim) if out is None else torch.cat(parts, dim=dim, out=out)
 
+    @_collective
     def all_to_all(self, t: torch.Tensor, send_splits: Sequence[int] | None = None, recv_splits: Sequence[int] | None = None, *, site: str) -> torch.Tensor:
         send, recv = check_splits(t, self.world_size, send_splits, recv_splits)
         seq = self._next_seq()
@@ -266,6 +393,7 @@ class ZmqCommunicator:
             parts.append(got)
         return torch.cat(parts, dim=0)
 
+    @_collective
     def broadcast(self, obj: Any, src: int = 0, *, site: str) -> Any:
         seq = self._next_seq()
         is_tensor = isinstance(obj, torch.Tensor)

@@ -16,6 +16,7 @@ left by the next prefill or `end_decode_run()`, so a run of decode steps enters 
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from typing import Callable, ContextManager, Sequence as Seq
@@ -45,14 +46,16 @@ class Engine:
         fault: tuple[int, int] | None = None,
         decode_context: Callable[[], ContextManager] = nullcontext,
         fused_decode: Callable[..., torch.Tensor] | None = None,
+        stall: tuple[int, int, float] | None = None,
     ) -> None:
         """decode_context: entered around a run of decode steps (the CPU GEMV kernel's thread
         handover). fused_decode: (tokens, positions, slots) -> logits, the allocation-free decode
-        step (model/fused_decode.py) that replaces the eager one."""
+        step (model/fused_decode.py) that replaces the eager one. fault, stall: test hooks,
+        (rank, decode step) to raise at and (rank, decode step, seconds) to sleep at."""
         self.model, self.comm, self.cfg = model, comm, cfg
         self.max_seq_len, self.max_batch, self.device = max_seq_len, max_batch, device
         self.cache = KVCache(cfg.num_layers, max_batch, model.heads.num_kv_local, max_seq_len, cfg.head_dim, dtype, device)
-        self.fault = fault
+        self.fault, self.stall = fault, stall
         self.decode_context = decode_context
         self.fused_decode = fused_decode
         self.sampler = Sampler()
@@ -311,6 +314,9 @@ class Engine:
     def _check_fault(self) -> None:
         if self.fault is not None and self.fault == (self.comm.rank, self.stats.decode_steps):
             raise RuntimeError(f"injected fault on rank {self.comm.rank} at decode step {self.stats.decode_steps} (test hook)")
+        if self.stall is not None and self.stall[:2] == (self.comm.rank, self.stats.decode_steps):
+            print(f"rank {self.comm.rank} stalls for {self.stall[2]:.1f} s at decode step {self.stats.decode_steps} (test hook)", file=sys.stderr, flush=True)
+            time.sleep(self.stall[2])  # the main loop only: the transport's threads (heartbeats) go on
 
     def _decode(self, seqs: Seq[Sequence]) -> list[TokenEvent]:
         self._check_fault()

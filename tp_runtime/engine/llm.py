@@ -248,7 +248,8 @@ class LLM:
         decode_context = _choose_matmuls(model, streamer, runtime, device, dtype)
         model.eval()
         fault = (runtime.fail_rank, runtime.fail_step) if runtime.fail_rank is not None else None
-        engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault, decode_context)
+        stall = (runtime.stall_rank, runtime.stall_step, runtime.stall_s) if runtime.stall_rank is not None else None
+        engine = Engine(model, comm, cfg, max_seq_len, runtime.max_batch_size, device, dtype, fault, decode_context, stall=stall)
         engine.fused_decode = _fused_step(model, engine.cache, runtime, device)
         embedding_map = _embedding_lookup_(engine.fused_decode, model, comm, index, device) if model.embed_tokens.split else None
         llm = cls(cfg, engine, tokenizer, parallel, dtype_name, time.perf_counter() - t0, owns_comm)

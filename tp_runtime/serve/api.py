@@ -1,10 +1,15 @@
 """The OpenAI-compatible HTTP API (FastAPI): /v1/completions, /v1/chat/completions (streamed as
-server-sent events or whole), /v1/models, /health, /metrics.
+server-sent events or whole), /v1/models, /health, /metrics, and over tp-workers POST /admin/rejoin.
 
 Every request is checked here, before it reaches the engine loop: a rejected one never costs
 a step. Errors are OpenAI's shape with the right status (400 for any invalid parameter, never
 FastAPI's 422; 401, 404, 413, 429 with Retry-After, 503). A client that goes away, streaming or
 not, has its request aborted on every rank at the next step.
+
+The state outlives a group generation (serve over tp-workers): while the group is formed again
+after a lost worker, /health answers 503 with what happened ({"status": "re-forming", "lost":
+[...]}) and a generation request 503 with Retry-After; once serving again with fewer ranks,
+/health is 200 with {"status": "degraded", "tp": ..., "lost": [...]}.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ class ServeState:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     ready: bool = False
+    tp: int = 0  # the serving group's size, and the size it was started at
+    full_tp: int = 0
+    lost: tuple[str, ...] = ()  # workers of --workers not in the group now
+    reforming: str | None = None  # while the group is formed again: why
+    rejoin: Any = None  # over tp-workers: a call that has the next re-form try every worker again
+
+
+RETRY_AFTER_S = 5  # a request that arrives while the group is formed again
 
 
 def _err(e: P.APIError) -> JSONResponse:
@@ -80,11 +93,24 @@ def build_app(state: ServeState) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if state.reforming is not None:
+            body = {**P.error_body(f"degraded: re-forming the group ({state.reforming})", "server_error"),
+                    "status": "re-forming", "lost": list(state.lost), "tp": state.tp, "full_tp": state.full_tp}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         if state.leader is not None and state.leader.failed:
             return JSONResponse(P.error_body(f"the engine failed: {state.leader.failed}", "server_error"), status_code=503)
         if not state.ready:
             return JSONResponse(P.error_body("the model is loading", "server_error"), status_code=503)
+        if state.lost:
+            return JSONResponse({"status": "degraded", "lost": list(state.lost), "tp": state.tp, "full_tp": state.full_tp})
         return Response(status_code=200)
+
+    @app.post("/admin/rejoin")
+    async def rejoin():
+        # behind the API key when one is set (_Guard): only /health is open
+        if state.rejoin is None:
+            return _err(P.APIError(400, "rejoin applies to a server over tp-workers (--workers)", "invalid_request_error"))
+        return JSONResponse({"status": "scheduled", "detail": state.rejoin()}, status_code=202)
 
     @app.get("/metrics")
     async def metrics():
@@ -123,6 +149,9 @@ def build_app(state: ServeState) -> FastAPI:
 
 
 async def _body(request: HTTPRequest, model: type, state: ServeState):
+    if state.reforming is not None:
+        raise P.APIError(503, f"the server is re-forming its group ({state.reforming}); retry shortly", "server_error",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if not state.ready:
         raise P.APIError(503, "the model is loading", "server_error")
     if state.leader.failed:
@@ -254,6 +283,10 @@ async def _tokens(state: ServeState, request: HTTPRequest, ids: list[int], param
             now = time.perf_counter()
             if isinstance(item, tuple):
                 _, reason, error = item
+                if reason == "unavailable":  # the loop had ended before taking it (a lost worker, a re-form)
+                    done = True
+                    raise P.APIError(503, f"the server could not take this request: {error}; retry shortly", "server_error",
+                                     headers={"Retry-After": str(RETRY_AFTER_S)})
                 if error is not None:
                     raise P.APIError(500, f"the engine failed while serving this request: {error}", "server_error")
                 done = True

@@ -9,6 +9,14 @@ engine, the scheduler and the step are those `generate()` uses: one engine loop.
 
 What a request sees (`Stream`): its token events, in order, then its end (a finish reason, or
 an error if the loop failed), delivered into the asyncio loop of the HTTP server.
+
+A group generation (serve over tp-workers, launch/coordinator.py `serve_with_workers`): a
+Leader lives as long as its communicator. `run()` returns STOP (shut down) or REJOIN (asked to
+stop at the next moment with no request in flight, so that the group is formed again with the
+workers that answer), or raises when a step fails (a lost rank): every request it holds, running,
+waiting or not yet taken, ends with an error, and a request handed in afterwards is refused at
+once ("unavailable"), so none hangs while the group is formed again. An idle zmq group runs a
+barrier with every idle tick, so a worker lost while no request runs is noticed within seconds too.
 """
 
 from __future__ import annotations
@@ -29,6 +37,15 @@ from tp_runtime.serve import plan_wire
 log = logging.getLogger("tp_runtime")
 
 IDLE_SECONDS = 1.0  # how often an idle rank 0 tells the others it is alive
+STOP, REJOIN = "stop", "rejoin"  # how Leader.run() ended (a failure raises)
+
+
+def idle_check(comm) -> None:
+    """Every rank, on each idle tick: over tp-workers a barrier, so a lost worker is named while
+    no request runs (the idle message alone is a send, which never fails). Elsewhere nothing:
+    the launcher watches local ranks."""
+    if comm.world_size > 1 and getattr(comm, "transport", None) == "zmq":
+        comm.barrier(site=plan_wire.SITE)
 
 
 @dataclass
@@ -89,7 +106,10 @@ class Leader:
         self._lock = threading.Lock()
         self._next_id = 0
         self.stopping = threading.Event()
+        self.rejoin = threading.Event()  # stop at the next moment with no request in flight
         self.failed: str | None = None
+        self.closed: str | None = None  # why a request handed in now is refused (the loop has ended)
+        self.on_fail: Callable[[str], None] | None = None  # told before the open requests are (a server that re-forms)
 
     # ---- from the HTTP threads -------------------------------------------------------------
 
@@ -107,6 +127,9 @@ class Leader:
 
     def submit(self, stream: Stream) -> None:
         with self._lock:
+            if self.closed is not None:  # the loop has ended: refused at once, never left waiting
+                stream.put(("end", "unavailable", self.closed))
+                return
             self._pending += 1
         self.inbox.put(("add", stream))
 
@@ -116,6 +139,25 @@ class Leader:
     def stop(self) -> None:
         self.stopping.set()
         self.inbox.put(("wake", None))
+
+    def request_rejoin(self) -> None:
+        self.rejoin.set()
+        self.inbox.put(("wake", None))
+
+    def _close(self, kind: str, why: str) -> None:
+        """End every request this loop holds, and refuse those handed in from now on."""
+        with self._lock:
+            self.closed = why
+        for s in self.streams.values():
+            s.put(("end", kind, why))
+        self.streams.clear()
+        while True:  # handed in, never taken: they would wait forever
+            try:
+                what, value = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if what == "add":
+                value.put(("end", "unavailable", why))
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -138,8 +180,10 @@ class Leader:
         except queue.Empty:
             pass
 
-    def run(self) -> None:
+    def run(self) -> str:
+        """STOP or REJOIN; raises when a step fails, every request it holds ended with the error."""
         comm, engine = self.llm.comm, self.llm.engine
+        outcome = STOP
         try:
             while not self.stopping.is_set():
                 busy = self.scheduler.has_work()
@@ -147,8 +191,12 @@ class Leader:
                 self._take(block=not busy)
                 self.stats.running, self.stats.waiting = self.scheduler.num_running, self.scheduler.num_waiting
                 if not self.scheduler.has_work():
+                    if self.rejoin.is_set() and self.inbox.empty():  # nothing in flight: re-form now
+                        outcome = REJOIN
+                        break
                     engine.end_decode_run()
                     plan_wire.send(comm, plan_wire.IDLE)
+                    idle_check(comm)
                     continue
                 t0 = time.perf_counter()
                 taken = t0 - t_in if busy else 0.0  # taking requests counts; waiting for one while idle does not
@@ -179,15 +227,15 @@ class Leader:
                 st.running, st.waiting = self.scheduler.num_running, self.scheduler.num_waiting
                 st.host_seconds += taken + (t1 - t0) + (time.perf_counter() - t2)
                 self.on_step(st)
-            for s in self.streams.values():  # stopped with requests open: each is told, none hangs
-                s.put(("end", "error", "the server is shutting down"))
-            self.streams.clear()
+            # stopped with requests open (or handed in meanwhile): each is told, none hangs
+            self._close("error", "the server is shutting down" if outcome == STOP else "the server is re-forming its group")
             plan_wire.send(comm, plan_wire.STOP)
+            return outcome
         except BaseException as e:
             self.failed = f"{type(e).__name__}: {e}"
-            for s in self.streams.values():
-                s.put(("end", "error", self.failed))
-            self.streams.clear()
+            if self.on_fail is not None:
+                self.on_fail(self.failed)
+            self._close("error", self.failed)
             raise
 
 
@@ -201,6 +249,7 @@ def follow(llm: LLM) -> None:
             return
         if op == plan_wire.IDLE:
             engine.end_decode_run()
+            idle_check(llm.comm)
             continue
         plan = apply_changes(engine, changes)
         if check is not None and plan_wire.digest(engine) != check:
