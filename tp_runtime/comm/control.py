@@ -136,7 +136,11 @@ class ControlClient:
                     f"worker {self.name} does not hold the key pinned for it in {self.pinned_at or 'the known-workers file'} "
                     f"(the CURVE handshake failed). If its keys were made anew on purpose, put its new public key on that line "
                     f"(`tp-worker --keys DIR --show-key` on that machine prints it); otherwise something else answers at {self.name}")
-            self.trouble = f"the ZeroMQ handshake failed ({zmq.Event(event).name}, {value}): is a tp-worker of this version listening there?"
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a keyed worker may drop a plain client before saying why (seen under load)
+                self.trouble = (f"the ZeroMQ handshake failed ({zmq.Event(event).name}, {value}): the worker probably requires keys (CURVE) and this "
+                                f"coordinator has none: pass --worker-keys DIR (or it is not a tp-worker of this version)")
+            else:
+                self.trouble = f"the ZeroMQ handshake failed ({zmq.Event(event).name}, {value}): is a tp-worker of this version listening there?"
 
     def close(self) -> None:
         self.sock.disable_monitor()
