@@ -13,16 +13,35 @@ reports) and ours (`python -m tp_runtime generate`, one prompt of 8 ids, NEW new
 --tp, THREADS threads in all), each a fresh process. The table shows the median of the repeats
 [min-max] and ours / llama.cpp; OUT/gguf_peers.csv holds every run, OUT/gguf_peers.png the bars.
 Without --llama-bench only ours is measured (the ratio column is empty).
+
+Pairs (a precision against llama.cpp's match, our model from its own folder):
+
+    python bench/gguf_peers.py --llama-bench PATH --pairs bf16=HF_DIR:F16.gguf,int8=HF_DIR@int8:Q8_0.gguf
+        [--baseline TREE] [--prompt-len 128] [--new-tokens 128] [--repeats 5] [--tp 1,2]
+
+runs ours on OURS[@quantize] (a folder or GGUF, with --quantize when given) and llama-bench on
+the GGUF beside it, both decoding NEW tokens after a PROMPT_LEN-token prompt (llama-bench
+`-d PROMPT_LEN`); --baseline TREE also runs ours from another source tree (e.g. `git archive`
+of the last commit, with tp_runtime/kernels and tp_runtime/launch linked to its kernels/ and
+launch/) as "before". Every run is a fresh process, the order rotates every repeat, and each
+run records the CPU time other processes used meanwhile ("others %", from /proc/stat), so a
+noisy run can be told from a slow one (--wait-quiet S: wait up to S seconds for idle CPUs before
+each run). Spread = (max - min) / median.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
+import os
+import platform
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -61,13 +80,109 @@ def run_llama_bench(binary: str, model: Path, threads: int, new: int) -> float:
     return float(next(r for r in rows if r.get("n_gen", 0) > 0)["avg_ts"])
 
 
-def run_ours(model: Path, tp: int, threads: int, new: int) -> float:
+def run_ours(model: Path, tp: int, threads: int, new: int, prompt_len: int = 8, quantize: str | None = None, tree: Path | None = None) -> float:
+    """decode tokens/s of `python -m tp_runtime generate` (from `tree`, another source tree, if given)."""
+    prompt = ",".join(str(1 + i % 1000) for i in range(prompt_len))
     cmd = [sys.executable, "-m", "tp_runtime", "generate", "--model", str(model), "--tp", str(tp), "--threads", str(max(1, threads // tp)),
-           "--prompt-ids", "1,2,3,4,5,6,7,8", "--max-new-tokens", str(new), "--ignore-eos", "--json", "--quiet", "--max-seq-len", "512"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+           "--prompt-ids", prompt, "--max-new-tokens", str(new), "--ignore-eos", "--json", "--quiet", "--max-seq-len", str(max(512, prompt_len + new + 8))]
+    cmd += ["--quantize", quantize] if quantize else []
+    env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tree.parent if tree else REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"ours failed: {proc.stderr[-2000:]}")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["decode_tokens_per_s"])
+
+
+def _busy_jiffies() -> int:
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v) - v[3] - v[4]
+
+
+def wait_quiet(limit_s: float) -> float:
+    """Wait up to limit_s until two 0.5 s windows in a row find the CPUs >= 95% idle (other
+    people's jobs on a shared machine); returns the seconds waited."""
+    t0, calm = time.perf_counter(), 0
+    while calm < 2 and time.perf_counter() - t0 < limit_s:
+        v0 = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        time.sleep(0.5)
+        v1 = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        d = [b - a for a, b in zip(v0, v1)]
+        calm = calm + 1 if (d[3] + d[4]) >= 0.95 * max(1, sum(d)) else 0
+    return time.perf_counter() - t0
+
+
+def timed_run(fn, *args, **kwargs) -> tuple[float, float]:
+    """(fn's result, % of one core that other processes used while it ran): /proc/stat's busy
+    time less this process's children's."""
+    hz = os.sysconf("SC_CLK_TCK")
+    r0, b0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_jiffies(), time.perf_counter()
+    out = fn(*args, **kwargs)
+    r1, b1, t1 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_jiffies(), time.perf_counter()
+    ours = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return out, max(0.0, ((b1 - b0) / hz - ours) / (t1 - t0) * 100)
+
+
+def run_llama_bench_at(binary: str, model: Path, threads: int, new: int, depth: int) -> float:
+    """llama-bench's decode tokens/s for NEW tokens after DEPTH tokens of context."""
+    cmd = [binary, "-m", str(model), "-p", "0", "-n", str(new), "-t", str(threads), "-r", "1", "-o", "json"] + (["-d", str(depth)] if depth else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-bench failed: {proc.stderr[-2000:]}")
+    return float(next(r for r in json.loads(proc.stdout) if r.get("n_gen", 0) > 0)["avg_ts"])
+
+
+def run_pairs(a: argparse.Namespace) -> int:
+    """--pairs: each precision of ours (and of --baseline) against llama.cpp's match, alternated."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tps = [int(t) for t in a.tp.split(",")]
+    pairs = []
+    for item in a.pairs.split(","):
+        name, rest = item.split("=", 1)
+        ours, gguf = rest.rsplit(":", 1)
+        path, _, quantize = ours.partition("@")
+        pairs.append((name, Path(path), quantize or None, Path(gguf)))
+    whos = [("ours", t) for t in tps] + ([("before", t) for t in tps] if a.baseline else []) + ([("llama.cpp", 1)] if a.llama_bench else [])
+    runs: list[dict] = []
+    jsonl = out / "pairs.jsonl"
+    if a.table_only:  # the table of the runs already in OUT/pairs.jsonl (several sessions' runs)
+        runs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    for rep in range(0 if a.table_only else a.repeats):
+        for name, path, quantize, gguf in pairs:
+            k = rep % len(whos)
+            for who, tp in whos[k:] + whos[:k]:  # the order rotates every repeat
+                waited = wait_quiet(a.wait_quiet) if a.wait_quiet else 0.0
+                if who == "llama.cpp":
+                    tok_s, others = timed_run(run_llama_bench_at, a.llama_bench, gguf, a.threads, a.new_tokens, a.prompt_len)
+                else:
+                    tree = Path(a.baseline) if who == "before" else None
+                    tok_s, others = timed_run(run_ours, path, tp, a.threads, a.new_tokens, a.prompt_len, quantize, tree)
+                rec = dict(pair=name, who=who, tp=tp, repeat=rep, decode_tok_s=tok_s, others_pct=round(others, 1), waited_s=round(waited, 1), time=time.time())
+                runs.append(rec)
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"{name} repeat {rep}: {who} tp={tp} {tok_s:.1f} tok/s (others {others:.0f}%)", flush=True)
+    lines = [f"bench/gguf_peers.py --pairs ... --tp {a.tp} --repeats {a.repeats} --threads {a.threads}: {a.new_tokens} new tokens after {a.prompt_len}, batch 1",
+             f"{datetime.date.today()} {platform.node()} ({os.cpu_count()} CPUs); llama.cpp: {a.llama_bench or '-'}; before: {a.baseline or '-'}",
+             "", f"{'pair':<8} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13}"]
+    clean = [r for r in runs if r["others_pct"] <= a.max_others]  # runs other people's jobs did not share the CPUs with
+    lines.insert(2, f"runs where other processes used at most {a.max_others:g}% of a core: {len(clean)} of {len(runs)} (the table; every run is in pairs.jsonl)")
+    for name, *_ in pairs:
+        peer = [r["decode_tok_s"] for r in clean if r["pair"] == name and r["who"] == "llama.cpp"]
+        for who, tp in whos:
+            rs = [r for r in clean if r["pair"] == name and r["who"] == who and r["tp"] == tp]
+            vals = [r["decode_tok_s"] for r in rs]
+            if not vals:
+                lines.append(f"{name:<8} {who:<10} {tp:>3} {'(no quiet run)':>30}")
+                continue
+            med = statistics.median(vals)
+            ratio = f"{med / statistics.median(peer):.2f}x" if peer and who != "llama.cpp" else ""
+            lines.append(f"{name:<8} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% "
+                         f"{len(vals):>5} {statistics.median(r['others_pct'] for r in rs):>9.0f} {ratio:>13}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    (out / "pairs.txt").write_text(table + "\n")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -79,7 +194,15 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "gguf_peers"))
+    p.add_argument("--pairs", default=None, help="NAME=OURS[@quantize]:GGUF,...: ours on OURS against llama.cpp on GGUF (see the module docstring)")
+    p.add_argument("--baseline", default=None, help="with --pairs: also run ours from this source tree (\"before\")")
+    p.add_argument("--prompt-len", type=int, default=8, help="with --pairs: tokens of context before the NEW decoded ones")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S", help="with --pairs: before each run wait up to S seconds for idle CPUs (a shared machine)")
+    p.add_argument("--table-only", action="store_true", help="with --pairs: no runs, the table of those in OUT/pairs.jsonl")
+    p.add_argument("--max-others", type=float, default=100.0, metavar="PCT", help="with --pairs: the table keeps the runs where other processes used at most PCT%% of a core")
     a = p.parse_args(argv)
+    if a.pairs:
+        return run_pairs(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tps = [int(t) for t in a.tp.split(",")]

@@ -3,12 +3,15 @@
     python bench/peers.py [--shapes small,tinyllama] [--dtypes float32,bfloat16] [--tp 1,2]
         [--threads N[,N...]] [--quantize int8] [--repeats 3] [--prompt-len 512]
         [--new-tokens 128] [--out bench/out/peers] [--quick]
-        [--llama-bench PATH/llama-bench [--gguf-models smollm2,tinyllama-q4_0,tinyllama-q8_0]]
+        [--llama-bench PATH/llama-bench [--gguf-models smollm2,tinyllama-q4_0,tinyllama-q8_0]
+                                        [--gguf-pairs bf16=DIR:F16.gguf,int8=DIR@int8:Q8_0.gguf [--baseline TREE]]]
 
 With --llama-bench, llama.cpp is a peer too: after the transformers table, the GGUF files of
 --gguf-models run alternately through llama-bench and ours at every --tp, with the first
 --threads budget and --repeats (bench/gguf_peers.py, which also runs on its own; its table,
-CSV and PNG go to OUT/gguf). --shapes "" skips the transformers part.
+CSV and PNG go to OUT/gguf); with --gguf-pairs, each precision of ours on its own model folder
+against llama.cpp's matching GGUF file (OUT/pairs: bench/gguf_peers.py --pairs). --shapes ""
+skips the transformers part.
 
 For every (shape, dtype, thread budget) it runs, alternating A/B within each repeat,
     ours          `python -m tp_runtime generate` (a fresh process, ranks started by the CLI) at
@@ -237,6 +240,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: small, float32, prompt 64, 16 new tokens, 1 repeat")
     p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench: adds llama.cpp as a peer on GGUF files (bench/gguf_peers.py)")
     p.add_argument("--gguf-models", default="smollm2,tinyllama-q4_0,tinyllama-q8_0", help="GGUF files for the llama.cpp peer (see bench/gguf_peers.py)")
+    p.add_argument("--gguf-pairs", default=None, metavar="NAME=OURS[@quantize]:GGUF,...",
+                   help="with --llama-bench: each precision of ours against llama.cpp's match (bench/gguf_peers.py --pairs), after --prompt-len tokens")
+    p.add_argument("--baseline", default=None, help="with --gguf-pairs: also run ours from this source tree (bench/gguf_peers.py --baseline)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S", help="with --gguf-pairs: wait up to S seconds for idle CPUs before each run")
     a = p.parse_args(argv)
     if a.quick:
         a.shapes, a.dtypes, a.prompt_len, a.new_tokens, a.repeats = "small", "float32", 64, 16, 1
@@ -307,8 +314,13 @@ def main(argv=None) -> int:
     if a.llama_bench:
         import gguf_peers
 
-        rc = max(rc, gguf_peers.main(["--llama-bench", a.llama_bench, "--models", a.gguf_models, "--tp", ",".join(map(str, a.tp)),
-                                      "--threads", str(a.threads[0]), "--repeats", str(a.repeats), "--out", str(Path(a.out) / "gguf")]))
+        if a.gguf_models:  # --gguf-models "": the pairs alone
+            rc = max(rc, gguf_peers.main(["--llama-bench", a.llama_bench, "--models", a.gguf_models, "--tp", ",".join(map(str, a.tp)),
+                                          "--threads", str(a.threads[0]), "--repeats", str(a.repeats), "--out", str(Path(a.out) / "gguf")]))
+        if a.gguf_pairs:
+            rc = max(rc, gguf_peers.main(["--llama-bench", a.llama_bench, "--pairs", a.gguf_pairs, "--tp", ",".join(map(str, a.tp)), "--threads", str(a.threads[0]),
+                                          "--repeats", str(a.repeats), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
+                                          "--wait-quiet", str(a.wait_quiet), "--out", str(Path(a.out) / "pairs"), *(["--baseline", a.baseline] if a.baseline else [])]))
     return rc
 
 

@@ -30,9 +30,40 @@ INLINE void st(void* p, int64_t i, float v, int bf) { if (bf) ((uint16_t*)p)[i] 
 /* v rounded to bfloat16 where the eager model (in bfloat16) holds it as bfloat16 */
 INLINE float rnd(float v, int mbf) { return mbf ? from_bf16(bf16_bits(v)) : v; }
 
+/* e^x for a float32 x without a library call, so that the loops calling it vectorise (libm's
+   expf is a call per value: it was most of SiLU's and the softmax's time). Computed in double:
+   x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^10 (relative error < 3e-13),
+   2^n put in the exponent bits, then rounded to float32: so the result is expf's correctly
+   rounded value except in ~1e-5 of cases (a cheaper float32 polynomial, 1-2 ulp off, moved
+   enough activations across an int8 rounding to flip near-ties in the tests). x is clamped to
+   [-87, 88] (results 1.6e-38 .. 1.7e38): a softmax's e^(s - max) and SiLU's 1 + e^-g never need
+   more. */
+INLINE float exp_fast(float xf) {
+    double x = xf < -87.0f ? -87.0 : xf > 88.0f ? 88.0 : (double)xf;
+    double n = __builtin_rint(x * 1.4426950408889634);
+    double r = x - n * 0.69314718055994531;
+    double p = 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    union { uint64_t u; double d; } e;
+    e.u = (uint64_t)((int64_t)n + 1023) << 52;
+    return (float)(p * e.d);
+}
+
 /* out = w * (v / rms(v)), v = h + res written back to res (`add`), else v = res.
-   h, res, w in the model's dtype; out stored per out_bf. */
-INLINE void rmsnorm_impl(const void* h, void* res, const void* w, void* out, int64_t n, float eps, int add, int out_bf, const int mbf) {
+   h, res, w in the model's dtype; out stored per out_bf. Every flag is a constant in the loops
+   (one copy per combination, chosen by the caller), so that they vectorise: with a flag read
+   inside, and pointers that may alias, they ran ~8x slower. */
+INLINE void rmsnorm_impl(const void* restrict h, void* restrict res, const void* restrict w, void* restrict out, int64_t n, float eps,
+                         const int add, const int out_bf, const int mbf) {
     float ss = 0;
     for (int64_t i = 0; i < n; i++) {
         float v = ld(res, i, mbf);
@@ -43,6 +74,15 @@ INLINE void rmsnorm_impl(const void* h, void* res, const void* w, void* out, int
     for (int64_t i = 0; i < n; i++) st(out, i, rnd(ld(w, i, mbf) * rnd(ld(res, i, mbf) * r, mbf), mbf), out_bf);
 }
 
+/* one call of f with its last three arguments each 0 or 1 as constants */
+#define CONST3(f, x, y, z, ...)                                                                   \
+    switch (((x) ? 4 : 0) | ((y) ? 2 : 0) | ((z) ? 1 : 0)) {                                      \
+    case 0: f(__VA_ARGS__, 0, 0, 0); break; case 1: f(__VA_ARGS__, 0, 0, 1); break;               \
+    case 2: f(__VA_ARGS__, 0, 1, 0); break; case 3: f(__VA_ARGS__, 0, 1, 1); break;               \
+    case 4: f(__VA_ARGS__, 1, 0, 0); break; case 5: f(__VA_ARGS__, 1, 0, 1); break;               \
+    case 6: f(__VA_ARGS__, 1, 1, 0); break; default: f(__VA_ARGS__, 1, 1, 1); break;              \
+    }
+
 /* nb rows of n: h, res [nb, n] (model dtype), out [nb, n] */
 void tp_rmsnorm(const void* h, void* res, const void* w, void* out, int64_t n, float eps, int add, int out_bf, int mbf, int64_t nb) {
     const int64_t e = mbf ? 2 : 4, eo = out_bf ? 2 : 4;
@@ -50,34 +90,36 @@ void tp_rmsnorm(const void* h, void* res, const void* w, void* out, int64_t n, f
         const char* hb = (const char*)h + b * n * e;
         char* rb = (char*)res + b * n * e;
         char* ob = (char*)out + b * n * eo;
-        if (mbf) rmsnorm_impl(hb, rb, w, ob, n, eps, add, out_bf, 1);
-        else rmsnorm_impl(hb, rb, w, ob, n, eps, add, out_bf, 0);
+        CONST3(rmsnorm_impl, add, out_bf, mbf, hb, rb, w, ob, n, eps)
     }
 }
 
 /* One token's q|k|v (model dtype, the GEMV output; `bias` or 0 added first): rotate-half RoPE
    on q and k with position `pos` of the float32 cos/sin tables [*, hd]; q back in place, k and
    v into the cache slots kc/vc + j * head_stride + pos * hd of kv head j. */
-INLINE void qkv_rope_impl(void* qkv, const void* bias, const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t head_stride,
-                          int64_t pos, int nq, int nkv, int hd, const int mbf) {
+INLINE void qkv_rope_impl(void* restrict qkv, const void* restrict bias, const float* restrict cos_t, const float* restrict sin_t, void* restrict kc,
+                          void* restrict vc, int64_t head_stride, int64_t pos, int nq, int nkv, int hd, const int mbf) {
     const float* c = cos_t + pos * hd;
     const float* s = sin_t + pos * hd;
     const int half = hd / 2;
-    float tmp[1024];
+    float tmp[1024], cr[1024], sr[1024];
+    for (int i = 0; i < hd; i++) { cr[i] = rnd(c[i], mbf); sr[i] = rnd(s[i], mbf); }
+    const int64_t e = mbf ? 2 : 4;
     for (int h = 0; h < nq + 2 * nkv; h++) {
         int64_t o = (int64_t)h * hd;
-        for (int i = 0; i < hd; i++) tmp[i] = bias ? rnd(ld(qkv, o + i, mbf) + ld(bias, o + i, mbf), mbf) : ld(qkv, o + i, mbf);
+        if (bias) for (int i = 0; i < hd; i++) tmp[i] = rnd(ld(qkv, o + i, mbf) + ld(bias, o + i, mbf), mbf);
+        else for (int i = 0; i < hd; i++) tmp[i] = ld(qkv, o + i, mbf);
         int kv = h - nq;  /* >= 0: a k head (< nkv) or a v head */
         if (kv >= nkv) {  /* v: stored as is */
-            for (int i = 0; i < hd; i++) st(vc, (int64_t)(kv - nkv) * head_stride + pos * hd + i, tmp[i], mbf);
+            void* dst = (char*)vc + ((int64_t)(kv - nkv) * head_stride + pos * hd) * e;
+            for (int i = 0; i < hd; i++) st(dst, i, tmp[i], mbf);
             continue;
         }
-        for (int i = 0; i < hd; i++) {
-            float rot = i < half ? -tmp[i + half] : tmp[i - half];
-            float v = rnd(rnd(tmp[i] * rnd(c[i], mbf), mbf) + rnd(rot * rnd(s[i], mbf), mbf), mbf);
-            if (kv < 0) st(qkv, o + i, v, mbf);
-            else st(kc, (int64_t)kv * head_stride + pos * hd + i, v, mbf);
-        }
+        void* dst = kv < 0 ? (char*)qkv + o * e : (char*)kc + ((int64_t)kv * head_stride + pos * hd) * e;  /* q in place, k into the cache */
+        for (int i = 0; i < half; i++)  /* rotate_half: (-x2, x1) */
+            st(dst, i, rnd(rnd(tmp[i] * cr[i], mbf) + rnd(-tmp[i + half] * sr[i], mbf), mbf), mbf);
+        for (int i = half; i < hd; i++)
+            st(dst, i, rnd(rnd(tmp[i] * cr[i], mbf) + rnd(tmp[i - half] * sr[i], mbf), mbf), mbf);
     }
 }
 
@@ -107,8 +149,10 @@ typedef struct {
 } attn_args;
 
 /* items [t0, t1) of nb * nq: item t is q head t % nq of sequence t / nq */
-INLINE void attn_heads(const attn_args* a, int64_t t0, int64_t t1, const int mbf) {
-    const int hd = a->hd;
+INLINE void attn_heads(const attn_args* a, int64_t t0, int64_t t1, const int out_bf, const int mbf, const int HD) {
+    const int hd = HD ? HD : a->hd;  /* HD: the head size as a constant (the loops unroll, acc stays in registers), or 0 */
+    const void* restrict kc = a->kc;
+    const void* restrict vc = a->vc;
     const int group = a->nq / a->nkv;
     for (int64_t t = t0; t < t1; t++) {
         int64_t b = t / a->nq, h = t % a->nq, len = a->lens[b], slot = a->slots ? a->slots[b] : b;
@@ -120,27 +164,29 @@ INLINE void attn_heads(const attn_args* a, int64_t t0, int64_t t1, const int mbf
         for (int64_t j = 0; j < len; j++) {
             int64_t base = slot * a->batch_stride + kv * a->head_stride + j * hd;
             float d = 0;
-            for (int i = 0; i < hd; i++) d += q[i] * ld(a->kc, base + i, mbf);
+            for (int i = 0; i < hd; i++) d += q[i] * ld(kc, base + i, mbf);
             d *= a->scale;
             sc[j] = d;
             m = d > m ? d : m;
         }
         float sum = 0;
-        for (int64_t j = 0; j < len; j++) { float e = expf(sc[j] - m); sc[j] = e; sum += e; }
+        for (int64_t j = 0; j < len; j++) { float e = exp_fast(sc[j] - m); sc[j] = e; sum += e; }
         for (int64_t j = 0; j < len; j++) {
             int64_t base = slot * a->batch_stride + kv * a->head_stride + j * hd;
             float p = sc[j];
-            for (int i = 0; i < hd; i++) acc[i] += p * ld(a->vc, base + i, mbf);
+            for (int i = 0; i < hd; i++) acc[i] += p * ld(vc, base + i, mbf);
         }
         float inv = 1.0f / sum;
-        for (int i = 0; i < hd; i++) st(a->out, t * hd + i, rnd(acc[i] * inv, mbf), a->out_bf);
+        for (int i = 0; i < hd; i++) st(a->out, t * hd + i, rnd(acc[i] * inv, mbf), out_bf);
     }
 }
 
 static void attn_slice(void* ctx, int64_t h0, int64_t h1) {
     const attn_args* a = (const attn_args*)ctx;
-    if (a->mbf) attn_heads(a, h0, h1, 1);
-    else attn_heads(a, h0, h1, 0);
+#define HEADS(ob, mb) (a->hd == 64 ? attn_heads(a, h0, h1, ob, mb, 64) : a->hd == 128 ? attn_heads(a, h0, h1, ob, mb, 128) : attn_heads(a, h0, h1, ob, mb, 0))
+    if (a->mbf) { if (a->out_bf) HEADS(1, 1); else HEADS(0, 1); }
+    else { if (a->out_bf) HEADS(1, 0); else HEADS(0, 0); }
+#undef HEADS
 }
 
 /* nb sequences: q rows of q_row values (its first nq * hd are the heads: a qkv row), out
@@ -156,13 +202,13 @@ int tp_decode_attn(const void* q, int64_t q_row, const void* kc, const void* vc,
     return tp_pool_for(attn_slice, &a, nb * nq);
 }
 
-/* out = silu(gate) * up for gu = gate|up [2n] (model dtype; `bias` [2n] or 0 added first);
-   out stored per out_bf */
-INLINE void silu_mul_impl(const void* gu, const void* bias, void* out, int64_t n, int out_bf, const int mbf) {
+/* out = silu(gate) * up for gu = gate|up [2n] (model dtype; `bias` [2n] added first if
+   has_bias); out stored per out_bf */
+INLINE void silu_mul_impl(const void* restrict gu, const void* restrict bias, void* restrict out, int64_t n, const int has_bias, const int out_bf, const int mbf) {
     for (int64_t i = 0; i < n; i++) {
         float g = ld(gu, i, mbf), u = ld(gu, n + i, mbf);
-        if (bias) { g = rnd(g + ld(bias, i, mbf), mbf); u = rnd(u + ld(bias, n + i, mbf), mbf); }
-        st(out, i, rnd(rnd(g / (1.0f + expf(-g)), mbf) * u, mbf), out_bf);
+        if (has_bias) { g = rnd(g + ld(bias, i, mbf), mbf); u = rnd(u + ld(bias, n + i, mbf), mbf); }
+        st(out, i, rnd(rnd(g / (1.0f + exp_fast(-g)), mbf) * u, mbf), out_bf);
     }
 }
 
@@ -172,7 +218,48 @@ void tp_silu_mul(const void* gu, const void* bias, void* out, int64_t n, int out
     for (int64_t b = 0; b < nb; b++) {
         const char* g = (const char*)gu + b * 2 * n * e;
         char* o = (char*)out + b * n * eo;
-        if (mbf) silu_mul_impl(g, bias, o, n, out_bf, 1);
-        else silu_mul_impl(g, bias, o, n, out_bf, 0);
+        CONST3(silu_mul_impl, bias != 0, out_bf, mbf, g, bias, o, n)
     }
 }
+
+/* A stretch of the decode step recorded once (model/fused_decode.py records each layer's bound
+   calls) and run as one call: the same kernels with the same arguments, without a trip through
+   Python and ctypes for each (~1-2 us apiece, 10 a layer). An op holds its kernel's number
+   and arguments in the order of its signature: the float arguments in `f`, every other one
+   (pointers, sizes, flags, the step's per-sequence arrays) in `a`. */
+int tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16, int64_t nb);  /* cpu_gemv.c */
+int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const float* x, void* y, int64_t K, int64_t N, int ybf16, int64_t nb);
+int tp_qgemv(int type, const uint8_t* W, const float* x, void* y, int64_t K, int64_t N, int ybf16, int64_t nb);  /* cpu_quant.c */
+
+enum { OP_GEMV = 1, OP_GEMV_Q8 = 2, OP_QGEMV = 3, OP_RMSNORM = 4, OP_QKV_ROPE = 5, OP_ATTN = 6, OP_SILU_MUL = 7 };
+#define OP_ARGS 20
+typedef struct { int64_t kind; int64_t a[OP_ARGS]; double f[2]; } tp_op;
+
+#define P(i) ((void*)(intptr_t)a[i])
+#define I(i) ((int)a[i])
+
+/* runs ops[0..n) in order; returns 0, or for the first op that fails ((index + 1) << 32) | its
+   return code (as uint32), the ops after it not run */
+int64_t tp_program_run(const tp_op* ops, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t* a = ops[k].a;
+        const double* f = ops[k].f;
+        int rc = 0;
+        switch (ops[k].kind) {
+        case OP_GEMV: rc = tp_gemv(P(0), P(1), P(2), a[3], a[4], I(5), I(6), a[7]); break;
+        case OP_GEMV_Q8: rc = tp_gemv_q8(P(0), P(1), P(2), P(3), P(4), a[5], a[6], I(7), a[8]); break;
+        case OP_QGEMV: rc = tp_qgemv(I(0), P(1), P(2), P(3), a[4], a[5], I(6), a[7]); break;
+        case OP_RMSNORM: tp_rmsnorm(P(0), P(1), P(2), P(3), a[4], (float)f[0], I(5), I(6), I(7), a[8]); break;
+        case OP_QKV_ROPE: rc = tp_qkv_rope(P(0), P(1), P(2), P(3), P(4), P(5), a[6], a[7], I(8), I(9), I(10), I(11), a[12], P(13), P(14)); break;
+        case OP_ATTN:
+            rc = tp_decode_attn(P(0), a[1], P(2), P(3), P(4), P(5), P(6), a[7], a[8], a[9], (float)f[0], I(10), I(11), I(12), I(13), I(14), a[15], P(16), P(17));
+            break;
+        case OP_SILU_MUL: tp_silu_mul(P(0), P(1), P(2), a[3], I(4), I(5), a[6]); break;
+        default: rc = -1;
+        }
+        if (rc) return ((k + 1) << 32) | (uint32_t)rc;
+    }
+    return 0;
+}
+#undef P
+#undef I

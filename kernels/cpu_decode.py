@@ -28,6 +28,7 @@ _SIGNATURES = {
     "tp_qkv_rope": (_I, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I, _I, _I, _I64, _P, _P]),
     "tp_decode_attn": (_I, [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F, _I, _I, _I, _I, _I, _I64, _P, _P]),
     "tp_silu_mul": (None, [_P, _P, _P, _I64, _I, _I, _I64]),
+    "tp_program_run": (_I64, [_P, _I64]),
 }
 
 

@@ -1,5 +1,7 @@
 """The CPU decode GEMV kernel (kernels/cpu_gemv.c) against F.linear and a float64 reference."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,25 @@ print(int((y != 0).sum()))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0", "the new thread wrote rows of the previous job"
+
+
+def _anon_huge_kb() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages"))
+
+
+@pytest.mark.skipif(not cpu_gemv.available() or not os.path.exists("/proc/self/smaps_rollup"), reason="Linux with the kernel library")
+def test_weights_move_onto_huge_pages_with_their_values():
+    """onto_huge_pages collapses a tensor's 2 MB-aligned inside into transparent huge pages (where
+    the kernel has MADV_COLLAPSE; elsewhere it reports 0), values untouched; small tensors and a
+    range without an aligned 2 MB are left alone."""
+    w = torch.randn(24 << 20 >> 2)  # 24 MB of float32
+    want = w.clone()
+    before = _anon_huge_kb()
+    done = cpu_gemv.onto_huge_pages([w, torch.randn(1000)])
+    assert done >= 0 and torch.equal(w, want)
+    if done:
+        assert done % (2 << 20) == 0 and 20 << 20 <= done <= 24 << 20
+        assert _anon_huge_kb() - before >= (done >> 10) - 4096
+    assert cpu_gemv.onto_huge_pages([torch.randn(1000)]) == 0  # below the size worth it
+    assert cpu_gemv.load().tp_huge_pages(w.data_ptr() + 1, 1 << 20) == 0  # no whole aligned 2 MB inside

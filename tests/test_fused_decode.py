@@ -469,3 +469,85 @@ def test_every_layer_answers_whether_it_can_bind(small_model):
             model.layers[i] = layer
     assert fused_decode.unsupported(model, torch.device("cpu")) is None
     llm.close()
+
+
+def test_exp_keeps_silu_at_float32_accuracy_over_the_whole_range():
+    """SiLU through the kernel's own exp (cpu_decode.c exp_fast) against float64, from where e^-g
+    overflows to where it underflows: within 2 float32 ulp, and exactly 0 / g at the ends."""
+    g = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-87.5, -30.0, 0.0, 30.0, 88.5])])
+    gu = torch.cat([g, torch.ones_like(g)])
+    got = cpu_decode.silu_mul_(gu, torch.empty(g.numel()))
+    want = (g.double() * torch.sigmoid(g.double())).float()
+    assert torch.allclose(got, want, rtol=2.4e-7, atol=1e-36), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("case", ["float32", "int8", "int4 tied bfloat16"])
+def test_the_recorded_program_is_the_whole_token_at_tp1_and_gives_the_python_calls_logits(small_model, tied_model, case):
+    """At tp=1 the first step records every layer, the norm and the head into one run of ops (one
+    C call a token, no collective); its logits are those of the same bound calls made from
+    Python, bit for bit (the same kernels on the same buffers)."""
+    model, flags, _ = CASES[case]
+    if flags.get("quantize") == "int8" and not cpu_gemv.has_int8_dot():
+        pytest.skip("the int8 GEMV needs AVX512-VNNI")
+    llm = _load({"small": small_model, "tied": tied_model}[model], **flags)
+    eng, step = llm.engine, llm.engine.fused_decode
+    prompt = [5, 9, 2, 7, 11]
+    eng.prompt_logits([prompt])
+    cache = (eng.cache.k.clone(), eng.cache.v.clone())
+    recorded = [step([3 + i], [len(prompt) + i]).clone() for i in range(4)]
+    assert list(step.programs) == [(1, False)] and step.programs[(1, False)].calls == 1
+    eng.cache.k.copy_(cache[0])
+    eng.cache.v.copy_(cache[1])
+    step.record = False
+    called = [step([3 + i], [len(prompt) + i]).clone() for i in range(4)]
+    for a, b in zip(recorded, called):
+        assert torch.equal(a, b)
+    llm.close()
+
+
+def test_a_unit_with_a_torch_op_runs_as_python_between_recorded_ops(small_model):
+    """A layer whose bound run does a torch op (as a MoE layer's router does) cannot be recorded:
+    it stays a Python item of the program, the layers around it are still recorded ops, and the
+    logits are unchanged."""
+    llm = _load(small_model, dtype="float32")
+    eng, step = llm.engine, llm.engine.fused_decode
+    eng.prompt_logits([[5, 9, 2]])
+    cache = (eng.cache.k.clone(), eng.cache.v.clone())
+    want = step([4], [3]).clone()
+    eng.cache.k.copy_(cache[0])
+    eng.cache.v.copy_(cache[1])
+    inner, touched = step.units[1], []
+
+    def with_torch_op(nb):
+        touched.append(step.res[:nb].sum())  # a torch op: not recordable
+        inner(nb)
+
+    step.units[1] = with_torch_op
+    step.programs.clear()
+    got = step([4], [3])
+    prog = step.programs[(1, False)]
+    assert prog.calls == 3 and len(touched) == 1  # ops | layer 1 as Python | ops; its op raised while recording, so it ran once
+    assert torch.equal(got, want)
+    llm.close()
+
+
+def test_local_tp_note_for_a_small_model_only():
+    """tp=2 on one host: a note where the collectives (2 a layer + 1, ~25 us each) reach a quarter
+    of a token's weight reads (SmolLM2 in int8 or Q4_1), none for SmolLM2 in 16 or 32 bits (where
+    tp=2 measured as fast as tp=1), a 1B model or tp=1."""
+    from tp_runtime import placement
+    from tp_runtime.config import ModelConfig
+
+    def cfg(**kw):
+        base = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, rope_theta=1e5, max_position_embeddings=2048, torch_dtype="bfloat16")
+        return ModelConfig.from_dict({**base, **kw})
+
+    smol = cfg(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    tiny = cfg(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, intermediate_size=5632, vocab_size=32000)
+    note = placement.local_tp_note(smol, 2, "bfloat16", "int8")
+    assert note and "--tp 1" in note and "61 collectives" in note and "135 MB" in note
+    assert placement.local_tp_note(smol, 2, "bfloat16") is None and placement.local_tp_note(smol, 2, "float32") is None
+    assert placement.local_tp_note(tiny, 2, "bfloat16", "int8") is None
+    assert placement.local_tp_note(smol, 1, "bfloat16", "int8") is None
+    e = placement.local_tp_estimate(smol, "bfloat16")
+    assert e["collectives_per_token"] == 61 and 268e6 < e["weight_bytes"] < 271e6  # SmolLM2's 134.5M parameters, the tied head read once

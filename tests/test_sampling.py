@@ -81,3 +81,11 @@ def test_same_seed_same_text_at_tp1_and_tp2(small_model):
     assert one["output_ids"] == two["output_ids"] and one["text"] == two["text"]
     assert len(one["output_ids"]) == 24
     assert other["output_ids"] != one["output_ids"], "a different seed should change a 24-token sample"
+
+
+def test_greedy_takes_the_first_maximum_and_counts_nan_as_the_maximum():
+    """The CPU float32 path (numpy's argmax) keeps torch's rule for ties and NaN."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [0.0, float("nan"), 5.0, float("nan")], [-1.0, -1.0, -1.0, -1.0]])
+    assert Sampler()(logits, [(SamplingParams(), 0, 0)] * 3) == [1, 1, 0] == logits.argmax(-1).tolist()
+    wide = torch.randn(2, 49152)
+    assert Sampler()(wide, [(SamplingParams(), 0, 0)] * 2) == wide.argmax(-1).tolist()

@@ -9,26 +9,19 @@ import unicodedata
 import pytest
 import torch
 
-from conftest import assert_greedy_agrees_up_to_a_near_tie, last_json, run_cli
+from conftest import SMOLLM2_TIE, assert_greedy_agrees_up_to_a_near_tie, last_json, run_cli
 from tp_runtime.config import ParallelConfig, RuntimeConfig
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.sampling import SamplingParams
 
 QUESTION = "What is the capital of France, and what is it famous for?"
 NEW = 32
-# of SmolLM2's logits (~20, so ~1%): float rounding noise moves an activation that sits next to
-# an int8 rounding boundary of the native GEMV across it, a whole step (amax/127) at once; seen:
-# tp=3 parting from tp=1 where tp=1 led by 0.17 (an AVX2-only machine: the kernels' portable C)
-TIE = 0.25
+TIE = SMOLLM2_TIE
 
 
 @pytest.fixture(scope="module")
-def oracle(smollm2):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
-    return model, tok
+def oracle(smollm2_oracle):
+    return smollm2_oracle
 
 
 @pytest.fixture(scope="module")

@@ -548,3 +548,38 @@ def model_facts(cfg: ModelConfig, dtype: str) -> dict[str, float]:
         "chinchilla_tokens": chinchilla,
         "chinchilla_training_flops": 6.0 * params * chinchilla,  # ~6 N D (forward + backward)
     }
+
+
+# one small collective between ranks of one host through the shared-memory transport, as the
+# fused CPU decode step pays it (SmolLM2 at tp=2: all-reduces of 1152 bytes 21-24 us p50, the
+# floor of Python and torch calls in comm/shm.py; measured 2026-12-07, docs/peers/)
+LOCAL_COLLECTIVE_S = 25e-6
+LOCAL_TP_NOTE_SHARE = 0.25  # note when a token's collectives would cost this share of its weight reads or more
+
+
+def local_tp_estimate(cfg: ModelConfig, dtype: str, quantize: str | None = None, blocks: dict[str, tuple[int, int]] | None = None,
+                      hardware: sol.Hardware = sol.HARDWARE["this-cpu"]) -> dict[str, float]:
+    """What ranks on one CPU host add to a decode token against what they share: the
+    collectives per token (2 a layer + the logits' all-gather) at LOCAL_COLLECTIVE_S each, and
+    the weight bytes every token reads (the embedding table only as the LM head when tied) at
+    the host's memory bandwidth, which the ranks of one host share: splitting the weights over
+    them does not add bandwidth, so the collectives are a cost with little to pay for them."""
+    one = shard_bytes(cfg, 1, 0, dtype, 1, 1, quantize, blocks)
+    read = sum(one.layers) + (one.lm_head or one.embedding) + one.norm
+    collectives = 2 * cfg.num_layers + 1
+    return {"collectives_per_token": collectives, "comm_s": collectives * LOCAL_COLLECTIVE_S, "weight_bytes": read,
+            "read_s": read / hardware.mem_bandwidth_Bps, "bandwidth_Bps": hardware.mem_bandwidth_Bps}
+
+
+def local_tp_note(cfg: ModelConfig, tp: int, dtype: str, quantize: str | None = None, blocks: dict[str, tuple[int, int]] | None = None) -> str | None:
+    """A note for `--tp tp` with every rank on one CPU host when the collectives would cost
+    LOCAL_TP_NOTE_SHARE of a token's weight reads or more (a small model): tp=1 is then likely
+    the faster choice. None otherwise, or for tp 1."""
+    if tp < 2:
+        return None
+    e = local_tp_estimate(cfg, dtype, quantize, blocks)
+    if e["comm_s"] < LOCAL_TP_NOTE_SHARE * e["read_s"]:
+        return None
+    return (f"note: --tp {tp} on one host adds ~{e['collectives_per_token']:.0f} collectives per decode token (~{LOCAL_COLLECTIVE_S * 1e6:.0f} us each "
+            f"over shared memory: ~{e['comm_s'] * 1e3:.1f} ms) to ~{e['read_s'] * 1e3:.1f} ms of weight reads ({e['weight_bytes'] / 1e6:.0f} MB at "
+            f"~{e['bandwidth_Bps'] / 1e9:.0f} GB/s), and ranks on one host share its memory bandwidth: for a model this small --tp 1 is likely faster")
