@@ -141,7 +141,10 @@ def _failure_message(workdir: Path, failed: dict[int, int]) -> str:
                 continue
             except (json.JSONDecodeError, KeyError):
                 pass
-        reports.append((float("inf"), rank, _describe_exit(code), ""))
+        # no report: killed by a signal (SIGKILL, the OOM killer) or gone before it could write one.
+        # A signal is the cause wherever it shows: the other ranks' reports are then their
+        # noticing it (a peer that died); an exit code without a report sorts last
+        reports.append((float("-inf") if code < 0 else float("inf"), rank, _describe_exit(code), ""))
     reports.sort()
     _, rank, cause, tb = reports[0]  # the earliest failure is the cause; the rest are its echoes
     msg = f"rank {rank} failed: {cause}"

@@ -35,7 +35,7 @@ def test_demo_asks_the_real_model_and_compares(smollm2, smollm2_oracle):
     if "tp=1 and tp=2 produced identical tokens (16 generated)" in r.stdout:
         return
     # parted: only where transformers' own top two are the two answers' tokens, within a near tie
-    m = re.search(r"They agree on the first (\d+) tokens and part at token \d+: (.+) at tp=1, (.+) at tp=2", r.stdout)
+    m = re.search(r"They agree on the first (\d+) tokens and part at token \d+: (.+?) at tp=1, (.+?) at tp=2\.", r.stdout)
     assert m, r.stdout
     n, ours = int(m.group(1)), {ast.literal_eval(m.group(2)), ast.literal_eval(m.group(3))}
     model, tok = smollm2_oracle

@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tp_runtime.config import DTYPE_NAMES, CommConfig, ParallelConfig, RuntimeConfig
 from tp_runtime.errors import ConfigError, TPRuntimeError
@@ -490,6 +491,26 @@ def _setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
 
 
+def _end_rank(args: argparse.Namespace) -> NoReturn:
+    """A rank process runs its job and ends here, without the interpreter's teardown. gloo's
+    worker threads release a collective's tensors after the caller has its result, and that
+    takes the GIL: one that asks for it while Python finalizes aborts the process ("terminate
+    called without an active exception", seen with torchrun under load) or, joined by a
+    process group's destructor that holds the GIL, hangs. The job's results, failure record and
+    output are written and flushed before this point."""
+    try:
+        code = _as_rank(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # not one of ours (those are handled in _as_rank): the traceback, as Python would print it
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -498,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in ("generate", "serve") and is_rank_process():
-            return _as_rank(args)
+            _end_rank(args)
         _setup_logging(0)
         if args.command == "demo":
             return demo(args)
