@@ -23,6 +23,7 @@ import json
 import logging
 import socket
 import sys
+import threading
 import time
 from dataclasses import replace
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ MEASURE_TIMEOUT_S = 30.0  # --shares auto: the workers' GEMV probe before their 
 # the lost rank within the transport's dead_after_s), so the survivors are given this long
 REFORM_HELLO_TIMEOUT_S = 15.0
 REJOIN_HELLO_TIMEOUT_S = 3.0  # every worker is idle then (the group stopped cleanly)
+WATCH_HELLO_TIMEOUT_S = 2.0  # a lost worker asked whether it is back (watch_lost)
 CONNECT_TIMEOUT_S = 1.0
 SETUP_STRIKES = 3  # groups that failed before serving, in a row, before rank 0 serves alone
 READY_TIMEOUT_S = 120.0
@@ -316,12 +318,43 @@ def _runtime_for(runtime: RuntimeConfig, workers: list[tuple[str, int]], group: 
     return runtime
 
 
+def watch_lost(front: Any, workers: list[tuple[str, int]], access: WorkerAccess, every_s: float, stop: threading.Event) -> None:
+    """While workers of --workers are out of the serving group, ask them for a HELLO every
+    every_s seconds; when one answers (restarted, its link back), ask the front for a rejoin,
+    which happens as POST /admin/rejoin's does: at the next moment with no request in flight.
+    A port that takes no connection costs nothing to ask (answering gives it up at once)."""
+    while not stop.wait(every_s):
+        st = front.state
+        if front.stopping or st.reforming is not None or front.rejoin_asked.is_set() or not st.lost:
+            continue
+        lost = [w for w in workers if f"{w[0]}:{w[1]}" in st.lost]
+        try:
+            back = answering(lost, access, WATCH_HELLO_TIMEOUT_S)
+        except Exception as e:  # a pin that no longer matches, a key file gone: say so, keep serving, ask again later
+            log.warning("asking the lost workers whether they are back failed: %s", e)
+            continue
+        if back and not front.stopping:
+            log.warning("%s answer again: taking them back into the group once no request is in flight", ", ".join(f"{h}:{p}" for h, p in back))
+            front.ask_rejoin()
+
+
 def serve_with_workers(model_dir: str, workers: list[tuple[str, int]], access: WorkerAccess, runtime: RuntimeConfig, front: Any,
-                       advertise: str | None = None) -> int:
+                       advertise: str | None = None, rejoin_every_s: float = 0.0) -> int:
     """`tp-run serve --workers`: rank 0 is `front` (serve/server.py Front: the HTTP side, alive
     throughout); each group is a job of run_with_workers whose rank 0 is `front.generation`. A lost
     worker (WorkerError) ends the group: it is formed again with the workers that answer, down to
-    rank 0 alone. A rejoin (front.rejoin_asked) forms it again with every worker that answers."""
+    rank 0 alone. A rejoin (front.rejoin_asked: POST /admin/rejoin, or watch_lost finding a lost
+    worker back every rejoin_every_s seconds) forms it again with every worker that answers."""
+    stop_watch = threading.Event()
+    if rejoin_every_s > 0:
+        threading.Thread(target=watch_lost, args=(front, workers, access, rejoin_every_s, stop_watch), name="rejoin-watch", daemon=True).start()
+    try:
+        return _serve_groups(model_dir, workers, access, runtime, front, advertise)
+    finally:
+        stop_watch.set()
+
+
+def _serve_groups(model_dir: str, workers: list[tuple[str, int]], access: WorkerAccess, runtime: RuntimeConfig, front: Any, advertise: str | None) -> int:
     from tp_runtime.serve.engine_loop import STOP
 
     group, reason, strikes = list(workers), None, 0

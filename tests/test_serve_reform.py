@@ -1,7 +1,8 @@
 """`tp-run serve --workers` outlives a lost worker: the open stream ends with an error event and
 [DONE], /health says re-forming (naming the worker) and then degraded, requests meanwhile get 503
 with Retry-After, the group is formed again at tp=2 within 30 s and answers as a local tp=2 run;
-the worker restarted and POST /admin/rejoin (behind the API key) bring it back at tp=3."""
+the worker restarted and POST /admin/rejoin (behind the API key) bring it back at tp=3; or, with
+--rejoin-every, the server finds the restarted worker itself."""
 
 import http.client
 import json
@@ -83,7 +84,7 @@ def test_a_lost_worker_is_left_out_and_a_restarted_one_rejoins(chat_model, refer
     ids, want = reference
     w0, w1 = WorkerProc(tmp_path, "w0"), WorkerProc(tmp_path, "w1")
     workers = [w0, w1]
-    s = Server(chat_model, "--workers", f"{w0.addr},{w1.addr}", "--threads", "1", "--api-key", KEY, env=ENV)
+    s = Server(chat_model, "--workers", f"{w0.addr},{w1.addr}", "--threads", "1", "--api-key", KEY, "--rejoin-every", "0", env=ENV)
     try:
         assert _ask(s, ids)["choices"][0]["text"] == want[3]
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
@@ -136,11 +137,12 @@ def test_a_lost_worker_is_left_out_and_a_restarted_one_rejoins(chat_model, refer
 
 def test_a_worker_lost_while_idle_leaves_rank_0_serving_alone_until_it_rejoins(chat_model, reference, tmp_path):  # noqa: F811
     """No request runs: the idle barrier notices the loss; the group left is rank 0 alone (tp=1);
-    without --api-key, /admin/rejoin needs none."""
+    the worker restarted is found by the server's own asking (--rejoin-every) and taken back
+    without a POST."""
     ids, want = reference
     w = WorkerProc(tmp_path, "w")
     workers = [w]
-    s = Server(chat_model, "--workers", w.addr, "--threads", "1", env=ENV)
+    s = Server(chat_model, "--workers", w.addr, "--threads", "1", "--rejoin-every", "1", env=ENV)
     try:
         assert _ask(s, ids)["choices"][0]["text"] == want[2]
         w.proc.send_signal(signal.SIGKILL)
@@ -150,13 +152,13 @@ def test_a_worker_lost_while_idle_leaves_rank_0_serving_alone_until_it_rejoins(c
         assert body == {"status": "degraded", "lost": [w.addr], "tp": 1, "full_tp": 2}, body
         assert _ask(s, ids)["choices"][0]["text"] == want[1]
         print(f"\nlost while idle: serving alone {back:.1f} s after the kill")
+        assert _health(s)[1]["tp"] == 1  # asked every second meanwhile: nobody answered
         w = _worker_at(tmp_path, "w-again", w.port)
         workers.append(w)
-        status, body, _ = _post(s.url + "/admin/rejoin", {})
-        assert status == 202, body
-        _until_healthy(s, time.monotonic(), whole=True)
+        _until_healthy(s, time.monotonic(), whole=True)  # no POST: found by asking
         assert _ask(s, ids)["choices"][0]["text"] == want[2]
         assert s.metric("tp_runtime:tensor_parallel_size") == 2
+        assert s.metric('tp_runtime:group_reforms_total{reason="rejoin"}') == 1
     finally:
         code = s.stop()
         err = s.proc.stderr.read()

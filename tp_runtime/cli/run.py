@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a place; beyond it: 429")
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the model path's last part)")
+    srv.add_argument("--rejoin-every", type=float, default=10.0, metavar="S",
+                     help="with --workers: ask the workers left out of the group every S seconds whether they are back, and take them in "
+                          "at the next moment no request is in flight (0: only on POST /admin/rejoin)")
     _add_run_flags(srv)
     _add_worker_flags(srv)
 
@@ -388,7 +391,7 @@ def serve(args: argparse.Namespace) -> int:
         access = worker_access(args.secret_file, args.worker_keys, args.known_workers, args.insecure)
         front = Front(args, full_tp=len(workers) + 1, workers=[f"{h}:{p}" for h, p in workers])  # the HTTP side outlives a lost worker
         try:
-            return serve_with_workers(args.model, workers, access, runtime, front, advertise=args.advertise_addr)
+            return serve_with_workers(args.model, workers, access, runtime, front, advertise=args.advertise_addr, rejoin_every_s=args.rejoin_every)
         finally:
             front.close()
     tp = args.tp or 1
