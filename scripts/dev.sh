@@ -28,6 +28,8 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
     demo) exec .venv/bin/tp-run demo "$@" ;;
-    test) exec .venv/bin/python -m pytest -q "$@" ;;
+    # two test files at a time (pytest-xdist; a file's tests stay together, sharing its
+    # fixtures): many tests wait on ranks starting, timeouts and heartbeats, not on the cores
+    test) exec .venv/bin/python -m pytest -q -n "${TP_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
     *) echo "usage: bash scripts/dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

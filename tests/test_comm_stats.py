@@ -68,8 +68,10 @@ def test_injected_latency_shows_in_stats_and_slows_decode(small_model, tmp_path)
     assert abs(c["injected_s"] - steps * per_token * 0.002) < 1e-9
     expected = per_token * 0.002  # extra seconds per token
     extra = 1 / slow["decode_tokens_per_s"] - 1 / plain["decode_tokens_per_s"]
-    # about n_collectives x 2 ms: sleeping ranks wake a little late on a shared 2-core machine
-    assert 0.8 * expected < extra < 2.0 * expected, f"decode slowed by {extra * 1e3:.1f} ms/token, expected ~{expected * 1e3:.1f}"
+    # about n_collectives x 2 ms. A sleeping rank wakes late on a busy 2-core machine (the suite
+    # runs two tests at once): 2x when quiet, up to ~5x seen with every core taken, so the upper
+    # bound only catches a delay applied far too often or far too long
+    assert 0.8 * expected < extra < 8.0 * expected, f"decode slowed by {extra * 1e3:.1f} ms/token, expected ~{expected * 1e3:.1f}"
     events = json.loads(trace.read_text())["traceEvents"]
     comm_events = [e for e in events if e.get("cat") == "comm"]
     assert len([e for e in events if e.get("name") == "decode step"]) == steps
