@@ -26,6 +26,9 @@ The floor: the one-way time of one message of the same size between 2 processes 
 socket type, i.e. HALF the round trip of a ping-pong (a plain TCP socket with TCP_NODELAY for
 gloo; a zmq PUSH/PULL pair, the sockets the zmq transport uses, for zmq). Every collective has
 to move at least one such message, so p50 / floor >= ~1; the CSV also holds the full round trip.
+The raw TCP round trip of every size is measured in every run (whatever --transports says), and
+every table also shows "TCP RTT" and "p50/RTT": a collective against one raw TCP round trip of
+the same size, the wire's floor the worker transport is held to (issue 17: <= 2x with CURVE on).
 
 Placement: the ranks are left to the scheduler, as the runtime's launcher leaves them (--pin
 puts rank r on core r mod cores, each rank's helper threads included; in our checks that made
@@ -474,12 +477,18 @@ def secured_cost(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 r = by[(v, nbytes)]
                 c[v] = {"p50_us": r["p50_us"], "p99_us": r["p99_us"], "gbps": nbytes / r["p50_us"] / 1e3}
             c["curve_over_plain"] = c["zmq-curve"]["p50_us"] / c["zmq-plain"]["p50_us"]
+            rtt = by[("zmq-curve", nbytes)].get("tcp_rtt_us")
+            if rtt:
+                c["tcp_rtt_us"] = rtt
+                c["curve_over_tcp_rtt"] = c["zmq-curve"]["p50_us"] / rtt
+                c["plain_over_tcp_rtt"] = c["zmq-plain"]["p50_us"] / rtt
             out.append(c)
     return out
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    cols = ["transport", "ranks", "op", "bytes", "n", "p50_us", "p10_us", "p90_us", "p99_us", "min_us", "mean_us", "floor_us", "floor_rtt_us", "ratio_to_floor"]
+    cols = ["transport", "ranks", "op", "bytes", "n", "p50_us", "p10_us", "p90_us", "p99_us", "min_us", "mean_us", "floor_us", "floor_rtt_us", "ratio_to_floor",
+            "tcp_rtt_us", "ratio_to_tcp_rtt"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -488,7 +497,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'transport':<11} {'ranks':>5} {'op':<10} {'bytes':>9} {'p50 us':>9} {'p10':>9} {'p90':>9} {'floor us':>9} {'ratio':>6}"
+    head = (f"{'transport':<11} {'ranks':>5} {'op':<10} {'bytes':>9} {'p50 us':>9} {'p10':>9} {'p90':>9} {'floor us':>9} {'ratio':>6} "
+            f"{'TCP RTT':>8} {'p50/RTT':>7}")
     print(head)
     print("-" * len(head))
     last = None
@@ -499,7 +509,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         last = key
         floor = f"{r['floor_us']:9.1f}" if r.get("floor_us") else f"{'-':>9}"
         ratio = f"{r['ratio_to_floor']:6.1f}" if r.get("ratio_to_floor") else f"{'-':>6}"
-        print(f"{r['transport']:<11} {r['ranks']:>5} {r['op']:<10} {fmt_bytes(r['bytes']):>9} {r['p50_us']:9.1f} {r['p10_us']:9.1f} {r['p90_us']:9.1f} {floor} {ratio}")
+        rtt = f"{r['tcp_rtt_us']:8.1f} {r['ratio_to_tcp_rtt']:7.2f}" if r.get("tcp_rtt_us") else f"{'-':>8} {'-':>7}"
+        print(f"{r['transport']:<11} {r['ranks']:>5} {r['op']:<10} {fmt_bytes(r['bytes']):>9} {r['p50_us']:9.1f} {r['p10_us']:9.1f} {r['p90_us']:9.1f} {floor} {ratio} {rtt}")
 
 
 COLORS = {"shm": "tab:red", "gloo": "tab:blue", "zmq-direct": "tab:orange", "zmq": "tab:orange", "zmq-ring": "tab:green",
@@ -670,13 +681,14 @@ def main(argv=None) -> int:
                 keygen(tmpd / "keys" / f"rank{r}")
             jobs.append(("curve", 2))
         for i, (what, p) in enumerate(jobs, 1):
-            plan = floor_plan(args.quick, [floor_socket(t) for t in transports]) if what == "floor" else build_plan(what, p, args.quick)
+            # the raw TCP round trip always: every table divides by it (the wire's floor, whatever the socket type)
+            plan = floor_plan(args.quick, sorted({floor_socket(t) for t in transports} | {"tcp"})) if what == "floor" else build_plan(what, p, args.quick)
             plan_file, pts_file = tmpd / f"plan-{i}.json", tmpd / f"points-{i}.jsonl"
             plan_file.write_text(json.dumps(plan))
             argv = ["--plan", str(plan_file), "--points", str(pts_file)] + (["--pin"] if args.pin else [])
             if what == "floor":
                 argv += ["--floor-worker", "--floor-ports", ",".join(str(free_port()) for _ in range(3))]
-                nprocs, label = 2, f"floor: {' and '.join(sorted({'zmq PUSH/PULL' if floor_socket(t) == 'zmq' else 'TCP' for t in transports}))} ping-pong, 2 processes"
+                nprocs, label = 2, f"floor: {' and '.join(sorted({'zmq PUSH/PULL' if floor_socket(t) == 'zmq' else 'TCP' for t in transports} | {'TCP'}))} ping-pong, 2 processes"
             else:
                 argv += ["--rank-worker", "--transport", what]
                 if what == "zmq":
@@ -710,6 +722,10 @@ def main(argv=None) -> int:
             r["floor_rtt_us"] = f["p50_us"]
             r["floor_us"] = f["p50_us"] / 2
             r["ratio_to_floor"] = r["p50_us"] / r["floor_us"]
+        tcp = floors.get("tcp", {}).get(r["bytes"])
+        if tcp:  # the issue's yardstick: a collective against one raw TCP round trip of the same size
+            r["tcp_rtt_us"] = tcp["p50_us"]
+            r["ratio_to_tcp_rtt"] = r["p50_us"] / tcp["p50_us"]
         rows.append(r)
     order = {"gloo": 0, "zmq-direct": 1, "zmq": 1, "zmq-ring": 2, "zmq-plain": 3, "zmq-hmac": 4, "zmq-curve": 5}
     rows.sort(key=lambda r: (r["op"] != "all_reduce", r["ranks"], order.get(r["transport"], 9), r["bytes"]))
@@ -754,11 +770,14 @@ def main(argv=None) -> int:
     if secured:
         print()
         print("securing the worker network: all-reduce between 2 ranks on loopback (the transport's default algorithm), float32")
+        print("TCP RTT = the raw TCP round trip of that size in this run (floor ping-pong, 2 pinned processes); the goal: CURVE p50 <= 2 x TCP RTT")
         print(f"{'bytes':>9} | {'plain p50':>9} {'p99':>8} {'GB/s':>6} | {'HMAC p50':>9} {'p99':>8} {'GB/s':>6} | "
-              f"{'CURVE p50':>9} {'p99':>8} {'GB/s':>6} | {'CURVE/plain':>11}")
+              f"{'CURVE p50':>9} {'p99':>8} {'GB/s':>6} | {'CURVE/plain':>11} | {'TCP RTT':>7} {'plain/RTT':>9} {'CURVE/RTT':>9}")
         for c in secured:
             cells = " | ".join(f"{c[v]['p50_us']:9.1f} {c[v]['p99_us']:8.1f} {c[v]['gbps']:6.3f}" for v in SECURED)
-            print(f"{fmt_bytes(c['bytes']):>9} | {cells} | {c['curve_over_plain']:10.2f}x")
+            rtt = (f"{c['tcp_rtt_us']:7.1f} {c['plain_over_tcp_rtt']:8.2f}x {c['curve_over_tcp_rtt']:8.2f}x" if c.get("tcp_rtt_us")
+                   else f"{'-':>7} {'-':>9} {'-':>9}")
+            print(f"{fmt_bytes(c['bytes']):>9} | {cells} | {c['curve_over_plain']:10.2f}x | {rtt}")
     if failures:
         print()
         print("FAILURES:")

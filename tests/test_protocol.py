@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tp_runtime.comm.protocol import _FIXED, Kind, ProtocolError, ReplayGuard, decode, encode
+from tp_runtime.comm.protocol import _FIXED, Kind, ProtocolError, ReplayGuard, decode, decode_frame, encode, encode_frame
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
@@ -162,6 +162,171 @@ def test_zmq_ranks_drop_frames_of_another_job():
         assert got.tolist() == [3.0, 3.0] and out[1].tolist() == [3.0, 3.0]
         stale.close(0)
         ctx.term()
+    finally:
+        for c in comms:
+            c.close()
+
+
+# -- the one-frame form (the data plane's small messages) --
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8]
+SHAPES = [(), (0,), (0, 3), (3, 0, 2), (1,), (7,), (2, 3, 4), (1, 1, 1, 1, 1, 1, 1, 2)]
+
+
+@pytest.mark.parametrize("secret", [None, b"k" * 32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_frame_round_trips_every_dtype_and_shape(dtype, secret):
+    """encode_frame is the three frames of encode, concatenated; decode_frame gives back the same
+    message (0-dim, empty and 8-dimensional tensors included), a writable tensor of its own."""
+    for shape in SHAPES:
+        t = (torch.arange(torch.Size(shape).numel()) % 113).to(dtype).reshape(shape)
+        fields = dict(src=3, seq=2**64 - 1, flags=7, job=2**63 + 5, counter=2**40)
+        frame = encode_frame(Kind.TENSOR, secret=secret, tensor=t, **fields)
+        assert frame == b"".join(bytes(f) for f in encode(Kind.TENSOR, secret=secret, tensor=t, **fields))
+        msg = decode_frame(frame, secret=secret, job=fields["job"])
+        assert (msg.kind, msg.src, msg.seq, msg.flags, msg.job, msg.counter) == (Kind.TENSOR, *fields.values())
+        assert msg.tensor.dtype == dtype and msg.tensor.shape == t.shape and torch.equal(msg.tensor, t)
+        msg.tensor.reshape(-1)[:1] = 1 if t.numel() else 0  # writable, and not the frame's bytes
+        assert decode_frame(frame, secret=secret).tensor.shape == t.shape
+    view = torch.arange(12).to(dtype).reshape(3, 4)[:, 1:3]  # not contiguous: sent as its values
+    assert torch.equal(decode_frame(encode_frame(Kind.TENSOR, secret=secret, tensor=view), secret=secret).tensor, view)
+
+
+def test_one_frame_json_kinds_round_trip():
+    assert decode_frame(encode_frame(Kind.OBJECT, secret=None, obj=[1, "a", None]), secret=None).obj == [1, "a", None]
+    hb = decode_frame(encode_frame(Kind.HEARTBEAT, secret=b"s", src=1, seq=4, flags=1, obj={"busy_ms": 3}), secret=b"s")
+    assert (hb.kind, hb.seq, hb.flags, hb.obj) == (Kind.HEARTBEAT, 4, 1, {"busy_ms": 3})
+
+
+def test_one_frame_tampered_truncated_or_lying_is_refused():
+    """Under the secret every changed byte (header, payload or MAC), a cut or an extension fails;
+    without one the sizes in the header must match the frame exactly."""
+    secret = b"k" * 32
+    frame = encode_frame(Kind.TENSOR, secret=secret, src=1, seq=9, tensor=torch.arange(6, dtype=torch.float32), job=4, counter=2)
+    for i in range(len(frame)):
+        bad = bytearray(frame)
+        bad[i] ^= 0x41
+        with pytest.raises(ProtocolError):
+            decode_frame(bytes(bad), secret=secret)
+    for cut in (0, 10, _FIXED.size, _FIXED.size + 8, len(frame) - 32, len(frame) - 1):
+        with pytest.raises(ProtocolError):
+            decode_frame(frame[:cut], secret=secret)
+    with pytest.raises(ProtocolError, match="wrong MAC"):
+        decode_frame(frame + b"x", secret=secret)
+    with pytest.raises(ProtocolError, match="no secret configured"):
+        decode_frame(frame, secret=None)  # the MAC is the rest of the frame: extra bytes
+    plain = encode_frame(Kind.TENSOR, secret=None, tensor=torch.ones(4))
+    with pytest.raises(ProtocolError, match="wrong MAC"):
+        decode_frame(plain, secret=secret)
+    with pytest.raises(ProtocolError, match="no secret configured"):
+        decode_frame(plain + b"\0", secret=None)
+    lying = bytearray(plain)
+    struct.pack_into("<Q", lying, _FIXED.size - 8, 15)  # says 15 payload bytes: the last byte becomes a "MAC"
+    with pytest.raises(ProtocolError):
+        decode_frame(bytes(lying), secret=None)
+    struct.pack_into("<Q", lying, _FIXED.size - 8, 2**64 - 1)
+    with pytest.raises(ProtocolError, match="header says"):
+        decode_frame(bytes(lying), secret=None)
+    lying = bytearray(plain)
+    lying[21] = 200  # ndim far beyond the frame
+    with pytest.raises(ProtocolError):
+        decode_frame(bytes(lying), secret=None)
+    with pytest.raises(ProtocolError, match="expected job"):
+        decode_frame(encode_frame(Kind.TENSOR, secret=secret, tensor=torch.ones(1), job=5), secret=secret, job=6)
+
+
+def test_one_frame_random_bytes_never_crash():
+    import random
+
+    rng = random.Random(17)
+    real = encode_frame(Kind.TENSOR, secret=None, src=0, seq=1, tensor=torch.ones(3, 2, dtype=torch.bfloat16), counter=1)
+    for i in range(3000):
+        if i % 2:
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200)))
+        else:
+            data = bytearray(real)
+            for _ in range(rng.randrange(1, 4)):
+                data[rng.randrange(len(data))] = rng.getrandbits(8)
+            data = bytes(data[: rng.randrange(len(data) + 1)] if rng.random() < 0.3 else data)
+        for secret in (None, b"k"):
+            try:
+                msg = decode_frame(data, secret=secret, max_payload=1 << 16)
+            except ProtocolError:
+                continue
+            assert secret is None  # nothing random carries a valid MAC
+            if msg.tensor is not None:
+                assert msg.tensor.numel() * msg.tensor.element_size() <= len(data)
+
+
+def _live_pair(secret, job):
+    from tp_runtime.comm.zmq_transport import ZmqCommunicator
+    from tp_runtime.launch.spawn import free_port
+
+    ports = [free_port(), free_port()]
+    return ports, [ZmqCommunicator.on_loopback(r, ports, secret=secret, job=job) for r in range(2)]
+
+
+def _all_reduce_pair(comms, a, b):
+    import threading
+
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault(1, comms[1].all_reduce(torch.full((3,), b), site="x")))
+    t.start()
+    got = comms[0].all_reduce(torch.full((3,), a), site="x")
+    t.join(10)
+    return got.tolist(), out[1].tolist()
+
+
+def test_live_ranks_drop_tampered_and_replayed_single_frames(caplog):
+    """A rank's inbox, fed one-frame messages by a stranger: a tampered copy of a real one (MAC
+    fails), one replayed with a spent counter, and a forged one without the MAC, are each dropped
+    with a log line; the all-reduces around them sum only the live tensors, on both ranks alike."""
+    import logging
+
+    import zmq
+
+    caplog.set_level(logging.WARNING, logger="tp_runtime.zmq")
+    secret = b"s" * 32
+    ports, comms = _live_pair(secret, job=31)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{ports[0]}")
+    try:
+        assert _all_reduce_pair(comms, 1.0, 2.0) == ([3.0] * 3, [3.0] * 3)
+        spent = encode_frame(Kind.TENSOR, secret=secret, src=1, seq=2, tensor=torch.full((3,), 100.0), job=31, counter=1)
+        tampered = bytearray(encode_frame(Kind.TENSOR, secret=secret, src=1, seq=2, tensor=torch.full((3,), 100.0), job=31, counter=50))
+        tampered[-40] ^= 1  # a payload byte
+        forged = encode_frame(Kind.TENSOR, secret=None, src=1, seq=2, tensor=torch.full((3,), 100.0), job=31, counter=60)
+        for frame in (spent, bytes(tampered), forged):
+            push.send(frame)
+        time.sleep(0.3)
+        assert _all_reduce_pair(comms, 4.0, 5.0) == ([9.0] * 3, [9.0] * 3)
+        assert "repeated or out of sequence" in caplog.text
+        assert caplog.text.count("not authenticated") >= 2
+        assert not comms[0].early and not comms[1].early
+    finally:
+        push.close(0)
+        ctx.term()
+        for c in comms:
+            c.close()
+
+
+@pytest.mark.parametrize("numel", [0, 1, 2048, (64 << 10) // 4 + 1, 1 << 18])
+def test_live_ranks_all_reduce_across_the_one_frame_limit(numel):
+    """Sizes on both sides of SINGLE_FRAME_BYTES (one frame below, three above), empty included,
+    give the same sums on both ranks, bit for bit, in float32 and bfloat16."""
+    import threading
+
+    ports, comms = _live_pair(None, job=32)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            xs = [torch.randn(numel, generator=torch.Generator().manual_seed(r)).to(dtype) for r in range(2)]
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault(1, comms[1].all_reduce(xs[1].clone(), site="x")))
+            t.start()
+            got = comms[0].all_reduce(xs[0].clone(), site="x")
+            t.join(20)
+            assert torch.equal(got, xs[0] + xs[1]) and torch.equal(out[1], got)
     finally:
         for c in comms:
             c.close()

@@ -22,6 +22,16 @@ Liveness: a background thread sends a HEARTBEAT to every peer every `heartbeat_s
 waits for a peer whose last sign of life is older than `dead_after_s` raises WorkerError
 naming it, so a dead machine or a lost link ends the job within seconds, never a hang.
 
+Cost per message (the decode step's collectives are a few KiB, 45 of them per token on TinyLlama):
+a payload up to SINGLE_FRAME_BYTES travels as one frame (protocol.encode_frame: header, payload
+and MAC in one buffer, copied into zmq once; under CURVE one encryption instead of three), is
+received as bytes by one blocking recv with a POLL_MS timeout (no poller, no receive that raises
+on an empty inbox), and checked by protocol.decode_frame, which checks what decode checks. What is
+left is libzmq's own: a message crosses two I/O threads (the sender's and the receiver's), each a
+thread hand-off, which a raw TCP socket does not pay (bench/collectives.py shows both). Larger
+payloads go as three frames, the payload handed to libzmq without a copy: from a private copy of
+the tensor, since libzmq reads it after send returns and the collective writes into the caller's.
+
 Hangs: a rank whose main loop is stuck (a deadlock, an endless wait) while its heartbeat thread
 lives still looks alive. So a heartbeat also carries the rank's progress: how many collectives
 it has entered, whether it is inside one, and for how long it has been computing since it left
@@ -43,7 +53,7 @@ import torch
 import zmq
 
 from tp_runtime.comm.keys import DATA_DOMAIN, CurveClient, CurveServer, Gate, JobKeys
-from tp_runtime.comm.protocol import Kind, ProtocolError, ReplayGuard, decode, encode
+from tp_runtime.comm.protocol import Kind, ProtocolError, ReplayGuard, decode, decode_frame, encode, encode_frame
 from tp_runtime.comm.sockets import make_socket, new_context
 from tp_runtime.communicator import check_splits
 from tp_runtime.errors import WorkerError
@@ -51,6 +61,11 @@ from tp_runtime.errors import WorkerError
 log = logging.getLogger("tp_runtime.zmq")
 
 DEFAULT_RING_THRESHOLD = 1 << 20  # bench/collectives.py: ring wins from 1 MiB (4 ranks) / 2 MiB (2 ranks)
+# a payload up to this size goes as one frame (header + payload + mac, copied once); larger ones as
+# three, the payload sent without a copy (pyzmq copies frames below its copy threshold, 64 KiB, anyway)
+SINGLE_FRAME_BYTES = 64 << 10
+POLL_MS = 100  # a waiting rank checks its peers' liveness (and `watch`) this often
+_MISSING = object()
 
 
 def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = None, keys: JobKeys | None = None) -> tuple[zmq.Socket, int]:
@@ -172,11 +187,11 @@ class _Heartbeat(threading.Thread):
                 counter += 1
                 # the main loop's progress: collectives entered (seq), inside one (flags), computing for how long
                 entered, inside, busy_s = self.progress.report()
-                frames = encode(Kind.HEARTBEAT, secret=self.secret, src=self.rank, job=self.job, counter=counter, seq=entered,
-                                flags=int(inside), obj={"busy_ms": int(busy_s * 1000)})
+                frame = encode_frame(Kind.HEARTBEAT, secret=self.secret, src=self.rank, job=self.job, counter=counter, seq=entered,
+                                     flags=int(inside), obj={"busy_ms": int(busy_s * 1000)})
                 for s in socks:
                     try:
-                        s.send_multipart(frames, flags=zmq.NOBLOCK)
+                        s.send(frame, flags=zmq.NOBLOCK)
                     except zmq.Again:
                         pass
                 self.stop_event.wait(self.interval)
@@ -249,8 +264,10 @@ class ZmqCommunicator:
         self.progress = Progress(dead_after_s if hang_after_s is None else hang_after_s, hang_slack)
         self.heartbeat = _Heartbeat(ctx, rank, peers, secret, heartbeat_s, job, keys, self.progress)
         self.heartbeat.start()
-        self.poller = zmq.Poller()
-        self.poller.register(inbox, zmq.POLLIN)
+        # a blocking receive that returns at least every POLL_MS: one call into libzmq per
+        # message (no poller, no NOBLOCK attempt that raises when the inbox is empty)
+        inbox.setsockopt(zmq.RCVTIMEO, POLL_MS)
+        self.sender_keys = {r: keys.ranks[r].decode() for r in self.outbox} if keys is not None else None
 
     @classmethod
     def on_loopback(cls, rank: int, ports: list[int], keys: JobKeys | None = None, **kw: Any) -> ZmqCommunicator:
@@ -269,20 +286,42 @@ class ZmqCommunicator:
     def _send(self, dst: int, seq: int, step: int = 0, tensor: torch.Tensor | None = None, obj: Any = None) -> None:
         kind = Kind.TENSOR if tensor is not None else Kind.OBJECT
         self.sent[dst] += 1
-        frames = encode(kind, secret=self.secret, src=self.rank, seq=seq, flags=step, tensor=tensor, obj=obj, job=self.job, counter=self.sent[dst])
+        if tensor is None or tensor.numel() * tensor.element_size() <= SINGLE_FRAME_BYTES:
+            # one frame, copied into zmq: a small frame costs less copied than pinned (and under
+            # CURVE one message is one encryption)
+            self.outbox[dst].send(encode_frame(kind, secret=self.secret, src=self.rank, seq=seq, flags=step, tensor=tensor, obj=obj,
+                                               job=self.job, counter=self.sent[dst]))
+            return
+        # three frames, the payload handed to libzmq without a copy: its I/O thread reads it after
+        # send returns, so it must be memory nobody writes to again. The caller's tensor is not:
+        # the all-reduce writes its sum into it (and the ring its chunks) as soon as the peer's
+        # part is in, which could reach the wire before this rank's own (a wrong sum on the peer)
+        frames = encode(kind, secret=self.secret, src=self.rank, seq=seq, flags=step, tensor=tensor.detach().clone(memory_format=torch.contiguous_format),
+                        job=self.job, counter=self.sent[dst])
         self.outbox[dst].send_multipart(frames, copy=False)
 
     def _recv(self, src: int, seq: int, step: int = 0) -> Any:
         """The message of collective `seq` (sub-step `step`, for multi-step algorithms) from `src`."""
         key = (seq, step, src)
-        next_check = time.monotonic() + 0.1
-        while key not in self.early:
-            if dict(self.poller.poll(100)).get(self.inbox):
-                self._drain()
-                if key in self.early or time.monotonic() < next_check:
+        early = self.early
+        got = early.pop(key, _MISSING)
+        if got is not _MISSING:
+            return got
+        next_check = time.monotonic() + POLL_MS / 1000
+        while True:
+            try:
+                self._take(self._receive(0))
+            except zmq.Again:  # nothing for POLL_MS
+                pass
+            else:
+                self._drain()  # what else has arrived (the fair queue may have served a live peer before a stale frame)
+                got = early.pop(key, _MISSING)
+                if got is not _MISSING:
+                    return got
+                if time.monotonic() < next_check:
                     continue
             # on the clock, not only when the inbox is quiet: live peers' heartbeats keep it busy
-            next_check = time.monotonic() + 0.1
+            next_check = time.monotonic() + POLL_MS / 1000
             if self.watch is not None:
                 self.watch()
             silent = time.monotonic() - self.last_seen[src]
@@ -299,37 +338,54 @@ class ZmqCommunicator:
                     f"{own * 1e3:.1f} ms (allowed: {self.progress.floor_s:g} s + {self.progress.slack:g} x that = {allowed:.1f} s); "
                     f"its heartbeat still arrives, so the process lives but its compute loop is stuck"
                 )
-        return self.early.pop(key)
+
+    def _receive(self, flags: int) -> list[Any]:
+        """One message's frames off the inbox (blocking up to POLL_MS, or zmq.NOBLOCK); raises zmq.Again.
+        A one-frame message comes as bytes (cheaper than a zmq.Frame for a few KiB), except under
+        CURVE, where the frame's metadata names the connection's key; the parts of a three-frame
+        one (large payloads) as zmq.Frames, the payload not copied."""
+        first = self.inbox.recv(flags, copy=self.keys is None)
+        if self.inbox.getsockopt(zmq.RCVMORE):
+            return [first, *self.inbox.recv_multipart(copy=False)]
+        return [first]
 
     def _drain(self) -> None:
-        while True:
+        """Take every message already in the inbox, without waiting (asks the socket first: a
+        receive that finds nothing raises, which costs more)."""
+        inbox = self.inbox
+        while inbox.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                frames = self.inbox.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frames = self._receive(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                msg = decode(frames, secret=self.secret, job=self.job)
-                if msg.src not in self.last_seen:
-                    raise ProtocolError(f"a frame from rank {msg.src}, not a peer of this job")
-                if self.keys is not None and _sender_key(frames[0]) != self.keys.ranks[msg.src].decode():
-                    raise ProtocolError(f"a frame that claims to come from rank {msg.src} arrived over another rank's connection")
-                # heartbeats come over their own socket: a stream of their own
-                self.guard.check((msg.src, msg.kind is Kind.HEARTBEAT), msg)
-            except ProtocolError as e:
-                log.warning("rank %d: dropped a message: %s", self.rank, e)
-                continue
-            self.last_seen[msg.src] = time.monotonic()
-            if msg.kind is Kind.TENSOR:
-                self.early[(msg.seq, msg.flags, msg.src)] = msg.tensor
-                self.progress.heard(msg.src, msg.seq, True, 0.0)
-            elif msg.kind is Kind.OBJECT:
-                self.early[(msg.seq, msg.flags, msg.src)] = msg.obj
-                self.progress.heard(msg.src, msg.seq, True, 0.0)
-            elif msg.kind is Kind.HEARTBEAT:
-                busy = msg.obj.get("busy_ms", 0) if isinstance(msg.obj, dict) else 0
-                self.progress.heard(msg.src, msg.seq, bool(msg.flags & 1), busy / 1000 if isinstance(busy, int) and busy >= 0 else 0.0)
-            else:
-                log.warning("rank %d: unexpected %s on the data channel", self.rank, msg.kind.name)
+            self._take(frames)
+
+    def _take(self, frames: list[Any]) -> None:
+        """Check one message (job, MAC, sender, counter) and file it: data by (seq, step, src), a
+        heartbeat into the peers' progress; a bad one is dropped with a log line."""
+        try:
+            msg = decode_frame(frames[0], secret=self.secret, job=self.job) if len(frames) == 1 else decode(frames, secret=self.secret, job=self.job)
+            if msg.src not in self.last_seen:
+                raise ProtocolError(f"a frame from rank {msg.src}, not a peer of this job")
+            if self.sender_keys is not None and _sender_key(frames[0]) != self.sender_keys[msg.src]:
+                raise ProtocolError(f"a frame that claims to come from rank {msg.src} arrived over another rank's connection")
+            # heartbeats come over their own socket: a stream of their own
+            self.guard.check((msg.src, msg.kind is Kind.HEARTBEAT), msg)
+        except ProtocolError as e:
+            log.warning("rank %d: dropped a message: %s", self.rank, e)
+            return
+        self.last_seen[msg.src] = time.monotonic()
+        if msg.kind is Kind.TENSOR:
+            self.early[(msg.seq, msg.flags, msg.src)] = msg.tensor
+            self.progress.heard(msg.src, msg.seq, True, 0.0)
+        elif msg.kind is Kind.OBJECT:
+            self.early[(msg.seq, msg.flags, msg.src)] = msg.obj
+            self.progress.heard(msg.src, msg.seq, True, 0.0)
+        elif msg.kind is Kind.HEARTBEAT:
+            busy = msg.obj.get("busy_ms", 0) if isinstance(msg.obj, dict) else 0
+            self.progress.heard(msg.src, msg.seq, bool(msg.flags & 1), busy / 1000 if isinstance(busy, int) and busy >= 0 else 0.0)
+        else:
+            log.warning("rank %d: unexpected %s on the data channel", self.rank, msg.kind.name)
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -348,9 +404,13 @@ class ZmqCommunicator:
         if t.numel() * t.element_size() >= self.ring_threshold and t.numel() >= self.world_size:
             return self._ring_all_reduce(t, seq)
         parts = self._exchange(t.detach().contiguous(), seq)
-        total = parts[0].clone()
-        for p in parts[1:]:
-            total += p  # rank order on every rank: bit-identical results everywhere
+        # in rank order on every rank: bit-identical results everywhere
+        if len(parts) == 2:
+            torch.add(parts[0], parts[1], out=t.detach())  # one kernel, written in place (elementwise: t may be an input)
+            return t
+        total = torch.add(parts[0], parts[1])
+        for p in parts[2:]:
+            total += p
         t.copy_(total)
         return t
 

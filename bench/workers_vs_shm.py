@@ -1,0 +1,129 @@
+"""Decode tokens/s over tp-workers on loopback against the local shared-memory transport.
+
+    python bench/workers_vs_shm.py [--shape tinyllama] [--dtype bfloat16] [--repeats 3]
+        [--new-tokens 64] [--prompt-len 16] [--security curve|secret] [--out bench/out/workers]
+
+Two ranks (tp=2), one thread each, the same random checkpoint (tp_runtime.cli.sweep's dummy
+shapes), alternating A/B within each repeat so that machine drift hits both alike:
+    shm      `python -m tp_runtime generate --tp 2 --threads 1`: both ranks local, the runtime's
+             default transport between ranks of one host (shared memory)
+    workers  the same command with `--workers 127.0.0.1:PORT`: rank 0 is the coordinator, rank 1
+             a `tp-worker` daemon on loopback (started once, kept for every repeat), every
+             collective over the pyzmq transport; --security curve (default): CURVE keys on
+             every socket (what a keyed job runs); secret: the shared secret's HMAC only
+The table shows, per side, the median decode tokens/s of the repeats [min-max], the ms per token
+and the ratio workers / shm (the issue's goal: >= 0.85). Writes OUT/workers_vs_shm.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tp_runtime.cli.sweep import DUMMY_SHAPES, dummy_checkpoint  # noqa: E402
+from tp_runtime.launch.spawn import free_port  # noqa: E402
+
+SECRET = "7b" * 32
+
+
+def _last_json(proc: subprocess.CompletedProcess, what: str) -> dict:
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        raise RuntimeError(f"{what} exited {proc.returncode}: " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def generate(model: Path, a: argparse.Namespace, prompt: list[int], extra: list[str], env: dict) -> dict:
+    cmd = [sys.executable, "-m", "tp_runtime", "generate", "--model", str(model), "--tp", "2", "--threads", "1",
+           "--max-new-tokens", str(a.new_tokens), "--ignore-eos", "--json", "--quiet", "--dtype", a.dtype,
+           "--max-seq-len", str(len(prompt) + a.new_tokens + 8), "--prompt-ids", ",".join(map(str, prompt)), *extra]
+    out = _last_json(subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO, env=env), "generate")
+    return {"decode_tokens_per_s": out["decode_tokens_per_s"], "prefill_tokens_per_s": out.get("prefill_tokens_per_s")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="tinyllama", choices=sorted(DUMMY_SHAPES))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--security", choices=("curve", "secret"), default="curve")
+    p.add_argument("--out", type=Path, default=HERE / "out" / "workers")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    model = dummy_checkpoint(DUMMY_SHAPES[a.shape], a.shape)
+    prompt = [(7 * i + 3) % 1000 + 10 for i in range(a.prompt_len)]
+    env = dict(os.environ, TP_RUNTIME_SECRET=SECRET, OMP_NUM_THREADS="1")
+    tmp = Path(tempfile.mkdtemp(prefix="tp-wvs-"))
+    port = free_port()
+    wcmd = [sys.executable, "-m", "tp_runtime.launch.worker", "--listen", f"tcp://127.0.0.1:{port}", "--cache-dir", str(tmp / "cache"),
+            "--threads", "1", "--model-dir", str(model)]
+    extra = ["--workers", f"127.0.0.1:{port}"]
+    if a.security == "curve":
+        def keygen(d: Path) -> str:
+            r = subprocess.run([sys.executable, "-m", "tp_runtime.launch.worker", "--keygen", str(d)], capture_output=True, text=True, cwd=REPO, check=True)
+            return next(ln.split("public key:", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("public key:"))
+
+        wkey, ckey = keygen(tmp / "worker"), keygen(tmp / "coord")
+        (tmp / "authorized_keys").write_text(ckey + "\n")
+        (tmp / "known_workers").write_text(f"127.0.0.1:{port} {wkey}\n")
+        wcmd += ["--keys", str(tmp / "worker"), "--authorized-keys", str(tmp / "authorized_keys")]
+        extra += ["--worker-keys", str(tmp / "coord"), "--known-workers", str(tmp / "known_workers")]
+    log = tmp / "worker.log"
+    worker = subprocess.Popen(wcmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    results: dict[str, list[dict]] = {"shm": [], "workers": []}
+    loads = []
+    try:
+        deadline = time.monotonic() + 60
+        while "listening on" not in log.read_text():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("tp-worker did not start: " + log.read_text()[-500:])
+            time.sleep(0.1)
+        generate(model, a, prompt, extra, env)  # warm-up: the worker loads (streams or maps) its slices once
+        for rep in range(a.repeats):
+            for side in (("shm", "workers") if rep % 2 == 0 else ("workers", "shm")):
+                loads.append(os.getloadavg()[0])
+                results[side].append(generate(model, a, prompt, extra if side == "workers" else [], env))
+                print(f"  repeat {rep + 1}/{a.repeats} {side:>7}: {results[side][-1]['decode_tokens_per_s']:.2f} tokens/s", flush=True)
+    finally:
+        worker.kill()
+        worker.wait()
+    rows = []
+    for side, rs in results.items():
+        v = [r["decode_tokens_per_s"] for r in rs]
+        rows.append({"side": side, "median_tokens_per_s": statistics.median(v), "min": min(v), "max": max(v),
+                     "ms_per_token": 1000 / statistics.median(v), "runs": json.dumps(v)})
+    ratio = rows[1]["median_tokens_per_s"] / rows[0]["median_tokens_per_s"]
+    print(f"\n{a.shape} {a.dtype} tp=2, 1 thread per rank, {a.new_tokens} new tokens, median of {a.repeats} (A/B alternating); "
+          f"workers: tp-worker on loopback, {a.security}")
+    print(f"{'side':>8} | {'decode tok/s':>12} {'[min-max]':>16} | {'ms/token':>8}")
+    for r in rows:
+        print(f"{r['side']:>8} | {r['median_tokens_per_s']:12.2f} [{r['min']:6.2f}-{r['max']:6.2f}] | {r['ms_per_token']:8.1f}")
+    print(f"workers / shm: {ratio:.3f}  (goal >= 0.85); +{rows[1]['ms_per_token'] - rows[0]['ms_per_token']:.1f} ms per token; "
+          f"load average during the runs: {min(loads):.2f}-{max(loads):.2f}")
+    with open(a.out / "workers_vs_shm.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["shape", "dtype", "security", "side", "median_tokens_per_s", "min", "max", "ms_per_token", "ratio_to_shm", "runs"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"shape": a.shape, "dtype": a.dtype, "security": a.security, **r, "ratio_to_shm": r["median_tokens_per_s"] / rows[0]["median_tokens_per_s"]})
+    print(f"wrote {a.out / 'workers_vs_shm.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
