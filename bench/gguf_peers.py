@@ -167,6 +167,7 @@ def run_pairs(a: argparse.Namespace) -> int:
              "", f"{'pair':<8} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13}"]
     clean = [r for r in runs if r["others_pct"] <= a.max_others]  # runs other people's jobs did not share the CPUs with
     lines.insert(2, f"runs where other processes used at most {a.max_others:g}% of a core: {len(clean)} of {len(runs)} (the table; every run is in pairs.jsonl)")
+    rows = []
     for name, *_ in pairs:
         peer = [r["decode_tok_s"] for r in clean if r["pair"] == name and r["who"] == "llama.cpp"]
         for who, tp in whos:
@@ -176,12 +177,18 @@ def run_pairs(a: argparse.Namespace) -> int:
                 lines.append(f"{name:<8} {who:<10} {tp:>3} {'(no quiet run)':>30}")
                 continue
             med = statistics.median(vals)
+            rows.append((name, who, tp, med, min(vals), max(vals)))
             ratio = f"{med / statistics.median(peer):.2f}x" if peer and who != "llama.cpp" else ""
             lines.append(f"{name:<8} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% "
                          f"{len(vals):>5} {statistics.median(r['others_pct'] for r in rs):>9.0f} {ratio:>13}")
     table = "\n".join(lines)
     print("\n" + table)
     (out / "pairs.txt").write_text(table + "\n")
+    with open(out / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pair", "runtime", "tp", "median_tok_s", "min_tok_s", "max_tok_s", "runs"])
+        w.writerows([*r[:3], round(r[3], 2), round(r[4], 2), round(r[5], 2), len([x for x in clean if (x["pair"], x["who"], x["tp"]) == r[:3]])] for r in rows)
+    bars(rows, out / "pairs.png", f"decode after {a.prompt_len} tokens, {a.threads} threads: each precision of ours vs llama.cpp's match")
     return 0
 
 
@@ -231,17 +238,24 @@ def main(argv=None) -> int:
     print(f"\n{'model':<16} {'runtime':<10} {'tp':>3} {'decode tok/s (median [min-max])':>34} {'vs llama.cpp':>13}")
     for name, who, tp, med, lo, hi, ratio in rows:
         print(f"{name:<16} {who:<10} {tp:>3} {f'{med:.1f} [{lo:.1f}-{hi:.1f}]':>34} {ratio:>13}")
-    plt = optional.pyplot("gguf_peers.png")
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        labels = [f"{n}\n{w} tp={t}" for n, w, t, *_ in rows]
-        ax.bar(range(len(rows)), [r[3] for r in rows], yerr=[[r[3] - r[4] for r in rows], [r[5] - r[3] for r in rows]], color=["#888" if r[1] == "llama.cpp" else "#3a7" for r in rows])
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_ylabel("decode tokens/s (batch 1)")
-        ax.set_title(f"GGUF decode, {a.threads} threads: ours vs llama.cpp")
-        fig.tight_layout()
-        fig.savefig(out / "gguf_peers.png", dpi=120)
+    bars(rows, out / "gguf_peers.png", f"GGUF decode, {a.threads} threads: ours vs llama.cpp")
     return 0
+
+
+def bars(rows: list[tuple], path: Path, title: str) -> None:
+    """rows: (name, who, tp, median, min, max, ...): one bar each, min-max as the error bar."""
+    plt = optional.pyplot(path.name)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(max(8, 0.95 * len(rows)), 4.2))
+    labels = [f"{n}\n{w} tp={t}" for n, w, t, *_ in rows]
+    ax.bar(range(len(rows)), [r[3] for r in rows], yerr=[[r[3] - r[4] for r in rows], [r[5] - r[3] for r in rows]],
+           color=["#888" if r[1] == "llama.cpp" else "#3a7" for r in rows])
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
