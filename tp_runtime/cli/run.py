@@ -275,6 +275,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             "dtype": llm.dtype,
             "device": str(llm.engine.device),
             "transport": llm.comm.transport,
+            "huge_page_bytes": getattr(llm.engine.fused_decode, "huge_page_bytes", 0),  # what decode streams from 2 MB pages (fused step)
             "comm": llm.comm.stats.summary(stats.decode_seconds, stats.decode_steps),
             "memory": {"ranks": memory, "streamed_layers": len(llm.plan.streamed), "layer_tier": llm.plan.layer_tier,
                        "expert_layers_streamed": len(llm.plan.experts_streamed), "expert_tier": llm.plan.expert_tier},
