@@ -21,7 +21,8 @@ Pairs (a precision against llama.cpp's match, our model from its own folder):
 
 runs ours on OURS[@quantize] (a folder or GGUF, with --quantize when given) and llama-bench on
 the GGUF beside it, both decoding NEW tokens after a PROMPT_LEN-token prompt (llama-bench
-`-d PROMPT_LEN`); --baseline TREE also runs ours from another source tree (e.g. `git archive`
+`-d PROMPT_LEN`), and the prompt's prefill tokens/s beside it (ours: generate's own figure;
+llama-bench: its `-p PROMPT_LEN` test in the same run); --baseline TREE also runs ours from another source tree (e.g. `git archive`
 of the last commit, with tp_runtime/kernels and tp_runtime/launch linked to its kernels/ and
 launch/) as "before". Every run is a fresh process, the order rotates every repeat, and each
 run records the CPU time other processes used meanwhile ("others %", from /proc/stat), so a
@@ -82,6 +83,12 @@ def run_llama_bench(binary: str, model: Path, threads: int, new: int) -> float:
 
 def run_ours(model: Path, tp: int, threads: int, new: int, prompt_len: int = 8, quantize: str | None = None, tree: Path | None = None) -> float:
     """decode tokens/s of `python -m tp_runtime generate` (from `tree`, another source tree, if given)."""
+    return run_ours_both(model, tp, threads, new, prompt_len, quantize, tree)[0]
+
+
+def run_ours_both(model: Path, tp: int, threads: int, new: int, prompt_len: int = 8, quantize: str | None = None,
+                  tree: Path | None = None) -> tuple[float, float]:
+    """(decode, prefill) tokens/s of one `python -m tp_runtime generate` run."""
     prompt = ",".join(str(1 + i % 1000) for i in range(prompt_len))
     cmd = [sys.executable, "-m", "tp_runtime", "generate", "--model", str(model), "--tp", str(tp), "--threads", str(max(1, threads // tp)),
            "--prompt-ids", prompt, "--max-new-tokens", str(new), "--ignore-eos", "--json", "--quiet", "--max-seq-len", str(max(512, prompt_len + new + 8))]
@@ -90,7 +97,8 @@ def run_ours(model: Path, tp: int, threads: int, new: int, prompt_len: int = 8, 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tree.parent if tree else REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"ours failed: {proc.stderr[-2000:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["decode_tokens_per_s"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return float(out["decode_tokens_per_s"]), float(out["prefill_tokens_per_s"])
 
 
 def _busy_jiffies() -> int:
@@ -122,13 +130,17 @@ def timed_run(fn, *args, **kwargs) -> tuple[float, float]:
     return out, max(0.0, ((b1 - b0) / hz - ours) / (t1 - t0) * 100)
 
 
-def run_llama_bench_at(binary: str, model: Path, threads: int, new: int, depth: int) -> float:
-    """llama-bench's decode tokens/s for NEW tokens after DEPTH tokens of context."""
-    cmd = [binary, "-m", str(model), "-p", "0", "-n", str(new), "-t", str(threads), "-r", "1", "-o", "json"] + (["-d", str(depth)] if depth else [])
+def run_llama_bench_at(binary: str, model: Path, threads: int, new: int, depth: int) -> tuple[float, float]:
+    """llama-bench's (decode tokens/s for NEW tokens after DEPTH tokens of context, prefill
+    tokens/s of a DEPTH-token prompt); both tests in one llama-bench run."""
+    cmd = [binary, "-m", str(model), "-p", str(depth or 8), "-n", str(new), "-t", str(threads), "-r", "1", "-o", "json"] + (["-d", str(depth)] if depth else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"llama-bench failed: {proc.stderr[-2000:]}")
-    return float(next(r for r in json.loads(proc.stdout) if r.get("n_gen", 0) > 0)["avg_ts"])
+    rows = json.loads(proc.stdout)
+    decode = float(next(r for r in rows if r.get("n_gen", 0) > 0)["avg_ts"])
+    prefill = float(next(r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)["avg_ts"])
+    return decode, prefill
 
 
 def run_pairs(a: argparse.Namespace) -> int:
@@ -153,18 +165,19 @@ def run_pairs(a: argparse.Namespace) -> int:
             for who, tp in whos[k:] + whos[:k]:  # the order rotates every repeat
                 waited = wait_quiet(a.wait_quiet) if a.wait_quiet else 0.0
                 if who == "llama.cpp":
-                    tok_s, others = timed_run(run_llama_bench_at, a.llama_bench, gguf, a.threads, a.new_tokens, a.prompt_len)
+                    (tok_s, pre), others = timed_run(run_llama_bench_at, a.llama_bench, gguf, a.threads, a.new_tokens, a.prompt_len)
                 else:
                     tree = Path(a.baseline) if who == "before" else None
-                    tok_s, others = timed_run(run_ours, path, tp, a.threads, a.new_tokens, a.prompt_len, quantize, tree)
-                rec = dict(pair=name, who=who, tp=tp, repeat=rep, decode_tok_s=tok_s, others_pct=round(others, 1), waited_s=round(waited, 1), time=time.time())
+                    (tok_s, pre), others = timed_run(run_ours_both, path, tp, a.threads, a.new_tokens, a.prompt_len, quantize, tree)
+                rec = dict(pair=name, who=who, tp=tp, repeat=rep, decode_tok_s=tok_s, prefill_tok_s=pre, others_pct=round(others, 1),
+                           waited_s=round(waited, 1), time=time.time())
                 runs.append(rec)
                 with open(jsonl, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{name} repeat {rep}: {who} tp={tp} {tok_s:.1f} tok/s (others {others:.0f}%)", flush=True)
     lines = [f"bench/gguf_peers.py --pairs ... --tp {a.tp} --repeats {a.repeats} --threads {a.threads}: {a.new_tokens} new tokens after {a.prompt_len}, batch 1",
              f"{datetime.date.today()} {platform.node()} ({os.cpu_count()} CPUs); llama.cpp: {a.llama_bench or '-'}; before: {a.baseline or '-'}",
-             "", f"{'pair':<8} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13}"]
+             "", f"{'pair':<8} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13} {'prefill tok/s':>14} {'vs llama.cpp':>13}"]
     clean = [r for r in runs if r["others_pct"] <= a.max_others]  # runs other people's jobs did not share the CPUs with
     lines.insert(2, f"runs where other processes used at most {a.max_others:g}% of a core: {len(clean)} of {len(runs)} (the table; every run is in pairs.jsonl)")
     rows = []
@@ -179,8 +192,12 @@ def run_pairs(a: argparse.Namespace) -> int:
             med = statistics.median(vals)
             rows.append((name, who, tp, med, min(vals), max(vals)))
             ratio = f"{med / statistics.median(peer):.2f}x" if peer and who != "llama.cpp" else ""
+            pre = [r["prefill_tok_s"] for r in rs if "prefill_tok_s" in r]  # (runs before prefill was recorded have none)
+            peer_pre = [r["prefill_tok_s"] for r in clean if r["pair"] == name and r["who"] == "llama.cpp" and "prefill_tok_s" in r]
+            pre_s = f"{statistics.median(pre):.0f}" if pre else "-"
+            pre_ratio = f"{statistics.median(pre) / statistics.median(peer_pre):.2f}x" if pre and peer_pre and who != "llama.cpp" else ""
             lines.append(f"{name:<8} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% "
-                         f"{len(vals):>5} {statistics.median(r['others_pct'] for r in rs):>9.0f} {ratio:>13}")
+                         f"{len(vals):>5} {statistics.median(r['others_pct'] for r in rs):>9.0f} {ratio:>13} {pre_s:>14} {pre_ratio:>13}")
     table = "\n".join(lines)
     print("\n" + table)
     (out / "pairs.txt").write_text(table + "\n")
