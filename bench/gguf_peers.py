@@ -74,11 +74,8 @@ def model_path(name: str, cache: Path) -> Path:
 
 
 def run_llama_bench(binary: str, model: Path, threads: int, new: int) -> float:
-    proc = subprocess.run([binary, "-m", str(model), "-p", "0", "-n", str(new), "-t", str(threads), "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"llama-bench failed: {proc.stderr[-2000:]}")
-    rows = json.loads(proc.stdout)
-    return float(next(r for r in rows if r.get("n_gen", 0) > 0)["avg_ts"])
+    """llama-bench's decode tokens/s for NEW tokens from an empty context."""
+    return run_llama_bench_at(binary, model, threads, new, 0)[0]
 
 
 def run_ours(model: Path, tp: int, threads: int, new: int, prompt_len: int = 8, quantize: str | None = None, tree: Path | None = None) -> float:
@@ -130,16 +127,16 @@ def timed_run(fn, *args, **kwargs) -> tuple[float, float]:
     return out, max(0.0, ((b1 - b0) / hz - ours) / (t1 - t0) * 100)
 
 
-def run_llama_bench_at(binary: str, model: Path, threads: int, new: int, depth: int) -> tuple[float, float]:
+def run_llama_bench_at(binary: str, model: Path, threads: int, new: int, depth: int) -> tuple[float, float | None]:
     """llama-bench's (decode tokens/s for NEW tokens after DEPTH tokens of context, prefill
-    tokens/s of a DEPTH-token prompt); both tests in one llama-bench run."""
-    cmd = [binary, "-m", str(model), "-p", str(depth or 8), "-n", str(new), "-t", str(threads), "-r", "1", "-o", "json"] + (["-d", str(depth)] if depth else [])
+    tokens/s of a DEPTH-token prompt: both tests in one llama-bench run; None at depth 0)."""
+    cmd = [binary, "-m", str(model), "-p", str(depth), "-n", str(new), "-t", str(threads), "-r", "1", "-o", "json"] + (["-d", str(depth)] if depth else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"llama-bench failed: {proc.stderr[-2000:]}")
     rows = json.loads(proc.stdout)
     decode = float(next(r for r in rows if r.get("n_gen", 0) > 0)["avg_ts"])
-    prefill = float(next(r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)["avg_ts"])
+    prefill = next((float(r["avg_ts"]) for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0), None)
     return decode, prefill
 
 
@@ -192,8 +189,8 @@ def run_pairs(a: argparse.Namespace) -> int:
             med = statistics.median(vals)
             rows.append((name, who, tp, med, min(vals), max(vals)))
             ratio = f"{med / statistics.median(peer):.2f}x" if peer and who != "llama.cpp" else ""
-            pre = [r["prefill_tok_s"] for r in rs if "prefill_tok_s" in r]  # (runs before prefill was recorded have none)
-            peer_pre = [r["prefill_tok_s"] for r in clean if r["pair"] == name and r["who"] == "llama.cpp" and "prefill_tok_s" in r]
+            pre = [r["prefill_tok_s"] for r in rs if r.get("prefill_tok_s") is not None]  # (runs before prefill was recorded have none)
+            peer_pre = [r["prefill_tok_s"] for r in clean if r["pair"] == name and r["who"] == "llama.cpp" and r.get("prefill_tok_s") is not None]
             pre_s = f"{statistics.median(pre):.0f}" if pre else "-"
             pre_ratio = f"{statistics.median(pre) / statistics.median(peer_pre):.2f}x" if pre and peer_pre and who != "llama.cpp" else ""
             lines.append(f"{name:<8} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% "

@@ -30,29 +30,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for p in (REPO, HERE):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
+from peers import run_ours  # noqa: E402
 from tp_runtime.cli.sweep import DUMMY_SHAPES, dummy_checkpoint  # noqa: E402
 from tp_runtime.launch.spawn import free_port  # noqa: E402
 
 SECRET = "7b" * 32
-
-
-def _last_json(proc: subprocess.CompletedProcess, what: str) -> dict:
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
-        raise RuntimeError(f"{what} exited {proc.returncode}: " + " | ".join(tail))
-    return json.loads(lines[-1])
-
-
-def generate(model: Path, a: argparse.Namespace, prompt: list[int], extra: list[str], env: dict) -> dict:
-    cmd = [sys.executable, "-m", "tp_runtime", "generate", "--model", str(model), "--tp", "2", "--threads", "1",
-           "--max-new-tokens", str(a.new_tokens), "--ignore-eos", "--json", "--quiet", "--dtype", a.dtype,
-           "--max-seq-len", str(len(prompt) + a.new_tokens + 8), "--prompt-ids", ",".join(map(str, prompt)), *extra]
-    out = _last_json(subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO, env=env), "generate")
-    return {"decode_tokens_per_s": out["decode_tokens_per_s"], "prefill_tokens_per_s": out.get("prefill_tokens_per_s")}
 
 
 def main(argv=None) -> int:
@@ -68,7 +54,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     model = dummy_checkpoint(DUMMY_SHAPES[a.shape], a.shape)
     prompt = [(7 * i + 3) % 1000 + 10 for i in range(a.prompt_len)]
-    env = dict(os.environ, TP_RUNTIME_SECRET=SECRET, OMP_NUM_THREADS="1")
+    os.environ.update(TP_RUNTIME_SECRET=SECRET, OMP_NUM_THREADS="1")  # the worker's and every run's (peers.run_ours inherits it)
     tmp = Path(tempfile.mkdtemp(prefix="tp-wvs-"))
     port = free_port()
     wcmd = [sys.executable, "-m", "tp_runtime.launch.worker", "--listen", f"tcp://127.0.0.1:{port}", "--cache-dir", str(tmp / "cache"),
@@ -85,7 +71,7 @@ def main(argv=None) -> int:
         wcmd += ["--keys", str(tmp / "worker"), "--authorized-keys", str(tmp / "authorized_keys")]
         extra += ["--worker-keys", str(tmp / "coord"), "--known-workers", str(tmp / "known_workers")]
     log = tmp / "worker.log"
-    worker = subprocess.Popen(wcmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    worker = subprocess.Popen(wcmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     results: dict[str, list[dict]] = {"shm": [], "workers": []}
     loads = []
     try:
@@ -94,11 +80,12 @@ def main(argv=None) -> int:
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("tp-worker did not start: " + log.read_text()[-500:])
             time.sleep(0.1)
-        generate(model, a, prompt, extra, env)  # warm-up: the worker loads (streams or maps) its slices once
+        generate = lambda flags: run_ours(model, 2, 1, a.dtype, None, [prompt], a.new_tokens, flags)  # noqa: E731
+        generate(extra)  # warm-up: the worker loads (streams or maps) its slices once
         for rep in range(a.repeats):
             for side in (("shm", "workers") if rep % 2 == 0 else ("workers", "shm")):
                 loads.append(os.getloadavg()[0])
-                results[side].append(generate(model, a, prompt, extra if side == "workers" else [], env))
+                results[side].append(generate(extra if side == "workers" else []))
                 print(f"  repeat {rep + 1}/{a.repeats} {side:>7}: {results[side][-1]['decode_tokens_per_s']:.2f} tokens/s", flush=True)
     finally:
         worker.kill()

@@ -407,29 +407,28 @@ def serve(args: argparse.Namespace) -> int:
 
 def _check_before_spawn(args: argparse.Namespace, tp: int) -> None:
     """Fail in the launcher, once, for errors every rank would hit (bad folder, tp > heads); and
-    say once when the model is so small that tp=1 is likely faster (placement.local_tp_note)."""
+    say once when the model is so small that tp=1 is likely faster (placement.local_tp_note).
+    The model is opened once for both (a GGUF file's metadata takes seconds to read)."""
     from tp_runtime import sharding
-    from tp_runtime.checkpoint.model_files import load_config
+    from tp_runtime.checkpoint.model_files import open_model
 
-    cfg = load_config(args.model)
-    sharding.check_tp(cfg, tp)
-    if note := _local_tp_note(args, tp):
+    files = open_model(args.model)
+    sharding.check_tp(files.cfg, tp)
+    if note := _local_tp_note(args, files, tp):
         print(note, file=sys.stderr, flush=True)
 
 
-def _local_tp_note(args: argparse.Namespace, tp: int) -> str | None:
+def _local_tp_note(args: argparse.Namespace, files: Any, tp: int) -> str | None:
     """The small-model note for tp CPU ranks on this host (the launcher starts them all here)."""
     import torch
 
     from tp_runtime import placement
-    from tp_runtime.checkpoint.model_files import open_model
     from tp_runtime.engine.llm import _keeps_blocks
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cpu":
         return None
     runtime = _runtime(args, 1)
-    files = open_model(args.model)
     cfg = runtime.split_config(files.cfg)
     blocks = placement.stored_blocks(files.index) if _keeps_blocks(files, runtime, device) else None
     return placement.local_tp_note(cfg, tp, runtime.resolve_dtype(cfg, "cpu"), runtime.quantize, blocks)
