@@ -551,3 +551,27 @@ def test_local_tp_note_for_a_small_model_only():
     assert placement.local_tp_note(smol, 1, "bfloat16", "int8") is None
     e = placement.local_tp_estimate(smol, "bfloat16")
     assert e["collectives_per_token"] == 61 and 268e6 < e["weight_bytes"] < 271e6  # SmolLM2's 134.5M parameters, the tied head read once
+
+
+def test_a_moe_layer_is_run_from_python_without_a_recording_attempt(tmp_path):
+    """A MoE layer says it runs torch ops every step (its router): the fused step never tries to
+    record it (the try, a torch op under the recording's dispatch mode, costs a one-time ~1.3 s
+    import that a short run paid as decode time), runs it as a Python item between the recorded
+    ops, and gives the logits of the same bound calls made from Python."""
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+
+    raw = llama_config_dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96, vocab_size=300,
+                            architecture="MixtralForCausalLM", num_local_experts=3, num_experts_per_tok=2)
+    llm = _load(write_checkpoint(tmp_path / "mixtral", raw, seed=3), dtype="float32")
+    eng, step = llm.engine, llm.engine.fused_decode
+    assert step.unrecorded == {0, 1}
+    eng.prompt_logits([[5, 9, 2]])
+    cache = (eng.cache.k.clone(), eng.cache.v.clone())
+    recorded = step([4], [3]).clone()
+    prog = step.programs[(1, False)]
+    assert [item.func for item in prog.items if getattr(item, "func", None) in step.units] == step.units[:2]  # the two layers, as Python
+    eng.cache.k.copy_(cache[0])
+    eng.cache.v.copy_(cache[1])
+    step.record = False
+    assert torch.equal(recorded, step([4], [3]))
+    llm.close()

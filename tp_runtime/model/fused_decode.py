@@ -336,6 +336,8 @@ class FusedDecodeStep:
         b = self.binder = DecodeBinder(cpu_decode.lib(), dtype, rows, cfg.hidden_size, model.heads.num_q_local, cache, model.rotary, self.comm)
         self.res = b.res  # the residual stream; the embedding lands here
         self.layers = [layer.bind_decode(b, first=i == 0) for i, layer in enumerate(model.layers)]
+        # layers known to run torch ops each step (a MoE layer's router): never recorded
+        self.unrecorded = {i for i, layer in enumerate(model.layers) if any(getattr(m, "decode_runs_torch_ops", False) for m in layer.modules())}
         tp, shard = self.comm.world_size, self.head.rows_padded
         self.lm = self.head.bind_decode(b)
         self.norm = b.rms_norm(model.norm.weight, model.norm.eps, self.lm.x, add=True)
@@ -380,7 +382,10 @@ class FusedDecodeStep:
         if prog is None:
             items: list[Any] = []
             lib = self.binder.lib
-            for unit in self.units:
+            for i, unit in enumerate(self.units):
+                if i in self.unrecorded:
+                    items.append(partial(unit, nb))
+                    continue
                 rec = Recorder()
                 try:
                     with lib.recording(rec):

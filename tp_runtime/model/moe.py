@@ -126,6 +126,11 @@ class ExpertMLP(nn.Module):
 
 
 class SparseMoe(nn.Module):
+    # the router and the routing run in torch every decode step: the fused step runs the layer
+    # from Python without trying to record it (the try, a torch op under a dispatch mode, costs
+    # a one-time ~1.3 s import of torch._dynamo)
+    decode_runs_torch_ops = True
+
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, comm: Communicator, linears: LinearKinds = FLOAT) -> None:
         super().__init__()
         moe = cfg.moe
