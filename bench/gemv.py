@@ -1,6 +1,7 @@
 """Single-row products (decode GEMVs) on this CPU: the C kernel against F.linear.
 
-    python bench/gemv.py [--threads 1,2] [--dtypes float32,bfloat16] [--repeats 40] [--out bench/out/gemv]
+    python bench/gemv.py [--threads 1,2] [--dtypes float32,bfloat16,float16] [--repeats 40] [--out bench/out/gemv]
+    python bench/gemv.py --gemm 16,64,128,512 [--dtypes float32,bfloat16]
 
 For the weight shapes of the SMALL and TinyLlama-1.1B benchmarks (q/k/v merged, gate/up
 merged, o_proj, down_proj, LM head) it times y = W x for one activation row with
@@ -10,7 +11,12 @@ merged, o_proj, down_proj, LM head) it times y = W x for one activation row with
 cycling through 6 copies of each weight so that every call reads from memory, not cache
 (each copy set is larger than the L3 for the big shapes; small shapes partly fit and show it).
 Prints GB/s of weight read (median of --repeats) per shape, dtype and thread count, and the
-machine's read bandwidth (sum of a 1 GiB tensor) for scale; writes OUT/gemv.csv.
+machine's read bandwidth (sum of a 1 GiB tensor) for scale; writes OUT/gemv.csv. (float16:
+the kernel reads the weight as stored, F.linear multiplies float16 rows.)
+
+--gemm ROWS: the prefill products instead, several rows against the same shapes, GFLOPS of
+F.linear (x @ w^T) against kernels.cpu_gemv.gemm (float32: (w @ x^T)^T, see its docstring);
+writes OUT/gemm.csv.
 """
 
 from __future__ import annotations
@@ -61,7 +67,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "gemv"))
+    p.add_argument("--gemm", default=None, help="rows per product, e.g. 16,64,128,512: time prefill GEMMs instead")
     a = p.parse_args(argv)
+    if a.gemm:
+        return gemm_main(a)
     threads = [int(t) for t in a.threads.split(",")]
     torch.set_num_threads(max(threads))
     if not cpu_gemv.available():
@@ -86,14 +95,37 @@ def main(argv=None) -> int:
                     result[label] = nbytes / median_seconds(lambda: fn(x, weights[next(i) % COPIES]), a.repeats) / 1e9
                 print(f"{name:<20} {dtype_name:<9} {result['kernel']:>8.1f} {result['blas-row']:>9.1f} {result['blas-col']:>9.1f}")
                 rows.append({"threads": n_threads, "shape": name, "out": n, "in": k, "dtype": dtype_name, "read_bandwidth_GBps": bw / 1e9, **{f"{k_}_GBps": v for k_, v in result.items()}})
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "gemv.csv", "w", newline="") as f:
+    write_csv(Path(a.out) / "gemv.csv", rows)
+    return 0
+
+
+def gemm_main(a: argparse.Namespace) -> int:
+    torch.set_num_threads(max(int(t) for t in a.threads.split(",")))
+    print(f"{torch.get_num_threads()} thread(s); GFLOPS, median of {a.repeats}")
+    print(f"{'shape':<20} {'dtype':<9} {'rows':>5} {'F.linear':>9} {'gemm':>7}  ratio")
+    rows = []
+    for dtype_name in a.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for name, (n, k) in SHAPES.items():
+            w = torch.randn(n, k).to(dtype)
+            for m in (int(r) for r in a.gemm.split(",")):
+                x = torch.randn(m, k).to(dtype)
+                flops = 2 * m * n * k
+                lin = flops / median_seconds(lambda: F.linear(x, w), a.repeats) / 1e9
+                ours = flops / median_seconds(lambda: cpu_gemv.gemm(x, w), a.repeats) / 1e9
+                print(f"{name:<20} {dtype_name:<9} {m:>5} {lin:>9.1f} {ours:>7.1f}  {ours / lin:.2f}x")
+                rows.append({"threads": torch.get_num_threads(), "shape": name, "out": n, "in": k, "dtype": dtype_name, "rows": m, "linear_GFLOPS": lin, "gemm_GFLOPS": ours})
+    write_csv(Path(a.out) / "gemm.csv", rows)
+    return 0
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"\nwrote {out / 'gemv.csv'}")
-    return 0
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def silu_mul_(gate_up: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | Non
 
 
 def gemv_(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [nb, n] = x [nb, k] @ weight^T for a row-major float32 / bfloat16 weight [n, k]: x
+    """out [nb, n] = x [nb, k] @ weight^T for a row-major float32 / bfloat16 / float16 weight [n, k]: x
     float32, or bfloat16 against a bfloat16 weight where the CPU has AVX512-BF16 (`gemv_kind`)."""
     n, k = weight.shape
     if k < 1 or n < 1:
@@ -153,9 +153,11 @@ def gemv_(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Ten
 
 def gemv_kind(weight: torch.Tensor) -> int:
     """The kernel's path for a float weight (cpu_gemv.c: 0 float32, 1 bfloat16 weight and
-    float32 x, 2 both bfloat16); its x is bfloat16 only for 2."""
+    float32 x, 2 both bfloat16, 5 float16 weight and float32 x); its x is bfloat16 only for 2."""
     if weight.dtype == torch.float32:
         return 0
+    if weight.dtype == torch.float16:
+        return 5
     return 2 if cpu_gemv._bf16_dot else 1
 
 

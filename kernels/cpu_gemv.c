@@ -21,6 +21,7 @@
 #else
 #define CPU_RELAX() ((void)0)
 #endif
+#include "half.h"
 
 static inline float bf16(uint16_t v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
 
@@ -64,6 +65,43 @@ static void rows_bf16(const uint16_t* restrict W, const float* restrict x, float
         float s = 0;
         for (int j = 0; j < LANES; j++) s += acc[j];
         for (; i < K; i++) s += bf16(w[i]) * x[i];
+        put(y, r, s);
+    }
+}
+
+/* float16 weights (a GGUF file's F16 tensors, kept as the file stores them: half the bytes of
+   float32 for a decode that only streams weights), float32 x and accumulation: each weight is
+   widened exactly, so the products are the float32 path's on the same values */
+static void rows_f16(const uint16_t* restrict W, const float* restrict x, float* restrict y, int64_t K, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t* w = W + r * K;
+        int64_t i = 0;
+        float s = 0;
+#ifdef __AVX512F__
+        /* four chains of 16: the FMA latency overlaps; vcvtph2ps widens 16 halves per load */
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        for (; i + 64 <= K; i += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + i))), _mm512_loadu_ps(x + i), a0);
+            a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + i + 16))), _mm512_loadu_ps(x + i + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + i + 32))), _mm512_loadu_ps(x + i + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + i + 48))), _mm512_loadu_ps(x + i + 48), a3);
+        }
+        for (; i + 16 <= K; i += 16) a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + i))), _mm512_loadu_ps(x + i), a0);
+        s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (; i + 32 <= K; i += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i))), _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i + 8))), _mm256_loadu_ps(x + i + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i + 16))), _mm256_loadu_ps(x + i + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i + 24))), _mm256_loadu_ps(x + i + 24), a3);
+        }
+        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+        for (; i < K; i++) s += half_to_float(w[i]) * x[i];
         put(y, r, s);
     }
 }
@@ -217,6 +255,7 @@ static void rows(int64_t i, int64_t r0, int64_t r1) {
     const int64_t K = job.K;
     if (job.kind == 1) rows_bf16((const uint16_t*)job.W, (const float*)job.x + i * K, y, K, r0, r1);
     else if (job.kind == 2) rows_bf16x((const uint16_t*)job.W, (const uint16_t*)job.x + i * K, y, K, r0, r1);
+    else if (job.kind == 5) rows_f16((const uint16_t*)job.W, (const float*)job.x + i * K, y, K, r0, r1);
     else if (job.kind == 3) rows_q8((const int8_t*)job.W, job.wsum, job.scales, xu_buf + i * K, d_buf + i * (K / 64), y, K, r0, r1);
     else rows_f32((const float*)job.W, (const float*)job.x + i * K, y, K, r0, r1);
 }
@@ -368,10 +407,10 @@ static void run(void) {
 #define BAD_SIZE (-2)  /* a size the kernels cannot take: nothing computed */
 
 /* y [nb, N] = x [nb, K] W^T. kind: 0 float32 W and x, 1 bfloat16 W and float32 x, 2 bfloat16
-   W and x; y float32, or bfloat16 when ybf16. Returns 0, or BAD_SIZE (nothing computed) for
+   W and x, 5 float16 W and float32 x (4 is tp_pool_for's); y float32, or bfloat16 when ybf16. Returns 0, or BAD_SIZE (nothing computed) for
    K, N or nb below 1 or a kind this build lacks. */
 int tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16, int64_t nb) {
-    if (K < 1 || N < 1 || nb < 1 || kind < 0 || kind > 2 || (kind == 2 && !HAS_BF16_DOT)) return BAD_SIZE;
+    if (K < 1 || N < 1 || nb < 1 || kind < 0 || kind > 5 || kind == 3 || kind == 4 || (kind == 2 && !HAS_BF16_DOT)) return BAD_SIZE;
     pthread_mutex_lock(&call_mu);
     job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = kind; y_bf16 = ybf16;
     run();

@@ -33,6 +33,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include "half.h"
 
 int tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n); /* cpu_gemv.c */
 
@@ -87,25 +88,8 @@ int tp_qtype_block(int type, int64_t* block, int64_t* block_bytes) {
 
 INLINE uint32_t rd32(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-/* IEEE float16 (little-endian bytes) -> float32, exact (subnormals, infinities, NaN payloads) */
-INLINE float f16(const uint8_t* p) {
-    uint16_t h = (uint16_t)(p[0] | p[1] << 8);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
-    if (e == 0x1f) u = s | 0x7f800000u | (m << 13);
-    else if (e) u = s | ((e + 112) << 23) | (m << 13);
-    else if (!m) u = s;
-    else {  /* subnormal: m * 2^-24, normalised */
-        e = 113;
-        while (!(m & 0x400u)) { m <<= 1; e--; }
-        u = s | (e << 23) | ((m & 0x3ffu) << 13);
-    }
-    float f; memcpy(&f, &u, 4);
-    return f;
-#endif
-}
+/* IEEE float16 (little-endian bytes) -> float32, exact (half.h) */
+INLINE float f16(const uint8_t* p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
 
 /* float32 -> bfloat16, round to nearest even, NaN kept quiet (as torch converts) */
 INLINE uint16_t bf16_of(float f) {

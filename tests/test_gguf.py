@@ -19,6 +19,7 @@ from tp_runtime.config import ParallelConfig, RuntimeConfig
 from tp_runtime.engine.llm import LLM
 from tp_runtime.engine.sampling import SamplingParams
 from tp_runtime.errors import CheckpointError
+from tp_runtime.model.step import StepInfo
 from tp_runtime.kernels import cpu_quant
 
 pytest.importorskip("gguf")
@@ -104,6 +105,57 @@ def test_native_blocks_follow_transformers(gguf_dir, arch, qtype, decode_step):
         scored = hf(torch.tensor([PROMPT + ours])).logits[0, len(PROMPT) - 1 : -1]
     gap = scored.max(-1).values - scored[torch.arange(n), torch.tensor(ours)]
     assert gap.max().item() <= NATIVE_GAP * scored.abs().max().item(), gap.tolist()
+    llm.close()
+
+
+@pytest.mark.parametrize("decode_step", ["fused", "eager"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_f16_weights_stay_float16_and_follow_transformers(gguf_dir, tied, decode_step):
+    """An F16 file on CPU (the default native weights): the linears, the embedding and the LM
+    head keep the file's float16 values (the bytes the planner counted: half of float32), and
+    decode multiplies them in the GEMV kernel, each weight widened exactly, so logits equal
+    transformers' (which decodes the file to float32) to 1e-4 at prefill and at every decode
+    step, and the greedy tokens are the same."""
+    from tp_runtime import placement
+    from tp_runtime.model.blocks import BlockColumnParallelLinear, BlockRowParallelLinear
+
+    path = gguf_dir / f"llama-F16-tied{int(tied)}.gguf"
+    if not path.is_file():
+        write_gguf(path, {**_cfg("llama"), "tie_word_embeddings": tied}, "F16", seed=4)
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=path.name, dtype=torch.float32)
+    llm = _load(path, decode_step=decode_step)
+    model = llm.engine.model
+    linears = [m for m in model.modules() if isinstance(m, (BlockColumnParallelLinear, BlockRowParallelLinear))]
+    assert len(linears) == 4 * llm.cfg.num_layers and {m.data(p).dtype for m in linears for p in m.parts} == {torch.float16}
+    head = model.lm_head._source
+    assert model.embed_tokens.table.dtype == torch.float16 and head.table.dtype == torch.float16
+    assert (llm.engine.fused_decode is not None) == (decode_step == "fused")
+    files = open_model(path)
+    planned = placement.shard_bytes(files.cfg, 1, 0, "float32", 64, 1, blocks=placement.stored_blocks(files.index))
+    held = sum(b.numel() * b.element_size() for m in linears for b in m.buffers())
+    assert held == sum(r.nbytes for n, r in files.index.tensors.items() if ".layers." in n and r.storage.name == "F16")
+    assert sum(planned.layers) == sum(r.nbytes for n, r in files.index.tensors.items() if ".layers." in n)
+    n = 16
+    ours = [e.token_id for e in llm.generate([PROMPT], SamplingParams(max_new_tokens=n, ignore_eos=True))]
+    theirs = hf.generate(torch.tensor([PROMPT]), max_new_tokens=n, do_sample=False, min_new_tokens=n)[0, len(PROMPT) :].tolist()
+    assert ours == theirs
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT + ours])).logits[0]
+    scale = max(1.0, want.abs().max().item())
+    eng = llm.engine
+    got = eng.prompt_logits([PROMPT])[0]
+    assert (got - want[: len(PROMPT)]).abs().max().item() <= 1e-4 * scale
+    # decode rows, one token each (the float16 GEMVs), against transformers' rows of the same tokens
+    for i, tok in enumerate(ours[:-1]):
+        pos = len(PROMPT) + i
+        if decode_step == "fused":
+            row = eng.fused_decode([tok], [pos])[0]
+        else:
+            step = StepInfo(torch.tensor([[pos]]), prefill=False, cache_lens=torch.tensor([pos + 1]), max_len=pos + 1)
+            row = eng.model(torch.tensor([[tok]]), step, eng.cache).float().reshape(-1, want.shape[-1])[-1]
+        assert (row - want[pos]).abs().max().item() <= 1e-4 * scale, i
     llm.close()
 
 

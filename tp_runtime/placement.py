@@ -125,10 +125,14 @@ def _vocab_bytes(rows: int, hidden: int, dtype_bytes: int, quantize: str | None,
 def stored_blocks(index) -> dict[str, tuple[int, int]]:
     """The weights of a checkpoint (a GGUF's CheckpointIndex) that a model keeping blocks holds
     as blocks (a type with a native kernel; the decoder layers' linears, the embedding and the
-    LM head): name -> (values, bytes) per block."""
-    from tp_runtime.kernels import cpu_quant
+    LM head), F16 matrices included (kept float16: model/blocks.py keeps_f16): name -> (values,
+    bytes) per block."""
+    from tp_runtime.kernels import cpu_gemv, cpu_quant
 
-    return {n: (r.storage.block, r.storage.block_bytes) for n, r in index.tensors.items() if r.storage.quantized and cpu_quant.supported(r.storage.name) and len(r.shape) == 2}
+    def kept(storage) -> bool:
+        return cpu_quant.supported(storage.name) if storage.quantized else storage.name == "F16" and cpu_gemv.load() is not None
+
+    return {n: (r.storage.block, r.storage.block_bytes) for n, r in index.tensors.items() if len(r.shape) == 2 and kept(r.storage)}
 
 
 def shard_bytes(cfg: ModelConfig, tp: int, rank: int, dtype: str, max_seq_len: int, max_batch: int, quantize: str | None = None,

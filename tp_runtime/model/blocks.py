@@ -7,20 +7,23 @@ activations quantised per block). Prefill decodes the weight into the activation
 runs one GEMM, as llama.cpp does with its tiles. A merged weight (q/k/v, gate/up) may hold
 slots of different types (a Q4_K_M file mixes Q4_K and Q6_K): each slot is a part with its own
 GEMV. A slice that cannot be cut on blocks (a row-parallel column range inside a K-quant
-block) is loaded as floats instead (`load_weight`), a part multiplied in float32.
+block) is loaded as floats instead (`load_weight`), a part multiplied in float32. An F16
+tensor (a GGUF converted with --outtype f16) stays float16 (`keeps_f16`): decode reads its
+2 bytes a value, each widened exactly to float32 in the GEMV (cpu_gemv.c rows_f16), where a
+float32 copy would read twice the bytes llama.cpp's f16 decode reads.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.communicator import Communicator
-from tp_runtime.kernels import cpu_decode, cpu_quant
+from tp_runtime.kernels import cpu_decode, cpu_gemv, cpu_quant
 from tp_runtime.model.embedding import HEAD_TILE_ROWS, ParallelLMHead, VocabParallelEmbedding, load_vocab_rows
 from tp_runtime.model.fused_decode import Gemv
 from tp_runtime.model.linear import ColumnParallelLinear, LinearKinds, bind_row_parallel
@@ -30,8 +33,43 @@ from tp_runtime.model.linear import ColumnParallelLinear, LinearKinds, bind_row_
 class Part:
     lo: int  # its output rows [lo, hi) of the merged weight
     hi: int
-    storage: str | None  # the GGML type of `data`'s blocks; None: float32 values
+    storage: str | None  # the GGML type of `data`'s blocks; None: float values (float32, or float16 from an F16 tensor)
     name: str  # the buffer holding it
+
+
+def keeps_f16(data: torch.Tensor) -> bool:
+    """Whether float values loaded from `data` stay float16 (the GEMV kernel reads them natively)
+    rather than become float32."""
+    return data.dtype == torch.float16 and cpu_gemv.load() is not None
+
+
+_scratch = threading.local()
+
+
+def dense_values(data: torch.Tensor, storage: str | None, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A weight's values in `dtype` for a prefill GEMM (rows of `k` values): blocks of `storage`
+    decoded, float16 values widened (exactly), both into this thread's reused buffer (valid
+    until its next call; the GEMM reads it at once). A fresh tensor per product faulted in
+    ~4 GB of new pages per TinyLlama F16 prefill (2.8 s against 1.9 s for the float32 file); the
+    buffer holds the largest weight once. Float values already in `dtype` are returned as is."""
+    if storage is None and (data.dtype == dtype or data.dtype != torch.float16):
+        return data.to(dtype)
+    wide = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    n = data.shape[0] * k
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != wide:
+        buf = _scratch.buf = torch.empty(n, dtype=wide)
+    out = buf[:n].view(data.shape[0], k)
+    if storage is None:
+        return out.copy_(data).to(dtype)
+    return cpu_quant.dequantize_(data, storage, out).to(dtype)
+
+
+def _float_values(data: torch.Tensor) -> torch.Tensor:
+    """A copy of a float slice as a block linear or vocab table holds it: float16 kept, else float32."""
+    out = torch.empty(data.shape, dtype=torch.float16 if keeps_f16(data) else torch.float32)
+    copy_checked(out, data)
+    return out
 
 
 class _BlockLinear(nn.Module):
@@ -100,9 +138,7 @@ class _BlockLinear(nn.Module):
             lo, hi = self._rows(slot)
             copy_checked(self.bias[lo:hi], data)
             return
-        w = torch.empty(data.shape, dtype=torch.float32)
-        copy_checked(w, data)
-        self._add(slot, None, w)
+        self._add(slot, None, _float_values(data))
 
     def data(self, part: Part) -> torch.Tensor:
         return getattr(self, part.name)
@@ -115,18 +151,15 @@ class _BlockLinear(nn.Module):
             y = torch.empty(1, self.out_features_local, dtype=torch.float32)
             for p in self.parts:
                 if p.storage is None:
-                    y[:, p.lo : p.hi] = F.linear(xf, self.data(p))
+                    y[:, p.lo : p.hi] = cpu_gemv.cpu_linear(xf, self.data(p))
                 else:
                     cpu_quant.gemv_(self.data(p), p.storage, xf, y[:, p.lo : p.hi])
             return y.to(x.dtype).view(*lead, -1)
-        pieces = [F.linear(x2, self._dense(p, x.dtype)) for p in self.parts]  # prefill: decode, then one GEMM
+        pieces = [cpu_gemv.gemm(x2, self._dense(p, x.dtype)) for p in self.parts]  # prefill: decode, then one GEMM
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)).view(*lead, -1)
 
     def _dense(self, p: Part, dtype: torch.dtype) -> torch.Tensor:
-        if p.storage is None:
-            return self.data(p).to(dtype)
-        out = torch.empty(p.hi - p.lo, self.in_features, dtype=dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
-        return cpu_quant.dequantize_(self.data(p), p.storage, out).to(dtype)
+        return dense_values(self.data(p), p.storage, self.in_features, dtype)
 
     def fused_problem(self) -> str | None:
         covered = sum(p.hi - p.lo for p in self.parts)
@@ -144,8 +177,8 @@ class _BlockLinear(nn.Module):
         for p in self.parts:
             target = out if single else binder.buffer(p.hi - p.lo, out.dtype)
             data = self.data(p)
-            if p.storage is None:
-                call = lambda nb, data=data, target=target: cpu_decode.gemv_(data, x[:nb], target[:nb])
+            if p.storage is None:  # float32 or float16 values: the float GEMV, bound like the blocks' (recorded, on huge pages)
+                call = _bound_float_gemv(binder, data, x, target, self.in_features, p.hi - p.lo)
             else:
                 call = _bound_qgemv(lib, binder, cpu_quant.type_id(p.storage), data, x, target, self.in_features, p.hi - p.lo)
             calls.append((call, p, target))
@@ -159,6 +192,18 @@ class _BlockLinear(nn.Module):
         bound = binder.bound(x, run)
         bound.out = out
         return bound
+
+
+def _bound_float_gemv(binder, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, k: int, n: int):
+    kind = cpu_decode.gemv_kind(weight)  # float32 or float16 weight: a float32 x
+    ybf = int(out.dtype == torch.bfloat16)
+    wp, xp, yp = binder.ptr(weight), binder.ptr(x), binder.ptr(out)
+    lib = cpu_gemv.load()
+
+    def call(nb: int) -> None:
+        cpu_gemv.check_rc(lib.tp_gemv(wp, xp, yp, k, n, kind, ybf, nb), "GEMV", k, n, nb)
+
+    return call
 
 
 def _bound_qgemv(lib, binder, type_id: int, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor, k: int, n: int):
@@ -210,8 +255,9 @@ class BlockRowParallelLinear(_BlockLinear):
 class _VocabBlocks:
     """A shard's vocab rows (the embedding's, or an untied LM head's) kept as the file stores
     them: uint8 `table` [rows_padded, row bytes] of `storage` blocks, the padding rows zero bytes
-    (zero values in every GGML type); or, for a float tensor (F16, F32), values in the model's
-    dtype (`storage` None). Needs rows_padded, rows (this shard's real ones), hidden, dtype."""
+    (zero values in every GGML type); or, for a float tensor (`storage` None), values: float16 as
+    an F16 file stores them (`keeps_f16`), else in the model's dtype. Needs rows_padded, rows
+    (this shard's real ones), hidden, dtype."""
 
     storage: str | None = None
     takes_blocks = staticmethod(_BlockLinear.takes_blocks)
@@ -227,17 +273,14 @@ class _VocabBlocks:
         self.register_buffer("table", table)
 
     def load_weight(self, name: str, data: torch.Tensor, slot: str | None) -> None:
-        table = torch.empty(self.rows_padded, self.hidden, dtype=self.dtype)
+        table = torch.empty(self.rows_padded, self.hidden, dtype=torch.float16 if keeps_f16(data) else self.dtype)
         load_vocab_rows(table, data, self.rows)
         self.storage = None
         self.register_buffer("table", table)
 
     def dense_rows(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [lo, hi) of the table as values in dtype."""
-        if self.storage is None:
-            return self.table[lo:hi].to(dtype)
-        out = torch.empty(hi - lo, self.hidden, dtype=dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
-        return cpu_quant.dequantize_(self.table[lo:hi], self.storage, out).to(dtype)
+        """Rows [lo, hi) of the table as values in dtype (`dense_values`: valid until the next call)."""
+        return dense_values(self.table[lo:hi], self.storage, self.hidden, dtype)
 
     def table_problem(self) -> str | None:
         return None if hasattr(self, "table") else "has no weight loaded"
@@ -287,11 +330,13 @@ class BlockParallelLMHead(_VocabBlocks, ParallelLMHead):
         src = self._source
         h2 = h.reshape(-1, self.hidden)
         dtype = h.dtype if src.storage is None else torch.float32
+        if src.storage is None and src.table.dtype == torch.float16 and h2.shape[0] == 1:  # F16 table: the native GEMV
+            return cpu_gemv.cpu_linear(h2.float(), src.table).to(dtype)
         if src.storage is not None and h2.shape[0] == 1:
             out = torch.empty(h2.shape[0], self.rows_padded, dtype=torch.float32)
             return cpu_quant.gemv_(src.table, src.storage, h2.float().contiguous(), out)
         h2 = h2.to(dtype)
-        pieces = [F.linear(h2, src.dense_rows(lo, min(lo + HEAD_TILE_ROWS, self.rows_padded), dtype)) for lo in range(0, self.rows_padded, HEAD_TILE_ROWS)]
+        pieces = [cpu_gemv.gemm(h2, src.dense_rows(lo, min(lo + HEAD_TILE_ROWS, self.rows_padded), dtype)) for lo in range(0, self.rows_padded, HEAD_TILE_ROWS)]
         return torch.cat(pieces, dim=-1)
 
     def fused_problem(self) -> str | None:
