@@ -76,6 +76,24 @@ def _build() -> Path | None:
     return out
 
 
+EMULATE_SLOWER_ENV = "TP_EMULATE_SLOWER"
+
+
+def emulated_slowness() -> int:
+    """TP_EMULATE_SLOWER=RANK:PASSES[,RANK:PASSES]: the rank (the RANK variable the launcher and
+    torchrun set) computes every GEMV PASSES times, a machine with 1/PASSES of the memory
+    bandwidth (bench/shares.py: uneven machines on one host). 1 for every other rank."""
+    spec = os.environ.get(EMULATE_SLOWER_ENV, "")
+    rank = os.environ.get("RANK")
+    for item in filter(None, spec.split(",")):
+        who, _, passes = item.partition(":")
+        if not (who.strip().isdigit() and passes.strip().isdigit() and int(passes) >= 1):
+            raise ValueError(f"{EMULATE_SLOWER_ENV}={spec!r}: expected RANK:PASSES[,RANK:PASSES], e.g. 1:2")
+        if who.strip() == rank:
+            return int(passes)
+    return 1
+
+
 def load() -> ctypes.CDLL | None:
     """The kernel library with its pool started at this process's torch thread count, or None."""
     global _lib, _tried, _pool_threads, _bf16_dot, _int8_dot
@@ -95,6 +113,9 @@ def load() -> ctypes.CDLL | None:
             lib.tp_flag_store.argtypes, lib.tp_flag_store.restype = [ctypes.c_void_p, ctypes.c_int64], None
             lib.tp_flags_min.argtypes, lib.tp_flags_min.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64], ctypes.c_int64
             lib.tp_huge_pages.argtypes, lib.tp_huge_pages.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
+            if (passes := emulated_slowness()) > 1:
+                log.warning("%s: every GEMV of this rank runs %d times (a slower machine, emulated)", EMULATE_SLOWER_ENV, passes)
+                lib.tp_gemv_emulate_slower(passes)
             _lib = lib
     except OSError as e:
         log.warning("loading the CPU GEMV kernel failed (%s): decode GEMVs use F.linear", e)

@@ -204,3 +204,46 @@ def test_weights_move_onto_huge_pages_with_their_values():
         assert _anon_huge_kb() - before >= (done >> 10) - 4096
     assert cpu_gemv.onto_huge_pages([torch.randn(1000)]) == 0  # below the size worth it
     assert cpu_gemv.load().tp_huge_pages(w.data_ptr() + 1, 1 << 20) == 0  # no whole aligned 2 MB inside
+
+
+@pytest.mark.parametrize("n, k", [(100, 2048), (7, 37)])
+def test_float16_weight_is_read_as_stored_and_widened_exactly(n, k):
+    """A float16 weight (a GGUF F16 tensor) through the kernel's float16 kind: the product of its
+    values widened to float32, as the float32 kernel gives on the same values (only the order
+    of the float32 sums differs), for one row and a batch."""
+    torch.manual_seed(1)
+    w = torch.randn(n, k).half()
+    for rows in (1, 3):
+        x = torch.randn(rows, k)
+        want = x.double() @ w.double().T
+        got = cpu_gemv.cpu_linear(x, w) if rows == 1 else cpu_gemv.gemm(x, w.float())
+        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    from tp_runtime.kernels import cpu_decode
+
+    out = torch.empty(3, n)
+    cpu_decode.gemv_(w, x, out)
+    assert (out.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_a_slower_machine_is_emulated_per_rank(monkeypatch):
+    """TP_EMULATE_SLOWER=RANK:PASSES names the rank that computes every GEMV PASSES times
+    (bench/shares.py); a pass more leaves the product as it was; a malformed value is refused."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv(cpu_gemv.EMULATE_SLOWER_ENV, "0:4,1:3")
+    assert cpu_gemv.emulated_slowness() == 3
+    monkeypatch.setenv("RANK", "2")
+    assert cpu_gemv.emulated_slowness() == 1
+    monkeypatch.setenv(cpu_gemv.EMULATE_SLOWER_ENV, "1:x")
+    with pytest.raises(ValueError, match="RANK:PASSES"):
+        cpu_gemv.emulated_slowness()
+    lib = cpu_gemv.load()
+    if lib is None:
+        pytest.skip("no C compiler: the kernel could not be built")
+    w, x = torch.randn(64, 128), torch.randn(1, 128)
+    once = cpu_gemv.cpu_linear(x, w)
+    lib.tp_gemv_emulate_slower(3)
+    try:
+        assert lib.tp_gemv_passes() == 3
+        assert torch.equal(cpu_gemv.cpu_linear(x, w), once)
+    finally:
+        lib.tp_gemv_emulate_slower(1)

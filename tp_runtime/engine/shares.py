@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tp_runtime.communicator import Communicator
 from tp_runtime.errors import ConfigError
+from tp_runtime.kernels import cpu_gemv
 
 if TYPE_CHECKING:
     from tp_runtime.placement import ShardBytes
@@ -47,15 +48,18 @@ def parse(text: str) -> str | tuple[float, ...]:
 @torch.inference_mode()
 def gemv_rate(device: torch.device) -> float:
     """Bytes of weights this rank reads per second in a matrix-vector product (median of a few
-    repeats after one warm-up)."""
+    repeats after one warm-up), through what decode runs: on CPU the GEMV kernel (its pool of
+    threads; BLAS where it is not built), which reads 1.5-2x faster than F.linear here, so a
+    BLAS probe would misjudge a rank whose kernel is what differs."""
     w = torch.randn(PROBE_ROWS, PROBE_COLS, device=device)
     x = torch.randn(1, PROBE_COLS, device=device)
+    product = cpu_gemv.cpu_linear if device.type == "cpu" else F.linear
     seconds = []
     for i in range(PROBE_REPEATS + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        F.linear(x, w)
+        product(x, w)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:
