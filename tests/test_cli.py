@@ -62,6 +62,16 @@ def test_demo_with_the_random_model(tmp_path):
 def test_demo_explains_where_two_answers_part(small_model):
     from tp_runtime.cli.run import _parting
 
-    text = _parting(small_model, [5, 6, 7, 8], [5, 6, 9], 2)
+    text = _parting(small_model, [1, 2], [5, 6, 7, 8], [5, 6, 9], 2)
     assert "first 2 tokens" in text and "token 2:" in text and "near tie" in text
-    assert "one answer ends there" in _parting(small_model, [5, 6], [5, 6, 7], 2)
+    # how close the two choices were: tp=1's logits of both tokens after the shared context
+    m = re.search(r"they score (-?\d+\.\d+) and (-?\d+\.\d+), (\d+\.\d+) apart", text)
+    assert m, text
+    from tp_runtime.config import ParallelConfig, RuntimeConfig
+    from tp_runtime.engine.llm import LLM
+
+    llm = LLM.load(small_model, ParallelConfig(), RuntimeConfig(show_progress=False, max_seq_len=16))
+    last = llm.prompt_logits([[1, 2, 5, 6]])[0][-1]
+    llm.close()
+    assert abs(float(m.group(1)) - last[7].item()) < 2e-3 and abs(float(m.group(2)) - last[9].item()) < 2e-3
+    assert "one answer ends there" in _parting(small_model, [1, 2], [5, 6], [5, 6, 7], 2)

@@ -260,6 +260,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
         if stream:
             print(decoder.finish() if decoder else "", flush=True)
         result = {
+            "prompt_ids": list(prompts[0]),
             "output_ids": outputs[0],
             "text": texts[0],
             "outputs": [{"output_ids": o, "text": t, "finish_reason": r} for o, t, r in zip(outputs, texts, stats.finish_reasons)],
@@ -468,26 +469,44 @@ def demo(args: argparse.Namespace) -> int:
     same = one == other
     print(f"\ntp=1 and tp={args.tp} produced {'identical' if same else 'DIFFERENT'} tokens ({len(one)} generated).")
     if not same:
-        print(_parting(model, one, other, args.tp))
+        print(_parting(model, results[1]["prompt_ids"], one, other, args.tp))
     for tp, r in results.items():
         print(f"  tp={tp}: prefill {r['prefill_tokens_per_s']:.0f} tokens/s, decode {r['decode_tokens_per_s']:.1f} tokens/s")
     return 0
 
 
-def _parting(model: Path, one: list[int], other: list[int], tp: int) -> str:
-    """Where two greedy answers part, and why they may."""
+def _parting(model: Path, prompt: list[int], one: list[int], other: list[int], tp: int) -> str:
+    """Where two greedy answers part, how close the two choices were there, and why they may."""
     from tp_runtime.checkpoint.model_files import open_model
 
     n = next((i for i, (a, b) in enumerate(zip(one, other)) if a != b), min(len(one), len(other)))
     tok = open_model(model).tokenizer
     shown = (lambda t: repr(tok.decode([t]))) if tok else str
-    where = f"token {n}: {shown(one[n])} at tp=1, {shown(other[n])} at tp={tp}" if n < min(len(one), len(other)) else f"token {n}: one answer ends there"
+    if n < min(len(one), len(other)):
+        a, b = _logits_at(model, prompt + one[:n], (one[n], other[n]))
+        where = (f"token {n}: {shown(one[n])} at tp=1, {shown(other[n])} at tp={tp}. At tp=1 (the context re-run as one prefill) they score "
+                 f"{a:.3f} and {b:.3f}, {abs(a - b):.3f} apart")
+    else:
+        where = f"token {n}: one answer ends there"
     return (
         f"They agree on the first {n} tokens and part at {where}. Greedy decoding takes the top logit; at tp={tp} each layer's "
         "products are summed in per-rank parts (an all-reduce) over activations rounded to int8 per rank, so the logits differ from "
         "tp=1's in the last digits, which flips a near tie, and the answers go their own ways from there. tests/test_smollm2.py holds "
         "every tp to transformers' choice up to such ties."
     )
+
+
+def _logits_at(model: Path, ids: list[int], tokens: tuple[int, int]) -> tuple[float, float]:
+    """The logits tp=1 gives `tokens` after `ids` (the demo's model loaded once more, quietly)."""
+    from tp_runtime.config import ParallelConfig, RuntimeConfig
+    from tp_runtime.engine.llm import LLM
+
+    llm = LLM.load(model, ParallelConfig(), RuntimeConfig(show_progress=False, max_seq_len=len(ids) + 8))
+    try:
+        last = llm.prompt_logits([ids])[0][-1]
+    finally:
+        llm.close()
+    return float(last[tokens[0]]), float(last[tokens[1]])
 
 
 def _setup_logging(rank: int) -> None:
