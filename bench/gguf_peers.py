@@ -18,6 +18,11 @@ Pairs (a precision against llama.cpp's match, our model from its own folder):
 
     python bench/gguf_peers.py --llama-bench PATH --pairs bf16=HF_DIR:F16.gguf,int8=HF_DIR@int8:Q8_0.gguf
         [--baseline TREE] [--prompt-len 128] [--new-tokens 128] [--repeats 5] [--tp 1,2]
+    python bench/gguf_peers.py --llama-bench PATH --pairs tinyllama,smollm2 ...
+
+(a shape's name is a preset, `preset_pairs`: a random model of that shape written once under
+OUT/models in every format, and every precision paired: fp32 <-> F32, bf16 <-> F16, our F16
+GGUF path <-> F16, int8 <-> Q8_0, our Q4_0 GGUF path <-> Q4_0)
 
 runs ours on OURS[@quantize] (a folder or GGUF, with --quantize when given) and llama-bench on
 the GGUF beside it, both decoding NEW tokens after a PROMPT_LEN-token prompt (llama-bench
@@ -53,6 +58,36 @@ if str(REPO) not in sys.path:
 from tp_runtime import optional  # noqa: E402
 
 TINYLLAMA = dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632, vocab_size=32000)
+SHAPES = {"tinyllama": TINYLLAMA,
+          "smollm2": dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)}
+# what a shape's preset pairs: name -> (ours: a Hugging Face folder's dtype or a GGUF type, --quantize, llama.cpp's GGUF type)
+PRESET = {"f32": ("float32", None, "F32"), "bf16": ("bfloat16", None, "F16"), "f16": ("F16", None, "F16"),
+          "int8": ("bfloat16", "int8", "Q8_0"), "q4_0": ("Q4_0", None, "Q4_0")}
+
+
+def preset_pairs(shape: str, cache: Path) -> list[tuple[str, Path, str | None, Path]]:
+    """--pairs SHAPE (tinyllama, smollm2): one random model of that shape, written once under
+    `cache` as Hugging Face folders (float32, bfloat16) and GGUF files (F32, F16, Q8_0, Q4_0) of
+    the same weights (synthetic.random_state_dict, one seed), paired as PRESET says: every
+    precision of ours against llama.cpp's match, our 16-bit and 4-bit GGUF paths on llama.cpp's
+    own files."""
+    from tp_runtime.checkpoint.synthetic import llama_config_dict, write_checkpoint
+    from tp_runtime.checkpoint.synthetic_gguf import write_gguf
+
+    def model(kind: str) -> Path:
+        if kind in ("float32", "bfloat16"):
+            path = cache / f"{shape}-{kind}"
+            if not (path / "config.json").is_file():
+                print(f"writing {path} (random weights, {shape}'s shape) ...", flush=True)
+                write_checkpoint(path, llama_config_dict(**SHAPES[shape], dtype=kind), seed=0)
+            return path
+        path = cache / f"{shape}-{kind}.gguf"
+        if not path.is_file():
+            print(f"writing {path} (random weights, {shape}'s shape) ...", flush=True)
+            write_gguf(path, llama_config_dict(**SHAPES[shape]), kind, seed=0, embedding_type="Q8_0" if kind == "Q4_0" else None)
+        return path
+
+    return [(f"{shape}/{name}", model(ours), quantize, model(peer)) for name, (ours, quantize, peer) in PRESET.items()]
 
 
 def model_path(name: str, cache: Path) -> Path:
@@ -147,6 +182,11 @@ def run_pairs(a: argparse.Namespace) -> int:
     tps = [int(t) for t in a.tp.split(",")]
     pairs = []
     for item in a.pairs.split(","):
+        if "=" not in item:
+            if item not in SHAPES:
+                raise SystemExit(f"--pairs {item!r}: NAME=OURS[@quantize]:GGUF, or a shape's preset ({', '.join(SHAPES)})")
+            pairs += preset_pairs(item, out / "models")
+            continue
         name, rest = item.split("=", 1)
         ours, gguf = rest.rsplit(":", 1)
         path, _, quantize = ours.partition("@")
@@ -174,7 +214,7 @@ def run_pairs(a: argparse.Namespace) -> int:
                 print(f"{name} repeat {rep}: {who} tp={tp} {tok_s:.1f} tok/s (others {others:.0f}%)", flush=True)
     lines = [f"bench/gguf_peers.py --pairs ... --tp {a.tp} --repeats {a.repeats} --threads {a.threads}: {a.new_tokens} new tokens after {a.prompt_len}, batch 1",
              f"{datetime.date.today()} {platform.node()} ({os.cpu_count()} CPUs); llama.cpp: {a.llama_bench or '-'}; before: {a.baseline or '-'}",
-             "", f"{'pair':<8} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13} {'prefill tok/s':>14} {'vs llama.cpp':>13}"]
+             "", f"{'pair':<14} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13} {'prefill tok/s':>14} {'vs llama.cpp':>13}"]
     clean = [r for r in runs if r["others_pct"] <= a.max_others]  # runs other people's jobs did not share the CPUs with
     lines.insert(2, f"runs where other processes used at most {a.max_others:g}% of a core: {len(clean)} of {len(runs)} (the table; every run is in pairs.jsonl)")
     rows = []
@@ -184,7 +224,7 @@ def run_pairs(a: argparse.Namespace) -> int:
             rs = [r for r in clean if r["pair"] == name and r["who"] == who and r["tp"] == tp]
             vals = [r["decode_tok_s"] for r in rs]
             if not vals:
-                lines.append(f"{name:<8} {who:<10} {tp:>3} {'(no quiet run)':>30}")
+                lines.append(f"{name:<14} {who:<10} {tp:>3} {'(no quiet run)':>30}")
                 continue
             med = statistics.median(vals)
             rows.append((name, who, tp, med, min(vals), max(vals)))
@@ -193,7 +233,7 @@ def run_pairs(a: argparse.Namespace) -> int:
             peer_pre = [r["prefill_tok_s"] for r in clean if r["pair"] == name and r["who"] == "llama.cpp" and r.get("prefill_tok_s") is not None]
             pre_s = f"{statistics.median(pre):.0f}" if pre else "-"
             pre_ratio = f"{statistics.median(pre) / statistics.median(peer_pre):.2f}x" if pre and peer_pre and who != "llama.cpp" else ""
-            lines.append(f"{name:<8} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% "
+            lines.append(f"{name:<14} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% "
                          f"{len(vals):>5} {statistics.median(r['others_pct'] for r in rs):>9.0f} {ratio:>13} {pre_s:>14} {pre_ratio:>13}")
     table = "\n".join(lines)
     print("\n" + table)

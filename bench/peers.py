@@ -6,11 +6,16 @@
         [--llama-bench PATH/llama-bench [--gguf-models smollm2,tinyllama-q4_0,tinyllama-q8_0]
                                         [--gguf-pairs bf16=DIR:F16.gguf,int8=DIR@int8:Q8_0.gguf [--baseline TREE]]]
 
+The whole table, every precision against llama.cpp's on two shapes, in one command:
+
+    python bench/peers.py --llama-bench PATH/llama-bench --gguf-pairs tinyllama,smollm2 --gguf-models smollm2
+
 With --llama-bench, llama.cpp is a peer too: after the transformers table, the GGUF files of
 --gguf-models run alternately through llama-bench and ours at every --tp, with the first
 --threads budget and --repeats (bench/gguf_peers.py, which also runs on its own; its table,
 CSV and PNG go to OUT/gguf); with --gguf-pairs, each precision of ours on its own model folder
-against llama.cpp's matching GGUF file (OUT/pairs: bench/gguf_peers.py --pairs). --shapes ""
+against llama.cpp's matching GGUF file (OUT/pairs: bench/gguf_peers.py --pairs; a shape's name
+there, tinyllama or smollm2, writes that shape's model in every format and pairs them all). --shapes ""
 skips the transformers part.
 
 For every (shape, dtype, thread budget) it runs, alternating A/B within each repeat,
@@ -240,7 +245,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: small, float32, prompt 64, 16 new tokens, 1 repeat")
     p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench: adds llama.cpp as a peer on GGUF files (bench/gguf_peers.py)")
     p.add_argument("--gguf-models", default="smollm2,tinyllama-q4_0,tinyllama-q8_0", help="GGUF files for the llama.cpp peer (see bench/gguf_peers.py)")
-    p.add_argument("--gguf-pairs", default=None, metavar="NAME=OURS[@quantize]:GGUF,...",
+    p.add_argument("--gguf-pairs", default=None, metavar="NAME=OURS[@quantize]:GGUF,...|SHAPE,...",
                    help="with --llama-bench: each precision of ours against llama.cpp's match (bench/gguf_peers.py --pairs), after --prompt-len tokens")
     p.add_argument("--baseline", default=None, help="with --gguf-pairs: also run ours from this source tree (bench/gguf_peers.py --baseline)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S", help="with --gguf-pairs: wait up to S seconds for idle CPUs before each run")
