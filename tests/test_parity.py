@@ -91,3 +91,40 @@ def test_bfloat16_parity(hf_checkpoints, references, tmp_path):
             assert gap < 2 * BF16_ATOL, f"bf16 tp={tp} prompt {i}: token {j} differs although float32 prefers it by {gap:.3f}"
     for a, b in zip(runs[1]["logits"], runs[2]["logits"]):
         assert (a - b).abs().max().item() < BF16_ATOL
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_float16_checkpoint_keeps_float16_weights_and_float32_results(tp, hf_checkpoints, tmp_path):
+    """A float16 checkpoint on CPU: the linears, embedding and LM head keep the file's float16
+    values (half the bytes of the float32 copy it used to run as), each widened exactly in the
+    products, so logits equal transformers' float32 run of the same float16 weights within the
+    float32 tolerance, and the greedy tokens (fused and eager steps, batched and alone) are its."""
+    import transformers
+
+    from tp_runtime.config import ParallelConfig, RuntimeConfig
+    from tp_runtime.engine.llm import LLM
+    from tp_runtime.model.blocks import BlockColumnParallelLinear, BlockRowParallelLinear
+
+    dirs, refs = [], {}
+    for name in ("llama_gqa", "qwen2_tied"):
+        path = tmp_path / f"{name}-f16"
+        if not (path / "config.json").is_file():
+            hf_checkpoints[name][1].half().save_pretrained(path)
+            hf_checkpoints[name][1].float()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            refs[str(path)] = hf_models.reference(hf, PROMPTS, NEW_TOKENS)
+        dirs.append(path)
+    if tp == 1 and cpu_gemv.available():
+        llm = LLM.load(dirs[0], ParallelConfig(), RuntimeConfig(show_progress=False, max_seq_len=64))
+        linears = [m for m in llm.engine.model.modules() if isinstance(m, (BlockColumnParallelLinear, BlockRowParallelLinear))]
+        assert linears and {m.data(p).dtype for m in linears for p in m.parts} == {torch.float16}
+        assert llm.engine.model.embed_tokens.table.dtype == torch.float16
+        llm.close()
+    results = run_parity(tmp_path, dirs, tp)
+    for path in dirs:
+        got, (ref_logits, ref_tokens) = results[str(path)], refs[str(path)]
+        for i, (mine, ref) in enumerate(zip(got["logits"], ref_logits)):
+            err = (mine - ref).abs().max().item()
+            assert err < FP32_ATOL, f"{path.name} tp={tp} prompt {i}: max |logit diff| {err:.2e}"
+        assert got["tokens"] == got["eager_tokens"] == got["single_tokens"] == ref_tokens, f"{path.name} tp={tp}"

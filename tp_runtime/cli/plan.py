@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from tp_runtime import placement, sharding, sol
@@ -91,11 +92,13 @@ def run_plan(args: argparse.Namespace) -> int:
 
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     blocks = None
-    if gguf_files(args.model) is not None:
+    if gguf_files(args.model) is not None or any(Path(args.model).glob("*.safetensors")):
+        from tp_runtime.engine.llm import _keeps_blocks
+
         files = open_model(args.model)
         cfg = files.cfg
-        # on CPU its quantized linears stay blocks (as LLM.load keeps them without --quantize)
-        if args.quantize is None and device_type == "cpu":
+        # on CPU a GGUF's quantized linears stay blocks and F16 matrices float16, as LLM.load keeps them
+        if _keeps_blocks(files, RuntimeConfig(quantize=args.quantize), torch.device(device_type)):
             blocks = placement.stored_blocks(files.index)
     else:
         cfg = load_config(args.model)  # a config alone plans a model not yet downloaded

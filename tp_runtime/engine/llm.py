@@ -107,10 +107,12 @@ def _choose_matmuls(model: torch.nn.Module, streamer, runtime: RuntimeConfig, de
 
 def _keeps_blocks(files, runtime: RuntimeConfig, device: torch.device) -> bool:
     """Whether a GGUF model's quantized weights stay blocks in memory (the native CPU kernels),
-    and its F16 matrices float16 (model/blocks.py keeps_f16), rather than being decoded into the
-    float dtype at load (--gguf-weights). The blocks may come from the file itself or from a
-    worker's cache of its slices."""
-    stored = any(r.storage.quantized or (files.format == "gguf" and r.storage.name == "F16" and len(r.shape) == 2) for r in files.index.tensors.values())
+    and a dense model's F16 matrices float16 (model/blocks.py keeps_f16: a GGUF's, or a float16
+    Hugging Face checkpoint's, which would otherwise run as float32 on CPU), rather than being
+    decoded into the float dtype at load (--gguf-weights). The blocks may come from the file
+    itself or from a worker's cache of its slices."""
+    dense = files.cfg.moe is None and files.cfg.mla is None
+    stored = any(r.storage.quantized or (dense and r.storage.name == "F16" and len(r.shape) == 2) for r in files.index.tensors.values())
     if not stored or runtime.gguf_weights == "dequantize" or runtime.quantize:
         return False
     why = None
