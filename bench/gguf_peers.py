@@ -151,6 +151,29 @@ def wait_quiet(limit_s: float) -> float:
     return time.perf_counter() - t0
 
 
+_probe_data = None
+
+
+def probe_GBps(threads: int) -> float:
+    """The host's read bandwidth now, GB/s: a torch sum over 256 MB with `threads` threads,
+    best of 3 (0.1 s). Taken before each run: this KVM guest's bandwidth moves by up to 1.5x
+    within minutes (32 -> 50 GB/s, bench/overhead.py --drift; docs/peers/drift2), and decode
+    follows it, so spreads are also shown per probed GB/s."""
+    global _probe_data
+    import torch
+
+    torch.set_num_threads(threads)
+    if _probe_data is None:
+        _probe_data = torch.ones(64 << 20)
+        _probe_data.sum()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        _probe_data.sum()
+        best = min(best, time.perf_counter() - t)
+    return _probe_data.numel() * 4 / best / 1e9
+
+
 def timed_run(fn, *args, **kwargs) -> tuple[float, float]:
     """(fn's result, % of one core that other processes used while it ran): /proc/stat's busy
     time less this process's children's."""
@@ -201,20 +224,21 @@ def run_pairs(a: argparse.Namespace) -> int:
             k = rep % len(whos)
             for who, tp in whos[k:] + whos[:k]:  # the order rotates every repeat
                 waited = wait_quiet(a.wait_quiet) if a.wait_quiet else 0.0
+                probe = probe_GBps(a.threads)
                 if who == "llama.cpp":
                     (tok_s, pre), others = timed_run(run_llama_bench_at, a.llama_bench, gguf, a.threads, a.new_tokens, a.prompt_len)
                 else:
                     tree = Path(a.baseline) if who == "before" else None
                     (tok_s, pre), others = timed_run(run_ours_both, path, tp, a.threads, a.new_tokens, a.prompt_len, quantize, tree)
                 rec = dict(pair=name, who=who, tp=tp, repeat=rep, decode_tok_s=tok_s, prefill_tok_s=pre, others_pct=round(others, 1),
-                           waited_s=round(waited, 1), time=time.time())
+                           waited_s=round(waited, 1), probe_GBps=round(probe, 2), time=time.time())
                 runs.append(rec)
                 with open(jsonl, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{name} repeat {rep}: {who} tp={tp} {tok_s:.1f} tok/s (others {others:.0f}%)", flush=True)
     lines = [f"bench/gguf_peers.py --pairs ... --tp {a.tp} --repeats {a.repeats} --threads {a.threads}: {a.new_tokens} new tokens after {a.prompt_len}, batch 1",
              f"{datetime.date.today()} {platform.node()} ({os.cpu_count()} CPUs); llama.cpp: {a.llama_bench or '-'}; before: {a.baseline or '-'}",
-             "", f"{'pair':<14} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13} {'prefill tok/s':>14} {'vs llama.cpp':>13}"]
+             "", f"{'pair':<14} {'runtime':<10} {'tp':>3} {'decode tok/s median [min-max]':>30} {'spread':>7} {'per GB/s':>9} {'runs':>5} {'others %':>9} {'vs llama.cpp':>13} {'prefill tok/s':>14} {'vs llama.cpp':>13}"]
     clean = [r for r in runs if r["others_pct"] <= a.max_others]  # runs other people's jobs did not share the CPUs with
     lines.insert(2, f"runs where other processes used at most {a.max_others:g}% of a core: {len(clean)} of {len(runs)} (the table; every run is in pairs.jsonl)")
     rows = []
@@ -233,7 +257,7 @@ def run_pairs(a: argparse.Namespace) -> int:
             peer_pre = [r["prefill_tok_s"] for r in clean if r["pair"] == name and r["who"] == "llama.cpp" and r.get("prefill_tok_s") is not None]
             pre_s = f"{statistics.median(pre):.0f}" if pre else "-"
             pre_ratio = f"{statistics.median(pre) / statistics.median(peer_pre):.2f}x" if pre and peer_pre and who != "llama.cpp" else ""
-            lines.append(f"{name:<14} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% "
+            lines.append(f"{name:<14} {who:<10} {tp:>3} {f'{med:.1f} [{min(vals):.1f}-{max(vals):.1f}]':>30} {(max(vals) - min(vals)) / med * 100:>6.0f}% {probed_spread(rs):>9} "
                          f"{len(vals):>5} {statistics.median(r['others_pct'] for r in rs):>9.0f} {ratio:>13} {pre_s:>14} {pre_ratio:>13}")
     table = "\n".join(lines)
     print("\n" + table)
@@ -244,6 +268,13 @@ def run_pairs(a: argparse.Namespace) -> int:
         w.writerows([*r[:3], round(r[3], 2), round(r[4], 2), round(r[5], 2), len([x for x in clean if (x["pair"], x["who"], x["tp"]) == r[:3]])] for r in rows)
     bars(rows, out / "pairs.png", f"decode after {a.prompt_len} tokens, {a.threads} threads: each precision of ours vs llama.cpp's match")
     return 0
+
+
+def probed_spread(rs: list[dict]) -> str:
+    """The spread of decode tokens/s per probed GB/s (the host's bandwidth taken out), or "-"
+    for runs recorded without a probe."""
+    per = [r["decode_tok_s"] / r["probe_GBps"] for r in rs if r.get("probe_GBps")]
+    return f"{(max(per) - min(per)) / statistics.median(per) * 100:.0f}%" if per else "-"
 
 
 def main(argv=None) -> int:
