@@ -6,11 +6,15 @@ Measures, on loopback, for every (transport, ranks, op, size):
     transports  gloo (torch.distributed), zmq-direct and zmq-ring (tp_runtime's pyzmq transport
                 with its all-reduce forced to the direct exchange or to the ring; its all-gather is
                 always a direct exchange, shown as "zmq"); curve: the cost of securing the worker
-                network, 2 ranks, all-reduce only, the transport's default algorithm three ways,
-                interleaved in blocks like direct and ring: zmq-plain (no MAC, no encryption),
-                zmq-hmac (the shared secret's HMAC-SHA256 per message) and zmq-curve (CURVE keys:
-                every socket encrypted, what a keyed tp-worker job runs), each through
-                ZmqCommunicator.on_loopback, with p50 / p99 and bandwidth (bytes / p50) side by side
+                network, 2 ranks, all-reduce only, the transport's default algorithm six ways,
+                interleaved in blocks like direct and ring: its two data paths (zmq-*: payloads on
+                the zmq sockets; tcp-*: on its raw TCP links, comm/tcp_data.py, the default) in
+                three modes each: *-plain (no MAC, no encryption), *-hmac (the shared secret: HMAC-
+                SHA256 per zmq message, GMAC per TCP frame) and *-curve (CURVE keys: every zmq socket
+                encrypted, every TCP frame sealed with AES-GCM, what a keyed tp-worker job runs),
+                each through ZmqCommunicator.on_loopback, with p50 / p99, bandwidth (bytes / p50) and
+                both against the raw TCP round trip of the same size, side by side. The "zmq" job
+                above measures the zmq data path
     ranks       2 and 4 local processes, one thread each (4 ranks on a 2-core machine are
                 scheduling-bound: that sweep is kept short and says so)
     ops         all_reduce, all_gather of a float32 tensor, through the communicator's own method
@@ -109,7 +113,7 @@ def repeats_for(nbytes: int, ranks: int, quick: bool) -> int:
     return max(n, 6)
 
 
-SECURED = ["zmq-plain", "zmq-hmac", "zmq-curve"]  # the "curve" job's variants
+SECURED = ["zmq-plain", "zmq-hmac", "zmq-curve", "tcp-plain", "tcp-hmac", "tcp-curve"]  # the "curve" job's variants
 
 
 def build_plan(transport: str, ranks: int, quick: bool) -> list[dict[str, Any]]:
@@ -214,7 +218,7 @@ def rank_worker(args: argparse.Namespace) -> None:
             inbox = ctx.socket(zmq.PULL)
             inbox.setsockopt(zmq.LINGER, 0)
             inbox.bind(f"tcp://127.0.0.1:{ports[par.rank]}")
-            comm = ZmqCommunicator(ctx, par.rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox)
+            comm = ZmqCommunicator(ctx, par.rank, [f"tcp://127.0.0.1:{p}" for p in ports], inbox, data_path="zmq")
         if args.transport != "curve":
             comms = {v: comm for v in ("zmq-direct", "zmq-ring", "zmq", "gloo", "shm")}
         thresholds = {"zmq-direct": 1 << 62, "zmq-ring": 0, "zmq": 1 << 62, "gloo": None, "shm": None, **{v: None for v in SECURED}}
@@ -269,20 +273,20 @@ def rank_worker(args: argparse.Namespace) -> None:
 
 
 def secured_comms(rank: int, world: int, ports: list[int], keys_dir: Path) -> dict[str, Any]:
-    """The "curve" job's three communicators on one rank, each on its own ports (3 x world):
-    plain, with the shared secret's HMAC, with CURVE keys (the pairs written by the parent)."""
+    """The "curve" job's six communicators on one rank, each on its own ports (6 x world): per
+    data path (zmq, tcp), plain, with the shared secret, with CURVE keys (the pairs written by the parent)."""
     import hashlib
 
     from tp_runtime.comm.keys import JobKeys, load_keypair
     from tp_runtime.comm.zmq_transport import ZmqCommunicator
 
     pairs = [load_keypair(keys_dir / f"rank{r}") for r in range(world)]
-    job = 0x5EC
-    return {
-        "zmq-plain": ZmqCommunicator.on_loopback(rank, ports[:world], job=job),
-        "zmq-hmac": ZmqCommunicator.on_loopback(rank, ports[world:2 * world], secret=hashlib.sha256(b"bench").digest(), job=job),
-        "zmq-curve": ZmqCommunicator.on_loopback(rank, ports[2 * world:], keys=JobKeys(pairs[rank], tuple(p.public for p in pairs)), job=job),
-    }
+    modes = {"plain": {}, "hmac": {"secret": hashlib.sha256(b"bench").digest()}, "curve": {"keys": JobKeys(pairs[rank], tuple(p.public for p in pairs))}}
+    comms = {}
+    for i, name in enumerate(SECURED):
+        path, mode = name.split("-")
+        comms[name] = ZmqCommunicator.on_loopback(rank, ports[i * world:(i + 1) * world], job=0x5EC, data_path=path, **modes[mode])
+    return comms
 
 
 def floor_worker(args: argparse.Namespace) -> None:
@@ -467,23 +471,28 @@ def recommend_threshold(rows: list[dict[str, Any]], ranks_list: list[int]) -> tu
 
 
 def secured_cost(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per size, the plain / HMAC / CURVE all-reduce: p50, p99, bandwidth (bytes / p50), CURVE over plain."""
-    by = {(r["transport"], r["bytes"]): r for r in rows if r["transport"] in SECURED}
+    """Per size and secured variant: p50, p99, bandwidth (bytes / p50) and both against the raw TCP round trip."""
     out = []
-    for nbytes in sorted({b for _, b in by}):
-        if all((v, nbytes) in by for v in SECURED):
-            c = {"bytes": nbytes}
-            for v in SECURED:
-                r = by[(v, nbytes)]
-                c[v] = {"p50_us": r["p50_us"], "p99_us": r["p99_us"], "gbps": nbytes / r["p50_us"] / 1e3}
-            c["curve_over_plain"] = c["zmq-curve"]["p50_us"] / c["zmq-plain"]["p50_us"]
-            rtt = by[("zmq-curve", nbytes)].get("tcp_rtt_us")
-            if rtt:
-                c["tcp_rtt_us"] = rtt
-                c["curve_over_tcp_rtt"] = c["zmq-curve"]["p50_us"] / rtt
-                c["plain_over_tcp_rtt"] = c["zmq-plain"]["p50_us"] / rtt
-            out.append(c)
+    for r in sorted((r for r in rows if r["transport"] in SECURED), key=lambda r: (r["bytes"], SECURED.index(r["transport"]))):
+        c = {"bytes": r["bytes"], "variant": r["transport"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "gbps": r["bytes"] / r["p50_us"] / 1e3}
+        if r.get("tcp_rtt_us"):
+            c.update(tcp_rtt_us=r["tcp_rtt_us"], p50_over_tcp_rtt=r["p50_us"] / r["tcp_rtt_us"], p99_over_tcp_rtt=r["p99_us"] / r["tcp_rtt_us"])
+        out.append(c)
     return out
+
+
+def print_secured(secured: list[dict[str, Any]]) -> None:
+    print("securing the worker network: all-reduce between 2 ranks on loopback (the transport's default algorithm), float32;")
+    print("zmq-*: payloads on the zmq sockets, tcp-*: on the TCP data links (the default). TCP RTT = the raw TCP round trip of")
+    print("that size in this run (floor ping-pong, 2 pinned processes); the goal: tcp-curve p50 <= 2 x TCP RTT")
+    print(f"{'bytes':>9} {'variant':<10} | {'p50 us':>8} {'p99 us':>8} {'GB/s':>6} | {'TCP RTT':>7} {'p50/RTT':>7} {'p99/RTT':>7}")
+    last = None
+    for c in secured:
+        if last is not None and c["bytes"] != last:
+            print()
+        last = c["bytes"]
+        rtt = f"{c['tcp_rtt_us']:7.1f} {c['p50_over_tcp_rtt']:6.2f}x {c['p99_over_tcp_rtt']:6.2f}x" if c.get("tcp_rtt_us") else f"{'-':>7} {'-':>7} {'-':>7}"
+        print(f"{fmt_bytes(c['bytes']):>9} {c['variant']:<10} | {c['p50_us']:8.1f} {c['p99_us']:8.1f} {c['gbps']:6.3f} | {rtt}")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -514,7 +523,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 COLORS = {"shm": "tab:red", "gloo": "tab:blue", "zmq-direct": "tab:orange", "zmq": "tab:orange", "zmq-ring": "tab:green",
-          "zmq-plain": "tab:olive", "zmq-hmac": "tab:purple", "zmq-curve": "tab:brown"}
+          "zmq-plain": "tab:olive", "zmq-hmac": "tab:purple", "zmq-curve": "tab:brown", "tcp-plain": "tab:cyan", "tcp-hmac": "tab:pink",
+          "tcp-curve": "tab:gray"}
 FLOOR_COLORS = {"tcp": "tab:blue", "zmq": "tab:orange"}
 
 
@@ -604,7 +614,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under ~60 s)")
     p.add_argument("--ranks", default="2,4", help="rank counts, comma-separated (default 2,4)")
     p.add_argument("--transports", default="shm,gloo,zmq,curve",
-                   help="shm, gloo, zmq (zmq = its direct and ring all-reduce), curve (2 ranks: zmq plain / HMAC / CURVE all-reduce)")
+                   help="shm, gloo, zmq (zmq = its direct and ring all-reduce, zmq data path), curve (2 ranks: plain / HMAC / CURVE all-reduce over the zmq and TCP data paths)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--pin", action="store_true",
                    help="pin rank r to core r mod cores (default: ranks left to the scheduler, as the runtime runs them; the floor is always pinned, to 2 different cores)")
@@ -694,7 +704,7 @@ def main(argv=None) -> int:
                 if what == "zmq":
                     argv += ["--zmq-ports", ",".join(str(free_port()) for _ in range(p))]
                 if what == "curve":
-                    argv += ["--zmq-ports", ",".join(str(free_port()) for _ in range(3 * p)), "--keys-dir", str(tmpd / "keys")]
+                    argv += ["--zmq-ports", ",".join(str(free_port()) for _ in range(len(SECURED) * p)), "--keys-dir", str(tmpd / "keys")]
                 nprocs, label = p, f"{what}, {p} ranks"
             print(f"[{i}/{len(jobs)}] {label}: {len(plan)} points", flush=True)
             t0 = time.perf_counter()
@@ -727,7 +737,7 @@ def main(argv=None) -> int:
             r["tcp_rtt_us"] = tcp["p50_us"]
             r["ratio_to_tcp_rtt"] = r["p50_us"] / tcp["p50_us"]
         rows.append(r)
-    order = {"gloo": 0, "zmq-direct": 1, "zmq": 1, "zmq-ring": 2, "zmq-plain": 3, "zmq-hmac": 4, "zmq-curve": 5}
+    order = {"gloo": 0, "zmq-direct": 1, "zmq": 1, "zmq-ring": 2, **{v: 3 + i for i, v in enumerate(SECURED)}}
     rows.sort(key=lambda r: (r["op"] != "all_reduce", r["ranks"], order.get(r["transport"], 9), r["bytes"]))
 
     print()
@@ -769,15 +779,7 @@ def main(argv=None) -> int:
     secured = secured_cost(rows)
     if secured:
         print()
-        print("securing the worker network: all-reduce between 2 ranks on loopback (the transport's default algorithm), float32")
-        print("TCP RTT = the raw TCP round trip of that size in this run (floor ping-pong, 2 pinned processes); the goal: CURVE p50 <= 2 x TCP RTT")
-        print(f"{'bytes':>9} | {'plain p50':>9} {'p99':>8} {'GB/s':>6} | {'HMAC p50':>9} {'p99':>8} {'GB/s':>6} | "
-              f"{'CURVE p50':>9} {'p99':>8} {'GB/s':>6} | {'CURVE/plain':>11} | {'TCP RTT':>7} {'plain/RTT':>9} {'CURVE/RTT':>9}")
-        for c in secured:
-            cells = " | ".join(f"{c[v]['p50_us']:9.1f} {c[v]['p99_us']:8.1f} {c[v]['gbps']:6.3f}" for v in SECURED)
-            rtt = (f"{c['tcp_rtt_us']:7.1f} {c['plain_over_tcp_rtt']:8.2f}x {c['curve_over_tcp_rtt']:8.2f}x" if c.get("tcp_rtt_us")
-                   else f"{'-':>7} {'-':>9} {'-':>9}")
-            print(f"{fmt_bytes(c['bytes']):>9} | {cells} | {c['curve_over_plain']:10.2f}x | {rtt}")
+        print_secured(secured)
     if failures:
         print()
         print("FAILURES:")

@@ -7,7 +7,7 @@ keyed, every rank's public key, so that the ranks' peer-to-peer sockets admit ex
 other), streams each worker exactly its own slices when the worker has neither a local copy nor
 a cached one, collects the workers' data ports, tells everyone where everyone is, and then runs
 rank 0 itself: from there on the ranks exchange activations directly, peer to peer, through the
-pyzmq communicator. Without keys it contacts only workers on loopback, unless --insecure.
+pyzmq communicator (payloads over its TCP links, comm/tcp_data.py, unless --data-path zmq). Without keys it contacts only workers on loopback, unless --insecure.
 
 A server over workers (`serve_with_workers`) outlives its group: when a worker is lost, the
 job ends, the workers that still answer a HELLO form a new one (a new job nonce, tp = 1 + those
@@ -251,7 +251,7 @@ def run_with_workers(
             for c in clients:
                 c.check()
 
-        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=rank_names, watch=watch, job=job, keys=keys)
+        raw = ZmqCommunicator(ctx, 0, peers, inbox, secret=secret, names=rank_names, watch=watch, job=job, keys=keys, data_path=runtime.comm.data_path)
         comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
         result = run_rank0(ParallelConfig(world_size=tp, rank=0), comm, {"weights_streamed_bytes": streamed, **shares_extra})
         for c in clients:

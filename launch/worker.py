@@ -15,7 +15,8 @@ GEMV rate and memory budget, measured then and sent in the WELCOME) -> JOB (mode
 nonce and keys) -> weights from a local copy with the same fingerprint, else from this worker's
 cache of its slices, else streamed by the coordinator and cached -> READY (data port) ->
 START (every rank's data endpoint) -> the same sharded model and generate loop as every other
-rank, over the pyzmq communicator -> DONE. Whatever goes wrong inside a job (the coordinator
+rank, over the pyzmq communicator (the collectives' payloads on its TCP links unless the job says
+--data-path zmq) -> DONE. Whatever goes wrong inside a job (the coordinator
 vanishing, a bad message, an exception) ends that job only; the daemon waits for the next.
 """
 
@@ -149,7 +150,8 @@ class Worker:
             self.server.send(peer, Kind.READY, {"data_port": port})
             start = self._await(peer, Kind.START, START_TIMEOUT_S)
             rank, peers = job["rank"], start.obj["peers"]
-            raw = ZmqCommunicator(self.ctx, rank, peers, inbox, secret=self.secret, names=job.get("names"), job=int(job["job"]), keys=keys)
+            raw = ZmqCommunicator(self.ctx, rank, peers, inbox, secret=self.secret, names=job.get("names"), job=int(job["job"]), keys=keys,
+                                  data_path=runtime.comm.data_path)
             comm = wrap(raw, runtime.comm, device=torch.device("cpu"))
             parallel = ParallelConfig(world_size=len(peers), rank=rank, local_rank=0, local_world_size=1)
             llm = LLM.load(source, parallel, runtime, comm=comm)

@@ -1,6 +1,8 @@
 """One rank of the transport tests (test_collectives.py), started by launch.spawn.
 
 argv: TRANSPORT SCENARIO OUT_DIR ZMQ_PORTS   (writes OUT_DIR/rank<r>.json: what it saw)
+TRANSPORT: gloo, shm, zmq (the pyzmq transport, payloads over its zmq sockets) or tcp (the same
+transport, payloads over its TCP data links)
 
 Every rank builds its inputs from its rank and the scenario, so each one knows what it must
 receive; the parent compares.
@@ -23,6 +25,9 @@ from tp_runtime.config import CommConfig
 from tp_runtime.launch.env import parallel_from_env
 
 
+ZMQ = {"zmq": "zmq", "tcp": "tcp"}  # the pyzmq transport's names here -> its data path
+
+
 def rows_for(src: int, dst: int, world: int) -> int:
     """Rows rank `src` sends rank `dst`: uneven, and zero for some pairs."""
     return (src * 3 + dst * 2 + 1) % (world + 2)
@@ -35,12 +40,12 @@ def payload(src: int, dst: int, world: int, width: int) -> torch.Tensor:
 
 
 def make(transport: str, parallel, ports: list[int], out: Path | None = None, **kw):
-    if transport == "zmq":
+    if transport in ZMQ:
         if out is not None:  # every rank up before the heartbeats' clocks start (ranks start seconds apart)
             (out / f"up{parallel.rank}").touch()
             while not all((out / f"up{r}").exists() for r in range(parallel.world_size)):
                 time.sleep(0.01)
-        return ZmqCommunicator.on_loopback(parallel.rank, ports, **kw)
+        return ZmqCommunicator.on_loopback(parallel.rank, ports, data_path=ZMQ[transport], **kw)
     group = TorchDistCommunicator.init(parallel, torch.device("cpu"), CommConfig(transport="gloo"))
     return ShmCommunicator(group, **kw) if transport == "shm" else group
 
@@ -162,7 +167,7 @@ def main() -> None:
             kw = {"timeout_s": float(os.environ.get("TEST_TIMEOUT_S", "120"))} if transport == "shm" else {"heartbeat_s": 0.01}
             comm = make(transport, parallel, ports, out, **kw)
             comm.all_reduce(torch.ones(4), site="warm-up")
-            if transport == "zmq":
+            if transport in ZMQ:
                 comm.dead_after_s = 1.0
             if rank == world - 1:
                 if scenario == "dead_peer":

@@ -1,8 +1,9 @@
 """The transports' collectives between real processes: all_to_all with uneven and zero split sizes
 on gloo, shared memory and pyzmq (and the shm fallback decided alike on every rank), shm's tensor
 broadcast through its slots (equal to gloo's; gloo past a slot), and a dead or late peer named
-within seconds by shm (at the configured timeout) and zmq (even while other peers keep its inbox
-busy)."""
+within seconds by shm (at the configured timeout), zmq (even while other peers keep its inbox
+busy) and the zmq transport's TCP data path (at once, by its closed link). "zmq" is the pyzmq
+transport with its payloads on the zmq sockets, "tcp" the same with its TCP data links."""
 
 import json
 import os
@@ -27,7 +28,7 @@ def run_ranks(tmp_path, transport, scenario, world, env=None):
     return [json.loads(f.read_text()) if f.is_file() else None for f in files], time.monotonic() - t0
 
 
-@pytest.mark.parametrize("transport", ["gloo", "shm", "zmq"])
+@pytest.mark.parametrize("transport", ["gloo", "shm", "zmq", "tcp"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_all_to_all_with_uneven_and_zero_splits(tmp_path, transport, world):
     results, _ = run_ranks(tmp_path, transport, "all_to_all", world)
@@ -40,7 +41,7 @@ def test_all_to_all_with_uneven_and_zero_splits(tmp_path, transport, world):
             assert res["mixed"]["ok"], (r, res)
 
 
-@pytest.mark.parametrize("transport", ["shm", "zmq", "gloo"])
+@pytest.mark.parametrize("transport", ["shm", "zmq", "tcp", "gloo"])
 def test_all_to_all_split_sizes_that_disagree_fail_within_seconds(tmp_path, transport):
     """Ranks whose split sizes disagree (a bug in a caller: the MoE dispatch derives its receive
     sizes from the counts exchange) get an error naming the peer, never a hang. gloo checks only
@@ -111,3 +112,12 @@ def test_zmq_names_a_dead_peer_while_live_peers_keep_the_inbox_busy(tmp_path):
     for r in (0, 1):
         assert "(rank 2) stopped responding" in results[r]["outcome"], results[r]
         assert results[r]["seconds"] < 4, results[r]
+
+
+def test_tcp_names_a_dead_peer_by_its_closed_link_at_once(tmp_path):
+    """The same death on the TCP data path: the kernel ends the dead rank's connections, and the
+    ranks reading them name it at once, without waiting for its heartbeats to go silent."""
+    results, took = run_ranks(tmp_path, "tcp", "dead_peer", 3)
+    for r in (0, 1):
+        assert "(rank 2)" in results[r]["outcome"] and "data link" in results[r]["outcome"], results[r]
+        assert results[r]["seconds"] < 1, results[r]

@@ -102,12 +102,12 @@ def test_keyed_ranks_all_reduce_encrypted_and_admit_no_stranger(tmp_path, caplog
     pairs, keys = _keyed_ranks(tmp_path, 2)
     ports = [free_port(), free_port()]
     tap = TcpTap(ports[0])
-    comms = [ZmqCommunicator.on_loopback(0, ports, keys=keys[0], job=9)]
+    comms = [ZmqCommunicator.on_loopback(0, ports, keys=keys[0], job=9, data_path="zmq")]  # the zmq sockets' CURVE (TCP links: test_tcp_data.py)
     ctx = zmq.Context()
     in1, _ = bind_inbox(ctx, port=ports[1], keys=keys[1])
     gate = Gate(ctx)
     gate.admit(DATA_DOMAIN, keys[1].others(1))
-    comms.append(ZmqCommunicator(ctx, 1, [f"tcp://127.0.0.1:{tap.port}", f"tcp://127.0.0.1:{ports[1]}"], in1, keys=keys[1], job=9))
+    comms.append(ZmqCommunicator(ctx, 1, [f"tcp://127.0.0.1:{tap.port}", f"tcp://127.0.0.1:{ports[1]}"], in1, keys=keys[1], job=9, data_path="zmq"))
     try:
         marker = torch.full((64,), 1234.5678)
         out = {}
@@ -142,7 +142,7 @@ def test_one_keyed_rank_cannot_speak_for_another(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="tp_runtime.zmq")
     pairs, keys = _keyed_ranks(tmp_path, 3)
     ports = [free_port() for _ in range(3)]
-    comm = ZmqCommunicator.on_loopback(0, ports, keys=keys[0], job=4)
+    comm = ZmqCommunicator.on_loopback(0, ports, keys=keys[0], job=4, data_path="zmq")
     ctx = zmq.Context()
     try:
         def send_as(pair, src, counter):

@@ -86,7 +86,7 @@ def test_workers_on_separate_hosts_give_the_local_tokens(small_model, rig, hosts
     r = _generate(small_model, *flags, "--max-new-tokens", "12", "--ignore-eos")
     assert r.returncode == 0, r.stderr[-3000:]
     got = last_json(r.stdout)
-    assert got["output_ids"] == want and got["tp"] == 3 and got["transport"] == "zmq"
+    assert got["output_ids"] == want and got["tp"] == 3 and got["transport"] == "zmq+tcp"
     for w in workers:
         assert "over CURVE" in w.log.read_text()
         if hosts:

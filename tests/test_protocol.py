@@ -145,7 +145,7 @@ def test_zmq_ranks_drop_frames_of_another_job():
     from tp_runtime.launch.spawn import free_port
 
     ports = [free_port(), free_port()]
-    comms = [ZmqCommunicator.on_loopback(r, ports, job=5) for r in range(2)]
+    comms = [ZmqCommunicator.on_loopback(r, ports, job=5, data_path="zmq") for r in range(2)]  # the zmq data path's frames
     try:
         ctx = zmq.Context()
         stale = ctx.socket(zmq.PUSH)
@@ -263,7 +263,7 @@ def _live_pair(secret, job):
     from tp_runtime.launch.spawn import free_port
 
     ports = [free_port(), free_port()]
-    return ports, [ZmqCommunicator.on_loopback(r, ports, secret=secret, job=job) for r in range(2)]
+    return ports, [ZmqCommunicator.on_loopback(r, ports, secret=secret, job=job, data_path="zmq") for r in range(2)]  # its one-frame messages
 
 
 def _all_reduce_pair(comms, a, b):

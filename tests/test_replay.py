@@ -42,10 +42,11 @@ def _bind(ctx, port):
 
 
 def _pair(ctx, p0, p1, via, job):
-    """Ranks 0 and 1 of a job; rank 1 reaches rank 0 through `via` (the tap's port)."""
+    """Ranks 0 and 1 of a job with their payloads on the zmq sockets (the TCP data path's
+    replays: test_tcp_data.py); rank 1 reaches rank 0 through `via` (the tap's port)."""
     in0, in1 = _bind(ctx, p0), _bind(ctx, p1)
-    r0 = ZmqCommunicator(ctx, 0, [_ep(p0), _ep(p1)], in0, secret=SECRET, job=job)
-    r1 = ZmqCommunicator(ctx, 1, [_ep(via), _ep(p1)], in1, secret=SECRET, job=job)
+    r0 = ZmqCommunicator(ctx, 0, [_ep(p0), _ep(p1)], in0, secret=SECRET, job=job, data_path="zmq")
+    r1 = ZmqCommunicator(ctx, 1, [_ep(via), _ep(p1)], in1, secret=SECRET, job=job, data_path="zmq")
     return r0, r1
 
 

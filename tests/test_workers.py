@@ -72,7 +72,7 @@ def test_workers_match_gloo_and_stream_then_cache_weights(small_model, workers):
     first = _generate(small_model, "--workers", w1.addr)
     assert first.returncode == 0, first.stderr
     first = last_json(first.stdout)
-    assert first["output_ids"] == gloo2["output_ids"] and first["tp"] == 2 and first["transport"] == "zmq"
+    assert first["output_ids"] == gloo2["output_ids"] and first["tp"] == 2 and first["transport"] == "zmq+tcp"
     assert first["weights_streamed_bytes"] > 0  # w1 has no checkpoint: its slices were streamed
     again = last_json(_generate(small_model, "--workers", w1.addr).stdout)
     assert again["output_ids"] == gloo2["output_ids"] and again["weights_streamed_bytes"] == 0  # from its cache

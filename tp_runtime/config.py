@@ -473,6 +473,7 @@ class ParallelConfig:
 
 
 TRANSPORTS = ("auto", "shm", "gloo", "nccl")
+DATA_PATHS = ("tcp", "zmq")
 
 
 @dataclass(frozen=True)
@@ -484,10 +485,14 @@ class CommConfig:
     inject_latency_s: float = 0.0
     inject_bandwidth_Bps: float | None = None
     trace: bool = False
+    # a worker job's collectives: over raw TCP links ("tcp", comm/tcp_data.py) or the zmq sockets ("zmq")
+    data_path: str = "tcp"
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport {self.transport!r} is not available; choose one of {', '.join(TRANSPORTS)}")
+        if self.data_path not in DATA_PATHS:
+            raise ConfigError(f"data path {self.data_path!r} is not available; choose one of {', '.join(DATA_PATHS)}")
         if self.inject_latency_s < 0:
             raise ConfigError(f"injected latency must be >= 0, got {self.inject_latency_s}")
 
@@ -514,6 +519,10 @@ class RuntimeConfig:
     # a GGUF file's quantized weights: "native" (kept as blocks, multiplied by kernels/cpu_quant.c;
     # CPU only), "dequantize" (decoded into dtype at load), "auto": native where it can run
     gguf_weights: str = "auto"
+    # the prefill GEMMs of those blocks: "bfloat16" (blocks decoded to it, activations rounded to
+    # it: ~2.5x float32's speed where the CPU has AVX512-BF16), "float32" (exact decoded values),
+    # "auto": bfloat16 where the CPU has AVX512-BF16 (model/blocks.py prefill_in_bf16)
+    block_prefill: str = "auto"
     gemv: str = "auto"  # decode GEMV on CPU: "kernel" (kernels/cpu_gemv.c), "blas" (F.linear), "auto": kernel if it builds
     offload_dir: str | None = None  # streamed layers written here once, in the runtime's layout
     # decode on CPU: "fused" (model/fused_decode.py: kernel calls on fixed
@@ -536,6 +545,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
+        if self.block_prefill not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"block prefill {self.block_prefill!r} is not one of auto, float32, bfloat16")
         if self.gemv not in ("auto", "kernel", "blas"):
             raise ConfigError(f"gemv {self.gemv!r} is not one of auto, kernel, blas")
         if self.gguf_weights not in ("auto", "native", "dequantize"):

@@ -125,6 +125,9 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--known-workers", metavar="FILE", default=None, help="the workers' pinned public keys, `HOST:PORT KEY` a line (default DIR/known_workers)")
     p.add_argument("--insecure", action="store_true", help="allow workers beyond loopback without keys (plain TCP)")
     p.add_argument("--advertise-addr", default=None, help="this machine's address as the workers reach it (default: found by routing)")
+    p.add_argument("--data-path", choices=("tcp", "zmq"), default="tcp",
+                   help="with --workers: the collectives' payloads over raw TCP links between the ranks (default: framed and sealed "
+                        "as the job is keyed) or over the zmq sockets (the older path)")
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -143,6 +146,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--gguf-weights", choices=("auto", "native", "dequantize"), default="auto",
         help="a GGUF file's quantized weights: kept as blocks and multiplied natively on CPU (auto: wherever the kernel builds) or decoded into --dtype at load",
     )
+    p.add_argument("--block-prefill", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="prefill GEMMs of block-quantized weights (GGUF, --quantize int4): in bfloat16 (auto: where the CPU has "
+                        "AVX512-BF16; ~2.5x faster, activations rounded to bfloat16) or in float32 (the decoded values exactly)")
     p.add_argument("--gemv", choices=("auto", "kernel", "blas"), default="auto", help="decode GEMV on CPU: the built-in C kernel (auto: when a C compiler can build it) or BLAS via F.linear")
     p.add_argument(
         "--decode-step", choices=("auto", "fused", "eager"), default="auto",
@@ -192,6 +198,7 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         quantize=args.quantize,
         gemv=args.gemv,
         gguf_weights=args.gguf_weights,
+        block_prefill=args.block_prefill,
         decode_step=args.decode_step,
         moe=args.moe,
         attention=args.attention,
@@ -207,7 +214,8 @@ def _runtime(args: argparse.Namespace, batch: int) -> RuntimeConfig:
         stall_rank=args.debug_stall_rank,
         stall_step=args.debug_stall_step,
         stall_s=args.debug_stall_seconds,
-        comm=CommConfig(transport=args.transport, inject_latency_s=args.inject_latency, inject_bandwidth_Bps=args.inject_bandwidth, trace=bool(args.comm_trace)),
+        comm=CommConfig(transport=args.transport, inject_latency_s=args.inject_latency, inject_bandwidth_Bps=args.inject_bandwidth, trace=bool(args.comm_trace),
+                        data_path=getattr(args, "data_path", "tcp")),
     )
 
 

@@ -48,7 +48,8 @@ import torch
 from tp_runtime.errors import TPRuntimeError
 
 MAGIC = b"TPRT"
-PROTOCOL_VERSION = 4  # 2: the epoch field; 3: a 64-bit job nonce and the per-stream counter; 4: one-frame messages
+PROTOCOL_VERSION = 5  # 2: the epoch field; 3: a 64-bit job nonce and the per-stream counter; 4: one-frame messages;
+# 5: the TCP data path (tcp_data.py: its ports and keys offered over the data channel at job start)
 # (a v3 rank would drop them all and call a v4 peer dead: the version makes it a clear refusal at the handshake)
 _FIXED = struct.Struct("<4sHHHHQBBHQQQ")
 MAX_NDIM = 8
@@ -139,7 +140,7 @@ assert _FIXED.size == _LENGTH_AT + 8 and struct.calcsize("<4sHHHHQB") == _NDIM_A
 _AS_NUMPY = {torch.bfloat16: torch.int16}
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> tuple[DType, tuple[int, ...], bytes | memoryview]:
+def tensor_bytes(tensor: torch.Tensor) -> tuple[DType, tuple[int, ...], bytes | memoryview]:
     """(dtype code, shape, a buffer over the tensor's bytes in C order: no copy when it is contiguous on the CPU)."""
     t = tensor.detach()
     if not (t.is_cpu and t.is_contiguous()):
@@ -152,11 +153,16 @@ def _tensor_bytes(tensor: torch.Tensor) -> tuple[DType, tuple[int, ...], bytes |
     return code, tuple(t.shape), payload
 
 
+def torch_dtype(code: int) -> torch.dtype | None:
+    """The torch dtype of a wire dtype code (None: not a tensor's code)."""
+    return _TORCH.get(code)
+
+
 def encode_frame(kind: Kind, *, secret: bytes | None, src: int = NO_RANK, seq: int = 0, flags: int = 0,
                  tensor: torch.Tensor | None = None, obj: Any = None, version: int = PROTOCOL_VERSION, job: int = 0, counter: int = 0) -> bytes:
     """The message of `encode`, as one frame: header + payload + mac (for small payloads: it copies the payload once)."""
     if tensor is not None:
-        code, shape, payload = _tensor_bytes(tensor)
+        code, shape, payload = tensor_bytes(tensor)
     else:
         code, shape = DType.NONE, ()
         payload = json.dumps(obj if obj is not None else {}, separators=(",", ":")).encode()
@@ -168,7 +174,7 @@ def encode_frame(kind: Kind, *, secret: bytes | None, src: int = NO_RANK, seq: i
 def encode(kind: Kind, *, secret: bytes | None, src: int = NO_RANK, seq: int = 0, flags: int = 0,
            tensor: torch.Tensor | None = None, obj: Any = None, version: int = PROTOCOL_VERSION, job: int = 0, counter: int = 0) -> list[bytes | memoryview]:
     if tensor is not None:
-        code, shape, payload = _tensor_bytes(tensor)
+        code, shape, payload = tensor_bytes(tensor)
     else:
         code, shape = DType.NONE, ()
         payload = json.dumps(obj if obj is not None else {}, separators=(",", ":")).encode()

@@ -32,6 +32,14 @@ thread hand-off, which a raw TCP socket does not pay (bench/collectives.py shows
 payloads go as three frames, the payload handed to libzmq without a copy: from a private copy of
 the tensor, since libzmq reads it after send returns and the collective writes into the caller's.
 
+Data path: `data_path="tcp"` (the default) moves the collectives' payloads over one raw TCP
+connection per pair of ranks (tcp_data.py: framed, sealed per the job's mode, read by the waiting
+rank itself), set up at the first collective from ports and keys each rank offers its peers over
+this transport's sockets at construction (an OBJECT of collective #0); the zmq sockets then carry
+only heartbeats. `data_path="zmq"` keeps every payload on the zmq sockets, as described above.
+Liveness is the same on both: a waiting rank runs the dead and hung checks below every POLL_MS; on
+the TCP path a peer's closed or reset connection is named at once besides.
+
 Hangs: a rank whose main loop is stuck (a deadlock, an endless wait) while its heartbeat thread
 lives still looks alive. So a heartbeat also carries the rank's progress: how many collectives
 it has entered, whether it is inside one, and for how long it has been computing since it left
@@ -55,6 +63,7 @@ import zmq
 from tp_runtime.comm.keys import DATA_DOMAIN, CurveClient, CurveServer, Gate, JobKeys
 from tp_runtime.comm.protocol import Kind, ProtocolError, ReplayGuard, decode, decode_frame, encode, encode_frame
 from tp_runtime.comm.sockets import make_socket, new_context
+from tp_runtime.comm.tcp_data import DataLinks, Header, Listener, build_mesh, new_key, pair_seal
 from tp_runtime.communicator import check_splits
 from tp_runtime.errors import WorkerError
 
@@ -65,6 +74,8 @@ DEFAULT_RING_THRESHOLD = 1 << 20  # bench/collectives.py: ring wins from 1 MiB (
 # three, the payload sent without a copy (pyzmq copies frames below its copy threshold, 64 KiB, anyway)
 SINGLE_FRAME_BYTES = 64 << 10
 POLL_MS = 100  # a waiting rank checks its peers' liveness (and `watch`) this often
+DATA_PATHS = ("tcp", "zmq")
+OFFER_SEQ = 0  # the TCP data path's offers travel as collective #0 (the collectives count from 1)
 _MISSING = object()
 
 
@@ -77,6 +88,11 @@ def bind_inbox(ctx: zmq.Context, host: str = "127.0.0.1", port: int | None = Non
     else:
         sock.bind(f"tcp://{host}:{port}")
     return sock, port
+
+
+def _host(endpoint: str) -> str:
+    """The host of a tcp://HOST:PORT endpoint."""
+    return endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
 
 
 def _sender_key(frame: zmq.Frame) -> str | None:
@@ -207,7 +223,12 @@ def _collective(fn: Callable) -> Callable:
     def run(self: ZmqCommunicator, *args: Any, **kwargs: Any) -> Any:
         self.progress.enter()
         try:
-            return fn(self, *args, **kwargs)
+            if self.data_path == "tcp" and self.links is None:
+                self._mesh()
+            out = fn(self, *args, **kwargs)
+            if self.links is not None and self.links.backlogged:
+                self._flush()  # a peer may still wait for the rest of this collective's messages
+            return out
         finally:
             self.progress.leave()
 
@@ -233,6 +254,7 @@ class ZmqCommunicator:
         keys: JobKeys | None = None,
         hang_after_s: float | None = None,
         hang_slack: float = HANG_SLACK,
+        data_path: str = "tcp",
     ) -> None:
         """peers: every rank's inbox endpoint, by rank (this rank's own entry is unused).
         names: how to name each rank in errors (e.g. the worker's host:port).
@@ -241,7 +263,10 @@ class ZmqCommunicator:
         keys: a keyed job's (the inbox must then come from bind_inbox with the same keys, and
         the context's Gate admit the other ranks' keys for DATA_DOMAIN).
         hang_after_s, hang_slack: a peer computing longer than hang_after_s (default dead_after_s)
-        + hang_slack x what this rank took for the same stretch is named as hung (Progress)."""
+        + hang_slack x what this rank took for the same stretch is named as hung (Progress).
+        data_path: "tcp" (payloads over the job's TCP links, tcp_data.py) or "zmq" (over these sockets)."""
+        if data_path not in DATA_PATHS:
+            raise WorkerError(f"data path {data_path!r} is not one of {', '.join(DATA_PATHS)}")
         self.ctx, self.rank, self.world_size = ctx, rank, len(peers)
         self.secret, self.inbox, self.keys = secret, inbox, keys
         self.names = names or [f"rank {r}" for r in range(self.world_size)]
@@ -268,6 +293,13 @@ class ZmqCommunicator:
         # message (no poller, no NOBLOCK attempt that raises when the inbox is empty)
         inbox.setsockopt(zmq.RCVTIMEO, POLL_MS)
         self.sender_keys = {r: keys.ranks[r].decode() for r in self.outbox} if keys is not None else None
+        self.data_path = data_path
+        self.transport = "zmq+tcp" if data_path == "tcp" else "zmq"  # what --json reports
+        self.links: DataLinks | None = None  # the TCP data path's, from the first collective on
+        self.listener: Listener | None = None
+        self._next_check = time.monotonic() + POLL_MS / 1000
+        if data_path == "tcp":
+            self._offer(peers)
 
     @classmethod
     def on_loopback(cls, rank: int, ports: list[int], keys: JobKeys | None = None, **kw: Any) -> ZmqCommunicator:
@@ -282,8 +314,48 @@ class ZmqCommunicator:
         comm.owned_context, comm.owned_gate = ctx, gate
         return comm
 
+    # -- the TCP data path's set-up --
+    def _offer(self, peers: list[str]) -> None:
+        """Listen on this rank's own data host (its inbox's) for the higher ranks, and offer each
+        peer the port and, in a keyed job, a fresh key for the pair when this rank is the lower
+        one (over CURVE: nobody else reads it). The links are made at the first collective."""
+        self.hosts = [_host(ep) for ep in peers]
+        if self.rank < self.world_size - 1:
+            self.listener = Listener(_host(self.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()))
+        self.drawn = {r: new_key() for r in self.outbox if r > self.rank} if self.keys is not None else {}
+        for r in self.outbox:
+            key = self.drawn.get(r)
+            self._send_zmq(r, OFFER_SEQ, obj={"data_port": self.listener.port if self.listener else 0, "key": key.hex() if key else None})
+
+    def _mesh(self) -> None:
+        offers = {r: self._offered(r, self._recv_zmq(r, OFFER_SEQ)) for r in self.outbox}
+        seals = {r: pair_seal(self.job, self.rank, r, keyed=self.keys is not None, secret=self.secret, drawn=self.drawn.get(r) or offers[r][1])
+                 for r in self.outbox}
+        connect_to = {r: (self.hosts[r], offers[r][0]) for r in self.outbox if r < self.rank}
+        listener, self.listener = self.listener, None  # build_mesh closes it
+        self.links = build_mesh(self.rank, self.job, self.names, listener, connect_to, seals, lambda r: self._checks(r, OFFER_SEQ), POLL_MS / 1000)
+
+    def _offered(self, src: int, offer: Any) -> tuple[int, bytes | None]:
+        """(port, key) of a peer's offer, checked: a lower rank offers a port, and in a keyed job a key."""
+        port, key = (offer.get("data_port"), offer.get("key")) if isinstance(offer, dict) else (None, None)
+        needs_key = self.keys is not None and src < self.rank
+        try:
+            key = bytes.fromhex(key) if needs_key else None
+        except (TypeError, ValueError):
+            key = b""
+        if (src < self.rank and not (isinstance(port, int) and 0 < port < 65536)) or (needs_key and len(key) != 32):
+            raise WorkerError(f"{self.names[src]} (rank {src}) offered no usable data link (port {port!r}{', no 32-byte key' if needs_key else ''}): "
+                              f"a tp-runtime of another version?")
+        return port, key
+
     # -- point to point --
     def _send(self, dst: int, seq: int, step: int = 0, tensor: torch.Tensor | None = None, obj: Any = None) -> None:
+        if self.links is not None:
+            self.links.send(dst, Kind.TENSOR if tensor is not None else Kind.OBJECT, seq, step, tensor=tensor, obj=obj)
+        else:
+            self._send_zmq(dst, seq, step, tensor, obj)
+
+    def _send_zmq(self, dst: int, seq: int, step: int = 0, tensor: torch.Tensor | None = None, obj: Any = None) -> None:
         kind = Kind.TENSOR if tensor is not None else Kind.OBJECT
         self.sent[dst] += 1
         if tensor is None or tensor.numel() * tensor.element_size() <= SINGLE_FRAME_BYTES:
@@ -302,6 +374,39 @@ class ZmqCommunicator:
 
     def _recv(self, src: int, seq: int, step: int = 0) -> Any:
         """The message of collective `seq` (sub-step `step`, for multi-step algorithms) from `src`."""
+        return self._recv_tcp(src, seq, step) if self.links is not None else self._recv_zmq(src, seq, step)
+
+    def _recv_tcp(self, src: int, seq: int, step: int) -> Any:
+        """Off src's TCP link (frames for later collectives wait in `early`)."""
+        key = (seq, step, src)
+        early = self.early
+        while True:
+            got = early.pop(key, _MISSING)
+            if got is not _MISSING:
+                return got
+            self.links.wait(src, self._tick(src, seq), self._file)
+
+    def _flush(self) -> None:
+        """Until every backlogged send has left (reading whatever arrives meanwhile)."""
+        while self.links.backlogged:
+            self.links.wait(None, self._tick(min(self.links.backlogged), self.seq), self._file)
+
+    def _tick(self, src: int, seq: int) -> float:
+        """The liveness checks when their clock says so (also while data flows without a wait, so
+        heartbeats never pile up unread); the seconds until the next."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + POLL_MS / 1000
+            self._checks(src, seq)
+        return self._next_check - now
+
+    def _file(self, h: Header, value: Any) -> None:
+        """A TCP frame, checked by DataLinks: kept by (seq, step, src); the peer is alive and has entered that collective."""
+        self.last_seen[h.src] = time.monotonic()
+        self.early[(h.seq, h.step, h.src)] = value
+        self.progress.heard(h.src, h.seq, True, 0.0)
+
+    def _recv_zmq(self, src: int, seq: int, step: int = 0) -> Any:
         key = (seq, step, src)
         early = self.early
         got = early.pop(key, _MISSING)
@@ -322,22 +427,28 @@ class ZmqCommunicator:
                     continue
             # on the clock, not only when the inbox is quiet: live peers' heartbeats keep it busy
             next_check = time.monotonic() + POLL_MS / 1000
-            if self.watch is not None:
-                self.watch()
-            silent = time.monotonic() - self.last_seen[src]
-            if silent > self.dead_after_s:
-                raise WorkerError(
-                    f"{self.names[src]} (rank {src}) stopped responding: no data or heartbeat for {silent:.1f} s "
-                    f"while rank {self.rank} waited for collective #{seq}; it died, hung or lost the network"
-                )
-            if (hung := self.progress.hung(seq, self.last_seen, self.fresh_s)) is not None:
-                r, busy, own, allowed = hung
-                raise WorkerError(
-                    f"{self.names[r]} (rank {r}) hung: its main loop has not reached collective "
-                    f"#{self.progress.peers[r][0] + 1} for {busy:.1f} s, where rank {self.rank} computed that stretch in "
-                    f"{own * 1e3:.1f} ms (allowed: {self.progress.floor_s:g} s + {self.progress.slack:g} x that = {allowed:.1f} s); "
-                    f"its heartbeat still arrives, so the process lives but its compute loop is stuck"
-                )
+            self._checks(src, seq)
+
+    def _checks(self, src: int, seq: int) -> None:
+        """While waiting for src in collective seq: the coordinator's watch, then src's death and any peer's hang."""
+        if self.data_path == "tcp":
+            self._drain()  # heartbeats: the inbox is not read otherwise on the TCP path
+        if self.watch is not None:
+            self.watch()
+        silent = time.monotonic() - self.last_seen[src]
+        if silent > self.dead_after_s:
+            raise WorkerError(
+                f"{self.names[src]} (rank {src}) stopped responding: no data or heartbeat for {silent:.1f} s "
+                f"while rank {self.rank} waited for collective #{seq}; it died, hung or lost the network"
+            )
+        if (hung := self.progress.hung(seq, self.last_seen, self.fresh_s)) is not None:
+            r, busy, own, allowed = hung
+            raise WorkerError(
+                f"{self.names[r]} (rank {r}) hung: its main loop has not reached collective "
+                f"#{self.progress.peers[r][0] + 1} for {busy:.1f} s, where rank {self.rank} computed that stretch in "
+                f"{own * 1e3:.1f} ms (allowed: {self.progress.floor_s:g} s + {self.progress.slack:g} x that = {allowed:.1f} s); "
+                f"its heartbeat still arrives, so the process lives but its compute loop is stuck"
+            )
 
     def _receive(self, flags: int) -> list[Any]:
         """One message's frames off the inbox (blocking up to POLL_MS, or zmq.NOBLOCK); raises zmq.Again.
@@ -371,6 +482,8 @@ class ZmqCommunicator:
                 raise ProtocolError(f"a frame that claims to come from rank {msg.src} arrived over another rank's connection")
             # heartbeats come over their own socket: a stream of their own
             self.guard.check((msg.src, msg.kind is Kind.HEARTBEAT), msg)
+            if self.data_path == "tcp" and msg.kind in (Kind.TENSOR, Kind.OBJECT) and msg.seq != OFFER_SEQ:
+                raise ProtocolError(f"{msg.kind.name} #{msg.seq} from rank {msg.src} over zmq, where this job's data goes over TCP")
         except ProtocolError as e:
             log.warning("rank %d: dropped a message: %s", self.rank, e)
             return
@@ -473,6 +586,10 @@ class ZmqCommunicator:
     def close(self) -> None:
         self.heartbeat.stop_event.set()
         self.heartbeat.join(timeout=2)
+        if self.links is not None:
+            self.links.close()  # a peer may still wait for the rest of our last message
+        if self.listener is not None:
+            self.listener.close()
         for s in self.outbox.values():
             s.close(linger=1000)  # a peer may still wait for our last message: let it leave
         self.inbox.close(0)
