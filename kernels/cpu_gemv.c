@@ -410,17 +410,27 @@ static void run(void) {
    W and x, 5 float16 W and float32 x (4 is tp_pool_for's); y float32, or bfloat16 when ybf16. Returns 0, or BAD_SIZE (nothing computed) for
    K, N or nb below 1 or a kind this build lacks. */
 /* A slower machine, emulated for benchmarks (bench/shares.py; kernels/cpu_gemv.py reads
-   TP_EMULATE_SLOWER): every GEMV is computed this many times, as a machine with that fraction
-   of the memory bandwidth would take. Idempotent (each pass writes the same y). 1: off. */
+   TP_EMULATE_SLOWER): every GEMV takes `gemv_passes` times as long, the caller spinning out the
+   difference after the product. Not by computing it again: on one host the ranks share the
+   memory bus, and a rank reading its weights twice would slow its peer as well, which a slower
+   machine of a rig does not. 1: off. */
 static int gemv_passes = 1;
 void tp_gemv_emulate_slower(int passes) { gemv_passes = passes < 1 ? 1 : passes; }
 int tp_gemv_passes(void) { return gemv_passes; }
+double tp_emulate_start(void) { return gemv_passes > 1 ? now_s() : 0.0; }
+void tp_emulate_end(double t0) {
+    if (gemv_passes <= 1) return;
+    const double until = t0 + (now_s() - t0) * gemv_passes;
+    while (now_s() < until) CPU_RELAX();
+}
 
 int tp_gemv(const void* W, const void* x, void* y, int64_t K, int64_t N, int kind, int ybf16, int64_t nb) {
     if (K < 1 || N < 1 || nb < 1 || kind < 0 || kind > 5 || kind == 3 || kind == 4 || (kind == 2 && !HAS_BF16_DOT)) return BAD_SIZE;
     pthread_mutex_lock(&call_mu);
     job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = kind; y_bf16 = ybf16;
-    for (int p = 0; p < gemv_passes; p++) run();
+    const double t0 = tp_emulate_start();
+    run();
+    tp_emulate_end(t0);
     pthread_mutex_unlock(&call_mu);
     return 0;
 }
@@ -446,7 +456,9 @@ int tp_gemv_q8(const int8_t* W, const int16_t* wsum, const float* scales, const 
     int rc = quantize_x(x, K * nb);
     if (rc == 0) {
         job.W = W; job.x = x; job.y = y; job.K = K; job.N = N; job.nb = nb; job.kind = 3; job.wsum = wsum; job.scales = scales; y_bf16 = ybf16;
-        for (int p = 0; p < gemv_passes; p++) run();
+        const double t0 = tp_emulate_start();
+        run();
+        tp_emulate_end(t0);
     }
     pthread_mutex_unlock(&call_mu);
     return rc;

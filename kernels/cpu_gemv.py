@@ -81,8 +81,9 @@ EMULATE_SLOWER_ENV = "TP_EMULATE_SLOWER"
 
 def emulated_slowness() -> int:
     """TP_EMULATE_SLOWER=RANK:PASSES[,RANK:PASSES]: the rank (the RANK variable the launcher and
-    torchrun set) computes every GEMV PASSES times, a machine with 1/PASSES of the memory
-    bandwidth (bench/shares.py: uneven machines on one host). 1 for every other rank."""
+    torchrun set) takes PASSES times as long for every GEMV, spinning out the difference (a
+    machine with 1/PASSES of the memory bandwidth that does not share this host's memory bus:
+    bench/shares.py, uneven machines on one host). 1 for every other rank."""
     spec = os.environ.get(EMULATE_SLOWER_ENV, "")
     rank = os.environ.get("RANK")
     for item in filter(None, spec.split(",")):
@@ -114,7 +115,7 @@ def load() -> ctypes.CDLL | None:
             lib.tp_flags_min.argtypes, lib.tp_flags_min.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64], ctypes.c_int64
             lib.tp_huge_pages.argtypes, lib.tp_huge_pages.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
             if (passes := emulated_slowness()) > 1:
-                log.warning("%s: every GEMV of this rank runs %d times (a slower machine, emulated)", EMULATE_SLOWER_ENV, passes)
+                log.warning("%s: every GEMV of this rank takes %d times as long (a slower machine, emulated)", EMULATE_SLOWER_ENV, passes)
                 lib.tp_gemv_emulate_slower(passes)
             _lib = lib
     except OSError as e:

@@ -36,7 +36,8 @@
 #include "half.h"
 
 int tp_pool_for(void (*fn)(void*, int64_t, int64_t), void* ctx, int64_t n); /* cpu_gemv.c */
-int tp_gemv_passes(void); /* cpu_gemv.c: a slower machine emulated (1: off) */
+double tp_emulate_start(void); /* cpu_gemv.c: a slower machine emulated (TP_EMULATE_SLOWER) */
+void tp_emulate_end(double t0);
 
 #define BAD_SIZE (-2)
 #define INLINE static inline __attribute__((always_inline))
@@ -880,7 +881,9 @@ int tp_qgemv(int type, const uint8_t* W, const float* x, void* y, int64_t K, int
     else quant_slice(0, 0, units);
     const int packed = type > X8;
     gemv_job j = {packed ? 0 : row_of(type), packed ? group_of(type - X8) : 0, W, y, K / blk * bs, K / blk, N, nb, ybf16 != 0};
-    for (int p = 0; rc == 0 && p < tp_gemv_passes(); p++) rc = tp_pool_for(gemv_slice, &j, packed ? N / 8 : N);
+    const double t0 = tp_emulate_start();
+    if (rc == 0) rc = tp_pool_for(gemv_slice, &j, packed ? N / 8 : N);
+    tp_emulate_end(t0);
     pthread_mutex_unlock(&q_mu);
     return rc;
 }

@@ -77,16 +77,20 @@ def _transformers_model(gguf_dir, arch, qtype):
 
 
 NATIVE_GAP = 2e-2  # of max |logit|: the int8 activations' rounding (kernels/cpu_quant.py)
+BF16_PREFILL_ATOL = 0.25  # the bfloat16 prefill's logits (these are O(1)), as test_parity's bfloat16 bound
 
 
 @pytest.mark.parametrize("decode_step", ["fused", "eager"])
 @pytest.mark.parametrize("qtype", [t for t in TYPES if t[0] == "Q"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_native_blocks_follow_transformers(gguf_dir, arch, qtype, decode_step):
-    """--gguf-weights native (the default on CPU): the linears keep the file's blocks, and
-    prefill (blocks decoded into the GEMM, bit-exact) gives transformers' logits to 1e-4; decode
-    multiplies the blocks against int8-rounded activations, so each greedy token is scored by
-    transformers (teacher-forced on our output) within NATIVE_GAP x max |logit| of its best."""
+def test_native_blocks_follow_transformers(gguf_dir, arch, qtype, decode_step, monkeypatch):
+    """--gguf-weights native (the default on CPU): the linears keep the file's blocks, and a
+    float32 prefill (blocks decoded into the GEMM, bit-exact) gives transformers' logits to 1e-4;
+    the bfloat16 prefill (blocks decoded to bfloat16, activations rounded to it: the default on
+    AVX512-BF16) within BF16_PREFILL_ATOL; decode multiplies the blocks against
+    int8-rounded activations, so each greedy token is scored by transformers (teacher-forced on
+    our output) within NATIVE_GAP x max |logit| of its best."""
+    from tp_runtime.model import blocks
     from tp_runtime.model.blocks import BlockColumnParallelLinear, BlockRowParallelLinear
 
     hf = _transformers_model(gguf_dir, arch, qtype)
@@ -97,8 +101,13 @@ def test_native_blocks_follow_transformers(gguf_dir, arch, qtype, decode_step):
     assert (llm.engine.fused_decode is not None) == (decode_step == "fused")
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT])).logits[0]
+    monkeypatch.setattr(blocks, "prefill_bf16", False)
     got = llm.prompt_logits([PROMPT])[0]
     assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    monkeypatch.setattr(blocks, "prefill_bf16", True)
+    got = llm.prompt_logits([PROMPT])[0]
+    assert (got - want).abs().max().item() <= BF16_PREFILL_ATOL
+    monkeypatch.setattr(blocks, "prefill_bf16", None)  # the machine's choice for the generation below
     n = 24
     ours = [e.token_id for e in llm.generate([PROMPT], SamplingParams(max_new_tokens=n, ignore_eos=True))]
     with torch.no_grad():
@@ -408,3 +417,21 @@ def test_missing_and_unknown_tensors_and_metadata_are_named(gguf_dir, tmp_path):
         open_model(rewrite(tmp_path / "b.gguf", drop_key="llama.block_count"))
     with pytest.raises(CheckpointError, match="blk.0.mystery.weight"):
         open_model(rewrite(tmp_path / "c.gguf", extra_tensor="blk.0.mystery.weight"))
+
+
+def test_block_prefill_is_chosen_per_model(gguf_dir):
+    """--block-prefill: float32 multiplies the decoded blocks exactly (transformers' logits to
+    1e-4 whatever the machine's default), bfloat16 rounds them and the activations (within
+    BF16_PREFILL_ATOL, and not equal); a bad value is refused before loading."""
+    hf = _transformers_model(gguf_dir, "llama", "Q4_0")
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT])).logits[0]
+    got = {}
+    for choice in ("float32", "bfloat16"):
+        llm = _load(_file(gguf_dir, "llama", "Q4_0"), block_prefill=choice)
+        got[choice] = llm.prompt_logits([PROMPT])[0]
+        llm.close()
+    assert (got["float32"] - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    assert 0 < (got["bfloat16"] - want).abs().max().item() <= BF16_PREFILL_ATOL
+    with pytest.raises(Exception, match="block prefill 'half'"):
+        RuntimeConfig(block_prefill="half")

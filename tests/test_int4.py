@@ -87,11 +87,14 @@ def _round_through(w: torch.Tensor, qtype) -> None:
     w.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).reshape(w.shape))
 
 
-def test_int4_follows_its_dequantised_weights(hf_checkpoints):
-    """Prefill multiplies the decoded blocks in float: the logits of a float model holding the
-    Q4_0-rounded linears and the Q8_0-rounded embedding and LM head. Decode's native GEMVs round
-    the activations to int8 per block: its greedy tokens may leave that model's only where its
-    best leads by under GAP x max |logit|."""
+def test_int4_follows_its_dequantised_weights(hf_checkpoints, monkeypatch):
+    """A float32 prefill multiplies the decoded blocks in float32: the logits of a float model
+    holding the Q4_0-rounded linears and the Q8_0-rounded embedding and LM head; the bfloat16
+    prefill (the default on AVX512-BF16) within GAP x max |logit| of them. Decode's native GEMVs
+    round the activations to int8 per block: its greedy tokens may leave that model's only where
+    its best leads by under GAP x max |logit|."""
+    from tp_runtime.model import blocks
+
     path, _ = hf_checkpoints[MODEL]
     ref, i4 = _load(path), _load(path, quantize="int4")
     for name, m in i4.engine.model.named_modules():
@@ -103,7 +106,10 @@ def test_int4_follows_its_dequantised_weights(hf_checkpoints):
     got = [e.token_id for e in i4.generate([prompt], SamplingParams(max_new_tokens=32, ignore_eos=True))]
     seq = prompt + got
     want_logits = ref.prompt_logits([seq])[0]
+    monkeypatch.setattr(blocks, "prefill_bf16", False)
     assert (i4.prompt_logits([seq])[0] - want_logits).abs().max().item() <= 1e-4 * want_logits.abs().max().item()
+    monkeypatch.setattr(blocks, "prefill_bf16", True)
+    assert (i4.prompt_logits([seq])[0] - want_logits).abs().max().item() <= GAP * want_logits.abs().max().item()
     want = want_logits[len(prompt) - 1 : -1].argmax(-1).tolist()  # the reference's best after each of our tokens
     gap = want_logits[len(prompt) - 1 : -1].max(-1).values - want_logits[len(prompt) - 1 : -1].gather(-1, torch.tensor(got)[:, None])[:, 0]
     assert gap.max().item() <= GAP * want_logits.abs().max().item(), (got, want)

@@ -242,6 +242,10 @@ class LLM:
         rss_at_start = rss_bytes()
         layout = "-".join([dtype_name] + ([runtime.quantize] if runtime.quantize else []) + (["blocks"] if keeps_blocks else []))
         streamer = attach_streaming(model, plan, index, cfg, device, runtime.offload_dir, layout)
+        if keeps_blocks or runtime.quantize == "int4":
+            from tp_runtime.model.blocks import choose_prefill
+
+            choose_prefill(model, runtime.block_prefill)
         model.to_empty(device=device)
         model.init_buffers()
         progress = _progress_bar(f"rank {parallel.rank} loading") if runtime.show_progress and parallel.rank == 0 else (lambda it: it)
