@@ -246,6 +246,13 @@ def test_workers_take_a_gguf_file_as_blocks(tmp_path, workers):
     assert 0 < first["weights_streamed_bytes"] < 0.6 * llama.stat().st_size  # its half, still 4-bit
     again = last_json(_generate(llama, "--workers", w1.addr).stdout)
     assert again["output_ids"] == local["output_ids"] and again["weights_streamed_bytes"] == 0
+    # a text prompt: encoded with the file's own tokenizer (a GGUF has no tokenizer.json), as locally
+    text = ["generate", "--model", str(llama), "--prompt", "hello tensor world", "--max-new-tokens", "6", "--ignore-eos", "--json", "--quiet", "--threads", "1"]
+    local_text = last_json(run_cli([*text, "--tp", "2"], env=ENV).stdout)
+    over = run_cli([*text, "--workers", w1.addr], env=ENV)
+    assert over.returncode == 0, over.stderr[-2000:]
+    over = last_json(over.stdout)
+    assert over["prompt_ids"] == local_text["prompt_ids"] and over["output_ids"] == local_text["output_ids"]
 
     qwen = write_gguf(tmp_path / "qwen.gguf", llama_config_dict(**shape, architecture="Qwen2ForCausalLM"), "Q6_K", seed=6)
     w2, w3 = workers(2, ["--model-dir", str(qwen)])

@@ -245,11 +245,7 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
             from tp_runtime.cli.plan import print_rank_load
 
             print_rank_load(parallel.rank, llm.plan, llm.memory_at_load, args.verbose)
-        if args.chat and args.prompt:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            prompts = [llm.chat_ids([*system, {"role": "user", "content": t}]) for t in args.prompt]
-        else:
-            prompts = [llm.encode(t) for t in args.prompt] if args.prompt else args.prompt_ids
+        prompts = _text_prompt_ids(args, llm.tokenizer, llm.chat_template, llm.cfg) if args.prompt else args.prompt_ids
         main = parallel.rank == 0
         stream = main and not args.quiet and batch == 1
         decoder = StreamDecoder(llm.tokenizer) if stream and llm.tokenizer else None
@@ -320,16 +316,28 @@ def run_generate(args: argparse.Namespace, parallel: ParallelConfig, comm: Any =
         llm.close()
 
 
+def _text_prompt_ids(args: argparse.Namespace, tokenizer, chat_template: str | None, cfg) -> list[list[int]]:
+    """Token ids of each --prompt: through the model's chat template with --chat (and --system),
+    else the text as it is."""
+    from tp_runtime.checkpoint.chat import chat_prompt_ids
+    from tp_runtime.checkpoint.tokenizer import encode_prompt
+
+    if not args.chat:
+        return [encode_prompt(tokenizer, t) for t in args.prompt]
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [chat_prompt_ids(tokenizer, chat_template, [*system, {"role": "user", "content": t}], cfg.bos_token_id, cfg.eos_token_ids) for t in args.prompt]
+
+
 def generate_on_workers(args: argparse.Namespace) -> dict[str, Any]:
-    from tp_runtime.checkpoint.tokenizer import encode_prompt, load_tokenizer
+    from tp_runtime.checkpoint.model_files import open_model
     from tp_runtime.launch.coordinator import parse_workers, run_with_workers, worker_access
 
     workers = parse_workers(args.workers)
     if args.tp is not None and args.tp != len(workers) + 1:
         raise ConfigError(f"--tp {args.tp} does not match 1 + {len(workers)} workers")
-    if args.prompt:
-        tok = load_tokenizer(args.model)
-        args.prompt_ids, args.prompt = [encode_prompt(tok, t) for t in args.prompt], None
+    if args.prompt:  # the job carries token ids: the text (through the chat template with --chat) encoded here
+        files = open_model(args.model)
+        args.prompt_ids, args.prompt = _text_prompt_ids(args, files.tokenizer, files.chat_template, files.cfg), None
     batch = len(args.prompt_ids)
     return run_with_workers(
         args.model, workers, worker_access(args.secret_file, args.worker_keys, args.known_workers, args.insecure), _runtime(args, batch), args.prompt_ids, _sampling(args),
