@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -324,3 +325,22 @@ def test_a_worker_job_gives_the_same_tokens_on_either_data_path(small_model, tmp
         assert "comm.data_path=zmq" in w.log.read_text()  # the job carried the choice to the worker
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_peer_ending_the_job_for_a_third_rank_names_that_rank_not_itself(mode):
+    """The cascade of a death: rank 1 sees rank 2's link close and ends its job; rank 0, reading
+    rank 1's link, must name rank 2 (what serve's re-form leaves out), not rank 1, which lives.
+    Rank 1 sends the cause before closing (DataLinks.abort); rank 0 raises it as PeerAborted."""
+    from tp_runtime.comm.tcp_data import PeerAborted
+
+    zero, one, _ = _pair_links(mode)
+    cause = "worker 10.0.0.3:7340 (rank 2) stopped responding: it closed its data link (end of stream)"
+    one.abort(cause)
+    one.close()
+    with pytest.raises(PeerAborted) as e:
+        _take(zero, src=1)
+    text = str(e.value)
+    assert text.startswith(cause) and "reported by host-1 (rank 1)" in text
+    assert not re.search(r"host-1 \(rank 1\) stopped responding", text)
+    zero.close()

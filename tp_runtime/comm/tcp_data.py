@@ -94,6 +94,12 @@ class LinkClosed(WorkerError):
     """A peer's data link ended (EOF or reset): the peer died or left the job."""
 
 
+class PeerAborted(WorkerError):
+    """A peer ended the job for a reason it sent first (`DataLinks.abort`): typically a third rank
+    that died. Without it, a rank reading the aborting peer's closed link would name that peer,
+    alive, instead of the dead one (the TCP path notices a death at once, so the cascade is fast)."""
+
+
 # -- sealing, per mode --
 
 
@@ -433,11 +439,15 @@ class DataLinks:
                 out[:] = payload
             t = torch.frombuffer(payload if out is None else out, dtype=dtype)  # cheaper than torch.empty and a view of its bytes
             return t if len(h.shape) == 1 else t.reshape(h.shape)
-        if h.kind == Kind.OBJECT and h.dtype == DType.NONE and not h.shape:
+        if h.kind in (Kind.OBJECT, Kind.ERROR) and h.dtype == DType.NONE and not h.shape:
             try:
-                return json.loads(bytes(payload))
+                obj = json.loads(bytes(payload))
             except (ValueError, RecursionError) as e:
-                raise self._compromised(link, f"an OBJECT frame that is not JSON ({str(e)[:80]})") from None
+                raise self._compromised(link, f"an {h.kind.name} frame that is not JSON ({str(e)[:80]})") from None
+            if h.kind == Kind.OBJECT:
+                return obj
+            why = obj.get("message") if isinstance(obj, dict) else None
+            raise PeerAborted(f"{str(why)[:2000]} (as reported by {link.name} (rank {link.peer}), which ended its part of the job)")
         raise self._compromised(link, f"a frame of kind {h.kind}, dtype {h.dtype}, shape {list(h.shape)} and {h.length} bytes")
 
     def _compromised(self, link: _Link, why: str) -> WorkerError:
@@ -447,6 +457,15 @@ class DataLinks:
         return WorkerError(msg)
 
     # -- the end --
+    def abort(self, reason: str) -> None:
+        """Tell every peer why this rank ends the job (best effort, before `close` sends the
+        backlog): an ERROR frame, which the peer raises as PeerAborted naming the real cause."""
+        for peer in self.links:
+            try:
+                self.send(peer, Kind.ERROR, 0, 0, obj={"message": reason})
+            except WorkerError:  # that peer's link is already gone
+                pass
+
     def close(self, linger_s: float = 1.0) -> None:
         """Send what is still backlogged (a peer may wait for it) for up to linger_s, then close."""
         deadline = time.monotonic() + linger_s

@@ -229,6 +229,10 @@ def _collective(fn: Callable) -> Callable:
             if self.links is not None and self.links.backlogged:
                 self._flush()  # a peer may still wait for the rest of this collective's messages
             return out
+        except WorkerError as e:
+            if self.links is not None:
+                self.links.abort(str(e))  # the peers learn the cause before they see this rank's links close
+            raise
         finally:
             self.progress.leave()
 
