@@ -23,7 +23,7 @@ from torch import nn
 
 from tp_runtime.checkpoint.loader import copy_checked
 from tp_runtime.communicator import Communicator
-from tp_runtime.kernels import cpu_decode, cpu_gemv, cpu_quant
+from tp_runtime.kernels import cpu_gemv, cpu_quant
 from tp_runtime.model.embedding import HEAD_TILE_ROWS, ParallelLMHead, VocabParallelEmbedding, load_vocab_rows
 from tp_runtime.model.fused_decode import Gemv
 from tp_runtime.model.linear import ColumnParallelLinear, LinearKinds, bind_row_parallel
@@ -186,9 +186,10 @@ class _BlockLinear(nn.Module):
                     cpu_quant.gemv_(self.data(p), p.storage, xf, y[:, p.lo : p.hi])
             return y.to(x.dtype).view(*lead, -1)
         # prefill: each part decoded, then one GEMM; quantized blocks in bfloat16 where that is fast
-        low = torch.bfloat16 if x.dtype == torch.float32 and prefill_in_bf16(self.prefill_bf16) else x.dtype
-        x_low = x2.to(low) if low != x.dtype else x2
-        pieces = [cpu_gemv.gemm(x_low, self._dense(p, low)).to(x.dtype) if p.storage is not None and low != x.dtype
+        blocks = any(p.storage is not None for p in self.parts)
+        low = torch.bfloat16 if blocks and x.dtype == torch.float32 and prefill_in_bf16(self.prefill_bf16) else x.dtype
+        x_low = x2.to(low)  # the same tensor when low is x's dtype
+        pieces = [cpu_gemv.gemm(x_low, self._dense(p, low)).to(x.dtype) if p.storage is not None
                   else cpu_gemv.gemm(x2, self._dense(p, x.dtype)) for p in self.parts]
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)).view(*lead, -1)
 
@@ -211,8 +212,8 @@ class _BlockLinear(nn.Module):
         for p in self.parts:
             target = out if single else binder.buffer(p.hi - p.lo, out.dtype)
             data = self.data(p)
-            if p.storage is None:  # float32 or float16 values: the float GEMV, bound like the blocks' (recorded, on huge pages)
-                call = _bound_float_gemv(binder, data, x, target, self.in_features, p.hi - p.lo)
+            if p.storage is None:  # float32 or float16 values (a float32 x): the float GEMV, bound by pointer (recorded, on huge pages)
+                call = binder.float_gemv(data, target, x)
             else:
                 call = _bound_qgemv(lib, binder, cpu_quant.type_id(p.storage), data, x, target, self.in_features, p.hi - p.lo)
             calls.append((call, p, target))
@@ -226,18 +227,6 @@ class _BlockLinear(nn.Module):
         bound = binder.bound(x, run)
         bound.out = out
         return bound
-
-
-def _bound_float_gemv(binder, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, k: int, n: int):
-    kind = cpu_decode.gemv_kind(weight)  # float32 or float16 weight: a float32 x
-    ybf = int(out.dtype == torch.bfloat16)
-    wp, xp, yp = binder.ptr(weight), binder.ptr(x), binder.ptr(out)
-    lib = cpu_gemv.load()
-
-    def call(nb: int) -> None:
-        cpu_gemv.check_rc(lib.tp_gemv(wp, xp, yp, k, n, kind, ybf, nb), "GEMV", k, n, nb)
-
-    return call
 
 
 def _bound_qgemv(lib, binder, type_id: int, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor, k: int, n: int):

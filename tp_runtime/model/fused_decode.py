@@ -260,10 +260,11 @@ class DecodeBinder:
     def buffer(self, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.zeros(self.rows, cols, dtype=dtype or self.dtype)
 
-    def float_gemv(self, weight: torch.Tensor, out: torch.Tensor) -> Gemv:
-        """out[:nb] = x[:nb] @ weight^T for a row-major float32 / bfloat16 weight."""
+    def float_gemv(self, weight: torch.Tensor, out: torch.Tensor, x: torch.Tensor | None = None) -> Gemv:
+        """out[:nb] = x[:nb] @ weight^T for a row-major float32 / bfloat16 / float16 weight; x: an
+        input buffer shared with other GEMVs (of the dtype the kernel reads), else a new one."""
         kind = cpu_decode.gemv_kind(weight)
-        x = self.buffer(weight.shape[1], torch.bfloat16 if kind == 2 else torch.float32)
+        x = self.buffer(weight.shape[1], torch.bfloat16 if kind == 2 else torch.float32) if x is None else x
         call = partial(self.lib.tp_gemv, self.ptr(weight), self.ptr(x), self.ptr(out), weight.shape[1], weight.shape[0], kind, self.mbf)
         return Gemv(x, out, call)
 
